@@ -1,3 +1,5 @@
-pub mod proto {
-    tonic::include_proto!("uploadhook.v1");
-}
+//! uploadhook: signed webhooks when a file has really landed in object storage.
+
+pub mod config;
+pub mod error;
+pub mod proto;

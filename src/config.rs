@@ -1,0 +1,407 @@
+//! Configuration in layers: `config.default.toml` (compiled in), an optional
+//! file, then `UPLOADHOOK_…` environment variables (`__` nests). Validated
+//! once at start-up; every error names the key.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
+
+/// The defaults file, compiled in so that the binary works anywhere.
+pub const DEFAULTS: &str = include_str!("../config.default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub queue: QueueConfig,
+    pub embedded_s3: EmbeddedS3Config,
+    #[serde(default)]
+    pub storage: BTreeMap<String, StorageConfig>,
+    pub webhooks: WebhooksConfig,
+    pub verify: VerifyConfig,
+    pub delivery: DeliveryConfig,
+    pub worker: WorkerConfig,
+    pub bootstrap: BootstrapConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: SecretString,
+    pub migrate_on_start: bool,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub backend: QueueBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddedMode {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedS3Config {
+    pub mode: EmbeddedMode,
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: SecretString,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum StorageKind {
+    #[serde(rename = "s3")]
+    S3,
+    #[serde(rename = "r2")]
+    R2,
+    #[serde(rename = "s3-compatible")]
+    S3Compatible,
+}
+
+impl StorageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageKind::S3 => "s3",
+            StorageKind::R2 => "r2",
+            StorageKind::S3Compatible => "s3-compatible",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub kind: StorageKind,
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub path_style: bool,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<SecretString>,
+    #[serde(default)]
+    pub public_base_url: Option<String>,
+    #[serde(default = "default_presign_expiry", deserialize_with = "de_duration")]
+    pub presign_expiry: Duration,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_presign_expiry() -> Duration {
+    Duration::from_secs(3600)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    #[serde(deserialize_with = "de_duration")]
+    pub default_expires_in: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub max_expires_in: Duration,
+    pub max_metadata_entries: usize,
+    pub max_metadata_bytes: usize,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    #[serde(deserialize_with = "de_durations")]
+    pub missing_retry_delays: Vec<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    #[serde(deserialize_with = "de_durations")]
+    pub retry_schedule: Vec<Duration>,
+    pub jitter: f64,
+    #[serde(deserialize_with = "de_duration")]
+    pub min_retry_after: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub max_retry_after: Duration,
+    pub max_response_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapConfig {
+    pub dev_tenant: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(String),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl Config {
+    /// Loads defaults, then `file` (when given), then the environment.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, Env::prefixed("UPLOADHOOK_").split("__"))
+    }
+
+    /// Defaults plus one TOML string of overrides, without the environment:
+    /// what tests use to build a configuration.
+    pub fn from_toml(overrides: &str) -> Result<Self, ConfigError> {
+        let fig = Figment::from(Toml::string(DEFAULTS)).merge(Toml::string(overrides));
+        Self::extract(fig)
+    }
+
+    fn load_from(file: Option<&std::path::Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Toml::string(DEFAULTS));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        // `UPLOADHOOK_CONFIG` names the file; it is not a config key.
+        fig = fig.merge(env.ignore(&["CONFIG"]));
+        Self::extract(fig)
+    }
+
+    fn extract(fig: Figment) -> Result<Self, ConfigError> {
+        let cfg: Config = fig.extract().map_err(|e| {
+            let errs: Vec<String> = e
+                .into_iter()
+                .map(|err| {
+                    let path = err.path.join(".");
+                    if path.is_empty() {
+                        err.kind.to_string()
+                    } else {
+                        format!("config key `{path}`: {}", err.kind)
+                    }
+                })
+                .collect();
+            ConfigError::Load(errs.join("; "))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_string(),
+                message: message.to_string(),
+            })
+        };
+        if self.delivery.retry_schedule.is_empty() {
+            return invalid("delivery.retry_schedule", "must have at least one delay");
+        }
+        if !(0.0..1.0).contains(&self.delivery.jitter) {
+            return invalid("delivery.jitter", "must be in [0, 1)");
+        }
+        if self.delivery.min_retry_after > self.delivery.max_retry_after {
+            return invalid(
+                "delivery.min_retry_after",
+                "must not exceed delivery.max_retry_after",
+            );
+        }
+        if self.delivery.timeout.is_zero() {
+            return invalid("delivery.timeout", "must be positive");
+        }
+        if self.webhooks.default_expires_in > self.webhooks.max_expires_in {
+            return invalid(
+                "webhooks.default_expires_in",
+                "must not exceed webhooks.max_expires_in",
+            );
+        }
+        if self.worker.concurrency == 0 {
+            return invalid("worker.concurrency", "must be at least 1");
+        }
+        if self.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        for (name, s) in &self.storage {
+            if !valid_storage_name(name) {
+                return invalid(
+                    &format!("storage.{name}"),
+                    "name must be 1-63 of [a-z0-9_-]",
+                );
+            }
+            if s.bucket.is_empty() {
+                return invalid(&format!("storage.{name}.bucket"), "must not be empty");
+            }
+            if s.kind == StorageKind::R2 && s.endpoint.as_deref().unwrap_or("").is_empty() {
+                return invalid(
+                    &format!("storage.{name}.endpoint"),
+                    "is required for kind \"r2\" (https://<account>.r2.cloudflarestorage.com)",
+                );
+            }
+            if s.kind == StorageKind::S3Compatible
+                && s.endpoint.as_deref().unwrap_or("").is_empty()
+            {
+                return invalid(
+                    &format!("storage.{name}.endpoint"),
+                    "is required for kind \"s3-compatible\"",
+                );
+            }
+            if s.access_key_id.is_some() != s.secret_access_key.is_some() {
+                return invalid(
+                    &format!("storage.{name}.secret_access_key"),
+                    "access_key_id and secret_access_key are set together",
+                );
+            }
+        }
+        if self.embedded_s3.mode == EmbeddedMode::On && self.storage.contains_key("embedded") {
+            return invalid("storage.embedded", "the name is taken by the embedded server");
+        }
+        Ok(())
+    }
+
+    /// Whether the embedded S3-compatible server runs.
+    pub fn embedded_s3_enabled(&self) -> bool {
+        match self.embedded_s3.mode {
+            EmbeddedMode::On => true,
+            EmbeddedMode::Off => false,
+            EmbeddedMode::Auto => self.storage.is_empty(),
+        }
+    }
+}
+
+fn valid_storage_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Parses `500ms`, `5s`, `5m`, `2h`, `7d` (one unit; a whole number).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{s}` has no unit (ms, s, m, h, d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` does not start with a whole number"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("`{s}` has unknown unit `{unit}` (ms, s, m, h, d)")),
+    };
+    n.checked_mul(ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{s}` is too long"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|s| parse_duration(s).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.server.grpc_addr.port(), 50051);
+        assert_eq!(cfg.delivery.retry_schedule.len(), 7);
+        assert_eq!(cfg.delivery.retry_schedule[1], Duration::from_secs(300));
+        assert!(cfg.embedded_s3_enabled());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[server]\ngrpc_adr = \"1.2.3.4:1\"").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("grpc_adr"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_names_key() {
+        let err = Config::from_toml("[delivery]\ntimeout = \"15 parsecs\"").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("delivery.timeout"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_value_names_key() {
+        let err = Config::from_toml("[delivery]\njitter = 1.5").unwrap_err();
+        assert!(err.to_string().contains("delivery.jitter"));
+        let err = Config::from_toml("[storage.r]\nkind = \"r2\"\nbucket = \"b\"").unwrap_err();
+        assert!(err.to_string().contains("storage.r.endpoint"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn configured_storage_disables_embedded_in_auto() {
+        let cfg = Config::from_toml(
+            "[storage.main]\nkind = \"s3\"\nbucket = \"b\"\nregion = \"eu-west-1\"",
+        )
+        .unwrap();
+        assert!(!cfg.embedded_s3_enabled());
+    }
+}
