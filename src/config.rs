@@ -278,8 +278,7 @@ impl Config {
                     "is required for kind \"r2\" (https://<account>.r2.cloudflarestorage.com)",
                 );
             }
-            if s.kind == StorageKind::S3Compatible
-                && s.endpoint.as_deref().unwrap_or("").is_empty()
+            if s.kind == StorageKind::S3Compatible && s.endpoint.as_deref().unwrap_or("").is_empty()
             {
                 return invalid(
                     &format!("storage.{name}.endpoint"),
@@ -294,7 +293,10 @@ impl Config {
             }
         }
         if self.embedded_s3.mode == EmbeddedMode::On && self.storage.contains_key("embedded") {
-            return invalid("storage.embedded", "the name is taken by the embedded server");
+            return invalid(
+                "storage.embedded",
+                "the name is taken by the embedded server",
+            );
         }
         Ok(())
     }
@@ -390,7 +392,10 @@ mod tests {
     #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("s").is_err());

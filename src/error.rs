@@ -111,7 +111,13 @@ mod tests {
         assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
         assert_eq!(http_status(Code::AlreadyExists), StatusCode::CONFLICT);
         assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
-        assert_eq!(http_status(Code::ResourceExhausted), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(http_status(Code::Unimplemented), StatusCode::NOT_IMPLEMENTED);
+        assert_eq!(
+            http_status(Code::ResourceExhausted),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            http_status(Code::Unimplemented),
+            StatusCode::NOT_IMPLEMENTED
+        );
     }
 }

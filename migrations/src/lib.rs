@@ -1,1 +1,17 @@
-pub fn f(){}
+//! Database migrations, written once for PostgreSQL and SQLite.
+//!
+//! Each migration is a sea-query schema builder, so the same code renders
+//! the dialect of whichever database it runs against.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m0001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m0001_initial::Migration)]
+    }
+}

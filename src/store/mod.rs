@@ -1,0 +1,519 @@
+//! The database: the source of truth for tenants, keys, webhooks, attempts,
+//! dead letters and the event log.
+//!
+//! Every status change goes through [`Store::transition`]: a compare-and-set
+//! on the current status plus the event row (and the attempt or dead-letter
+//! row, when there is one) in one transaction. Two workers can therefore
+//! never both complete a webhook, and the event log never disagrees with
+//! the status. Events are published to the bus only after commit.
+//!
+//! Every query on tenant data takes the tenant id.
+
+pub mod entities;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::NotSet, ColumnTrait, ConnectOptions, ConnectionTrait, Database,
+    DatabaseConnection, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    Set, TransactionTrait, sea_query::Expr,
+};
+use sha2::{Digest, Sha256};
+
+use entities::{api_keys, events, tenants};
+pub use entities::{attempts, dead_letters, webhooks};
+
+use crate::{
+    domain::{ApiKeyId, Status, TenantId, WebhookId},
+    events::{Event, EventBus},
+};
+
+/// A webhook row. Holds the signing secret: never log it whole.
+pub type Webhook = webhooks::Model;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] DbErr),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Opens a connection pool.
+pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection> {
+    let mut opts = ConnectOptions::new(url.to_string());
+    opts.max_connections(max_connections).sqlx_logging(false);
+    Ok(Database::connect(opts).await?)
+}
+
+/// Applies pending migrations.
+pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
+    use migration::MigratorTrait;
+    migration::Migrator::up(db, None).await?;
+    Ok(())
+}
+
+/// What changes with a status, besides the status.
+#[derive(Default)]
+pub struct Changes(Vec<(webhooks::Column, sea_orm::Value)>);
+
+impl Changes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set(mut self, col: webhooks::Column, value: impl Into<sea_orm::Value>) -> Self {
+        self.0.push((col, value.into()));
+        self
+    }
+}
+
+/// One delivery attempt, recorded with the status change that ends it.
+#[derive(Debug, Clone)]
+pub struct NewAttempt {
+    pub number: i32,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    pub response_status: Option<i32>,
+    pub response_body: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A compare-and-set status change with its event.
+pub struct Transition<'a> {
+    pub tenant: &'a TenantId,
+    pub id: &'a WebhookId,
+    pub from: &'a [Status],
+    pub to: Status,
+    pub event: &'static str,
+    pub changes: Changes,
+    pub attempt: Option<NewAttempt>,
+    /// Writes a dead-letter row with this reason.
+    pub dead_letter: Option<String>,
+    pub now: DateTime<Utc>,
+}
+
+/// A freshly created API key; `plaintext` is shown once and never stored.
+pub struct NewApiKey {
+    pub id: ApiKeyId,
+    pub tenant_id: TenantId,
+    pub plaintext: String,
+}
+
+/// An API key as listed (no secret).
+#[derive(Debug, Clone)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub tenant: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// The outcome of inserting a webhook.
+pub enum Created {
+    New(Webhook),
+    /// A webhook with the same idempotency key already existed.
+    Existing(Webhook),
+}
+
+pub const API_KEY_PREFIX: &str = "uhk_";
+
+fn hash_key(plaintext: &str) -> String {
+    hex::encode(Sha256::digest(plaintext.as_bytes()))
+}
+
+pub fn event_of(row: &events::Model) -> Result<Event> {
+    Ok(Event {
+        id: row.id,
+        tenant_id: TenantId::from_trusted(row.tenant_id.clone()),
+        webhook_id: WebhookId::from_trusted(row.webhook_id.clone()),
+        kind: row.kind.clone(),
+        status: Status::parse(&row.status)
+            .ok_or_else(|| StoreError::Corrupt(format!("event status {}", row.status)))?,
+        occurred_at: row.occurred_at,
+    })
+}
+
+pub fn status_of(w: &Webhook) -> Result<Status> {
+    Status::parse(&w.status).ok_or_else(|| StoreError::Corrupt(format!("status {}", w.status)))
+}
+
+pub fn metadata_of(w: &Webhook) -> BTreeMap<String, String> {
+    serde_json::from_str(&w.metadata).unwrap_or_default()
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    bus: Arc<dyn EventBus>,
+}
+
+impl Store {
+    pub fn new(db: DatabaseConnection, bus: Arc<dyn EventBus>) -> Self {
+        Self { db, bus }
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    pub fn bus(&self) -> &Arc<dyn EventBus> {
+        &self.bus
+    }
+
+    /// Whether the database answers (readiness).
+    pub async fn ping(&self) -> Result<()> {
+        self.db.ping().await?;
+        Ok(())
+    }
+
+    // ---- tenants and API keys -------------------------------------------
+
+    pub async fn tenant_count(&self) -> Result<u64> {
+        Ok(tenants::Entity::find().count(&self.db).await?)
+    }
+
+    /// The tenant of this name, created when missing.
+    pub async fn ensure_tenant(&self, name: &str, now: DateTime<Utc>) -> Result<TenantId> {
+        if let Some(t) = tenants::Entity::find()
+            .filter(tenants::Column::Name.eq(name))
+            .one(&self.db)
+            .await?
+        {
+            return Ok(TenantId::from_trusted(t.id));
+        }
+        let id = TenantId::generate();
+        tenants::ActiveModel {
+            id: Set(id.as_str().to_string()),
+            name: Set(name.to_string()),
+            created_at: Set(now),
+        }
+        .insert(&self.db)
+        .await?;
+        Ok(id)
+    }
+
+    /// Creates an API key for a tenant (created when missing). Only the
+    /// SHA-256 of the key is stored: keys are 160 random bits, so a fast
+    /// hash is enough and lookups stay constant-time in the key.
+    pub async fn create_api_key(&self, tenant: &str, now: DateTime<Utc>) -> Result<NewApiKey> {
+        let tenant_id = self.ensure_tenant(tenant, now).await?;
+        let mut raw = [0u8; 20];
+        rand::fill(&mut raw);
+        let plaintext = format!("{API_KEY_PREFIX}{}", hex::encode(raw));
+        let id = ApiKeyId::generate();
+        api_keys::ActiveModel {
+            id: Set(id.as_str().to_string()),
+            tenant_id: Set(tenant_id.as_str().to_string()),
+            prefix: Set(plaintext[..API_KEY_PREFIX.len() + 8].to_string()),
+            key_hash: Set(hash_key(&plaintext)),
+            created_at: Set(now),
+            expires_at: Set(None),
+            revoked_at: Set(None),
+            last_used_at: Set(None),
+        }
+        .insert(&self.db)
+        .await?;
+        Ok(NewApiKey {
+            id,
+            tenant_id,
+            plaintext,
+        })
+    }
+
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>> {
+        let tenants: BTreeMap<String, String> = tenants::Entity::find()
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t.name))
+            .collect();
+        Ok(api_keys::Entity::find()
+            .order_by_asc(api_keys::Column::CreatedAt)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|k| ApiKeyInfo {
+                tenant: tenants.get(&k.tenant_id).cloned().unwrap_or_default(),
+                id: k.id,
+                prefix: k.prefix,
+                created_at: k.created_at,
+                revoked_at: k.revoked_at,
+                last_used_at: k.last_used_at,
+            })
+            .collect())
+    }
+
+    /// Revokes a key; effective for the next request. False when unknown.
+    pub async fn revoke_api_key(&self, id: &str, now: DateTime<Utc>) -> Result<bool> {
+        let res = api_keys::Entity::update_many()
+            .col_expr(api_keys::Column::RevokedAt, Expr::value(now))
+            .filter(api_keys::Column::Id.eq(id))
+            .filter(api_keys::Column::RevokedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        Ok(res.rows_affected == 1)
+    }
+
+    /// The tenant of a valid, unrevoked, unexpired key.
+    pub async fn authenticate(
+        &self,
+        plaintext: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TenantId>> {
+        if !plaintext.starts_with(API_KEY_PREFIX) {
+            return Ok(None);
+        }
+        let Some(key) = api_keys::Entity::find()
+            .filter(api_keys::Column::KeyHash.eq(hash_key(plaintext)))
+            .one(&self.db)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if key.revoked_at.is_some() || key.expires_at.is_some_and(|e| e <= now) {
+            return Ok(None);
+        }
+        // last_used_at is advisory: written at most once a minute per key.
+        if key
+            .last_used_at
+            .is_none_or(|t| now - t > chrono::Duration::minutes(1))
+        {
+            api_keys::Entity::update_many()
+                .col_expr(api_keys::Column::LastUsedAt, Expr::value(now))
+                .filter(api_keys::Column::Id.eq(key.id.clone()))
+                .exec(&self.db)
+                .await?;
+        }
+        Ok(Some(TenantId::from_trusted(key.tenant_id)))
+    }
+
+    // ---- webhooks --------------------------------------------------------
+
+    /// Inserts a new webhook and its `webhook.created` event. With an
+    /// idempotency key that the tenant already used, returns that webhook.
+    pub async fn create_webhook(&self, new: Webhook, event: &'static str) -> Result<Created> {
+        if let Some(key) = &new.idempotency_key {
+            let tenant = TenantId::from_trusted(new.tenant_id.clone());
+            if let Some(existing) = self.find_by_idempotency_key(&tenant, key).await? {
+                return Ok(Created::Existing(existing));
+            }
+        }
+        let txn = self.db.begin().await?;
+        let row: webhooks::ActiveModel = new.clone().into();
+        if let Err(e) = webhooks::Entity::insert(row)
+            .exec_without_returning(&txn)
+            .await
+        {
+            // A concurrent create with the same idempotency key won the
+            // unique index: answer with its webhook.
+            drop(txn);
+            if let Some(key) = &new.idempotency_key {
+                let tenant = TenantId::from_trusted(new.tenant_id.clone());
+                if let Some(existing) = self.find_by_idempotency_key(&tenant, key).await? {
+                    return Ok(Created::Existing(existing));
+                }
+            }
+            return Err(e.into());
+        }
+        let ev = insert_event(&txn, &new, event, new.created_at).await?;
+        txn.commit().await?;
+        self.bus.publish(ev);
+        Ok(Created::New(new))
+    }
+
+    async fn find_by_idempotency_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+    ) -> Result<Option<Webhook>> {
+        Ok(webhooks::Entity::find()
+            .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
+            .filter(webhooks::Column::IdempotencyKey.eq(key))
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn find_webhook(&self, tenant: &TenantId, id: &WebhookId) -> Result<Option<Webhook>> {
+        Ok(webhooks::Entity::find_by_id(id.as_str())
+            .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Changes the status from one of `t.from` to `t.to`, atomically with
+    /// its event (and attempt / dead-letter rows). `None` when the webhook
+    /// was not in one of `t.from` (someone else moved it first).
+    pub async fn transition(&self, t: Transition<'_>) -> Result<Option<Webhook>> {
+        let txn = self.db.begin().await?;
+        let mut update = webhooks::Entity::update_many()
+            .col_expr(webhooks::Column::Status, Expr::value(t.to.as_str()))
+            .col_expr(webhooks::Column::UpdatedAt, Expr::value(t.now));
+        for (col, value) in t.changes.0 {
+            update = update.col_expr(col, Expr::value(value));
+        }
+        let res = update
+            .filter(webhooks::Column::Id.eq(t.id.as_str()))
+            .filter(webhooks::Column::TenantId.eq(t.tenant.as_str()))
+            .filter(webhooks::Column::Status.is_in(t.from.iter().map(|s| s.as_str())))
+            .exec(&txn)
+            .await?;
+        if res.rows_affected != 1 {
+            txn.rollback().await?;
+            return Ok(None);
+        }
+        let row = webhooks::Entity::find_by_id(t.id.as_str())
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("webhook {} vanished", t.id)))?;
+        if let Some(a) = t.attempt {
+            attempts::ActiveModel {
+                id: NotSet,
+                webhook_id: Set(row.id.clone()),
+                number: Set(a.number),
+                started_at: Set(a.started_at),
+                duration_ms: Set(a.duration_ms),
+                response_status: Set(a.response_status),
+                response_body: Set(a.response_body),
+                error: Set(a.error),
+            }
+            .insert(&txn)
+            .await?;
+        }
+        if let Some(reason) = t.dead_letter {
+            dead_letters::ActiveModel {
+                id: NotSet,
+                tenant_id: Set(row.tenant_id.clone()),
+                webhook_id: Set(row.id.clone()),
+                reason: Set(reason),
+                created_at: Set(t.now),
+                redriven_at: Set(None),
+            }
+            .insert(&txn)
+            .await?;
+        }
+        if t.from.contains(&Status::DeadLetter) && t.to != Status::DeadLetter {
+            // A redrive: mark the open dead-letter rows as redriven.
+            dead_letters::Entity::update_many()
+                .col_expr(dead_letters::Column::RedrivenAt, Expr::value(t.now))
+                .filter(dead_letters::Column::WebhookId.eq(row.id.clone()))
+                .filter(dead_letters::Column::RedrivenAt.is_null())
+                .exec(&txn)
+                .await?;
+        }
+        let ev = insert_event(&txn, &row, t.event, t.now).await?;
+        txn.commit().await?;
+        self.bus.publish(ev);
+        Ok(Some(row))
+    }
+
+    /// Delivery attempts of a webhook, oldest first.
+    pub async fn attempts(
+        &self,
+        tenant: &TenantId,
+        id: &WebhookId,
+    ) -> Result<Vec<attempts::Model>> {
+        // Scoped through the webhook: attempts of another tenant's webhook
+        // are never read.
+        if self.find_webhook(tenant, id).await?.is_none() {
+            return Ok(Vec::new());
+        }
+        Ok(attempts::Entity::find()
+            .filter(attempts::Column::WebhookId.eq(id.as_str()))
+            .order_by_asc(attempts::Column::Number)
+            .order_by_asc(attempts::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn dead_letters(
+        &self,
+        tenant: &TenantId,
+        id: &WebhookId,
+    ) -> Result<Vec<dead_letters::Model>> {
+        Ok(dead_letters::Entity::find()
+            .filter(dead_letters::Column::TenantId.eq(tenant.as_str()))
+            .filter(dead_letters::Column::WebhookId.eq(id.as_str()))
+            .order_by_asc(dead_letters::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// A page of a tenant's webhooks, newest first, strictly older than
+    /// `before` (the previous page's last id).
+    pub async fn list_webhooks(
+        &self,
+        tenant: &TenantId,
+        status: Option<Status>,
+        before: Option<&WebhookId>,
+        limit: u64,
+    ) -> Result<Vec<Webhook>> {
+        let mut q = webhooks::Entity::find().filter(webhooks::Column::TenantId.eq(tenant.as_str()));
+        if let Some(s) = status {
+            q = q.filter(webhooks::Column::Status.eq(s.as_str()));
+        }
+        if let Some(b) = before {
+            q = q.filter(webhooks::Column::Id.lt(b.as_str()));
+        }
+        Ok(q.order_by_desc(webhooks::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Webhooks the pipeline owes work to (the queue is rebuilt from these).
+    pub async fn queued_webhooks(&self) -> Result<Vec<Webhook>> {
+        Ok(webhooks::Entity::find()
+            .filter(webhooks::Column::Status.is_in(Status::QUEUED.iter().map(|s| s.as_str())))
+            .order_by_asc(webhooks::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Stored events after a cursor, oldest first (StreamEvents replay).
+    pub async fn events_after(
+        &self,
+        tenant: &TenantId,
+        webhook: Option<&WebhookId>,
+        after: i64,
+        limit: u64,
+    ) -> Result<Vec<Event>> {
+        let mut q = events::Entity::find()
+            .filter(events::Column::TenantId.eq(tenant.as_str()))
+            .filter(events::Column::Id.gt(after));
+        if let Some(w) = webhook {
+            q = q.filter(events::Column::WebhookId.eq(w.as_str()));
+        }
+        q.order_by_asc(events::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .iter()
+            .map(event_of)
+            .collect()
+    }
+}
+
+async fn insert_event<C: ConnectionTrait>(
+    conn: &C,
+    w: &Webhook,
+    kind: &'static str,
+    now: DateTime<Utc>,
+) -> Result<Event> {
+    let row = events::ActiveModel {
+        id: NotSet,
+        tenant_id: Set(w.tenant_id.clone()),
+        webhook_id: Set(w.id.clone()),
+        kind: Set(kind.to_string()),
+        status: Set(w.status.clone()),
+        occurred_at: Set(now),
+    }
+    .insert(conn)
+    .await?;
+    event_of(&row)
+}
