@@ -189,7 +189,15 @@ impl Config {
     /// Defaults plus one TOML string of overrides, without the environment:
     /// what tests use to build a configuration.
     pub fn from_toml(overrides: &str) -> Result<Self, ConfigError> {
-        let fig = Figment::from(Toml::string(DEFAULTS)).merge(Toml::string(overrides));
+        Self::from_toml_layers(&[overrides])
+    }
+
+    /// Defaults plus several TOML layers, later ones winning.
+    pub fn from_toml_layers(layers: &[&str]) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Toml::string(DEFAULTS));
+        for layer in layers {
+            fig = fig.merge(Toml::string(layer));
+        }
         Self::extract(fig)
     }
 

@@ -206,6 +206,7 @@ pub mod event_type {
     pub const CREATED: &str = "webhook.created";
     pub const CONFIRMED: &str = "upload.confirmed";
     pub const VERIFIED: &str = "upload.verified";
+    pub const VERIFY_RETRY: &str = "upload.not_found_yet";
     pub const VERIFICATION_FAILED: &str = "upload.verification_failed";
     pub const DELIVERING: &str = "delivery.started";
     pub const DELIVERED: &str = "delivery.succeeded";

@@ -1,9 +1,320 @@
 //! uploadhook: signed webhooks when a file has really landed in object storage.
+//!
+//! `main` parses the command line and calls [`start`]; tests start the real
+//! service in-process on port 0 with the same call.
 
+pub mod api;
 pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod pipeline;
 pub mod proto;
+pub mod signing;
+pub mod storage;
 pub mod store;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use signing::verify;
+
+use crate::{
+    api::{gateway::Gateway, grpc::GrpcApi, service::WebhookApi},
+    clock::{Clock, SystemClock},
+    config::Config,
+    events::LocalEventBus,
+    pipeline::{Pipeline, delivery::DeliveryClient, memory::MemoryQueue, queue::Queue},
+    proto::webhook_service_server::WebhookServiceServer,
+    storage::Storages,
+    store::Store,
+};
+
+/// The sockets the service serves on; bound by the caller, so that tests
+/// can bind port 0 and read the port back.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+    /// For the embedded S3 server, when it runs.
+    pub s3: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(cfg: &Config) -> anyhow::Result<Self> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {what} listener on {addr}"))
+        };
+        Ok(Self {
+            grpc: bind(cfg.server.grpc_addr, "gRPC (server.grpc_addr)").await?,
+            http: bind(cfg.server.http_addr, "HTTP (server.http_addr)").await?,
+            s3: if cfg.embedded_s3_enabled() {
+                Some(bind(cfg.embedded_s3.addr, "embedded S3 (embedded_s3.addr)").await?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// A running service.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub s3_endpoint: Option<String>,
+    /// The development key, when this start created it.
+    pub bootstrap_key: Option<String>,
+    pub store: Store,
+    shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Running {
+    /// Asks every part to stop (as SIGTERM does).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until every part has stopped.
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops and waits.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+/// Opens the database and applies migrations (`uploadhook migrate`).
+pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
+    let db = open_db(cfg).await?;
+    store::migrate(&db).await.context("applying migrations")?;
+    Ok(())
+}
+
+/// Opens the store without starting anything (CLI commands).
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    let db = open_db(cfg).await?;
+    Ok(Store::new(db, Arc::new(LocalEventBus::new(16))))
+}
+
+async fn open_db(cfg: &Config) -> anyhow::Result<sea_orm::DatabaseConnection> {
+    let url = cfg.database.url.expose_secret();
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or("");
+        if let Some(dir) = std::path::Path::new(path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    store::connect(url, cfg.database.max_connections)
+        .await
+        .context("connecting to the database (database.url)")
+}
+
+/// Starts every part on the given listeners and returns at once.
+pub async fn start(
+    cfg: Config,
+    listeners: Listeners,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Running> {
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let db = open_db(&cfg).await?;
+    if cfg.database.migrate_on_start {
+        store::migrate(&db).await.context("applying migrations")?;
+    }
+    let bus = Arc::new(LocalEventBus::new(1024));
+    let store = Store::new(db, bus);
+
+    let mut bootstrap_key = None;
+    if !cfg.bootstrap.dev_tenant.is_empty() && store.tenant_count().await? == 0 {
+        let key = store
+            .create_api_key(&cfg.bootstrap.dev_tenant, clock.now())
+            .await?;
+        // Printed, not logged: shown once, on first start only.
+        println!(
+            "Created development tenant `{}` with API key (shown once, store it now):\n\n    {}\n",
+            cfg.bootstrap.dev_tenant, key.plaintext
+        );
+        bootstrap_key = Some(key.plaintext);
+    }
+
+    let mut s3_endpoint = None;
+    if let Some(listener) = listeners.s3 {
+        let token = shutdown.clone();
+        let s3 = storage::embedded::start(&cfg.embedded_s3, listener, async move {
+            token.cancelled().await
+        })
+        .await
+        .context("starting the embedded S3 server")?;
+        s3_endpoint = Some(s3.endpoint().to_string());
+        tasks.spawn(async move {
+            if let Err(e) = s3.wait().await {
+                warn!(error = %e, "embedded S3 server stopped");
+            }
+        });
+    }
+    let storages = Arc::new(
+        Storages::from_config(&cfg, s3_endpoint.as_deref()).context("storage connections")?,
+    );
+
+    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(clock.clone()));
+    let delivery =
+        DeliveryClient::new(&cfg.delivery).context("building the delivery HTTP client")?;
+    let pipeline = Arc::new(Pipeline::new(
+        &cfg,
+        store.clone(),
+        queue.clone(),
+        storages.clone(),
+        delivery,
+        clock.clone(),
+    ));
+    let recovered = pipeline
+        .recover()
+        .await
+        .context("rebuilding the queue from the database")?;
+    if recovered > 0 {
+        info!(recovered, "re-queued webhooks from the database");
+    }
+    tasks.spawn(pipeline.run(shutdown.clone(), cfg.server.shutdown_grace));
+
+    let api = Arc::new(WebhookApi {
+        store: store.clone(),
+        storages,
+        queue: queue.clone(),
+        clock,
+        limits: cfg.webhooks.clone(),
+    });
+    let grpc_service = WebhookServiceServer::new(GrpcApi::new(api));
+
+    // gRPC: the service, health and reflection.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<WebhookServiceServer<GrpcApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+    let grpc_router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(grpc_service.clone());
+    let token = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = grpc_router
+            .serve_with_incoming_shutdown(incoming, async move { token.cancelled().await })
+            .await
+        {
+            warn!(error = %e, "gRPC server stopped");
+        }
+    });
+
+    // HTTP: health endpoints and the REST gateway.
+    let gateway = Arc::new(
+        Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
+            .context("building the REST gateway")?,
+    );
+    let health = HealthState {
+        store: store.clone(),
+        queue,
+    };
+    let http = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz).with_state(health))
+        .merge(api::gateway::router(gateway, grpc_service));
+    let http_addr = listeners.http.local_addr()?;
+    let token = shutdown.clone();
+    let http_listener = listeners.http;
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(http_listener, http)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await
+        {
+            warn!(error = %e, "HTTP server stopped");
+        }
+    });
+
+    info!(%grpc_addr, %http_addr, "uploadhook serving");
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        s3_endpoint,
+        bootstrap_key,
+        store,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Starts, then runs until SIGTERM or SIGINT.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&cfg).await?;
+    let running = start(cfg, listeners, Arc::new(SystemClock)).await?;
+    let token = running.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested; finishing work in flight");
+        token.cancel();
+    });
+    running.wait().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[derive(Clone)]
+struct HealthState {
+    store: Store,
+    queue: Arc<dyn Queue>,
+}
+
+/// Ready when the database and the queue answer (migrations run before
+/// the listeners serve, so a serving process has them applied).
+async fn readyz(State(h): State<HealthState>) -> (StatusCode, String) {
+    if let Err(e) = h.store.ping().await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("database unreachable: {e}"),
+        );
+    }
+    if let Err(e) = h.queue.ping().await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("queue unreachable: {e}"),
+        );
+    }
+    (StatusCode::OK, "ready".into())
+}

@@ -50,6 +50,7 @@ enum Webhooks {
     Metadata,
     IdempotencyKey,
     AttemptCount,
+    AttemptBase,
     VerifyAttempts,
     NextAttemptAt,
     LastError,
@@ -152,6 +153,7 @@ impl MigrationTrait for Migration {
                 .col(text(Webhooks::Metadata))
                 .col(string_null(Webhooks::IdempotencyKey))
                 .col(integer(Webhooks::AttemptCount).default(0))
+                .col(integer(Webhooks::AttemptBase).default(0))
                 .col(integer(Webhooks::VerifyAttempts).default(0))
                 .col(timestamp_with_time_zone_null(Webhooks::NextAttemptAt))
                 .col(text_null(Webhooks::LastError))

@@ -69,6 +69,8 @@ pub mod webhooks {
         pub metadata: String,
         pub idempotency_key: Option<String>,
         pub attempt_count: i32,
+        /// Attempts made before the current round (a redrive starts a new one).
+        pub attempt_base: i32,
         pub verify_attempts: i32,
         pub next_attempt_at: Option<DateTimeUtc>,
         pub last_error: Option<String>,

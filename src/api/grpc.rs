@@ -1,0 +1,218 @@
+//! The gRPC adapter: authentication, wire-to-domain conversion, and back.
+//! The REST gateway calls this same service in-process, so both protocols
+//! share every check.
+
+use std::{pin::Pin, sync::Arc};
+
+use chrono::{DateTime, Utc};
+use futures_util::Stream;
+use tonic::{Request, Response, Status as GrpcStatus};
+
+use super::{service::WebhookApi, validate};
+use crate::{
+    domain::{Status, TenantId, Trigger},
+    error::ApiError,
+    proto::{self, webhook_service_server::WebhookService},
+    store::{Webhook, attempts, metadata_of},
+};
+
+pub const DEFAULT_PAGE_SIZE: u64 = 50;
+pub const MAX_PAGE_SIZE: u64 = 500;
+
+pub struct GrpcApi {
+    api: Arc<WebhookApi>,
+}
+
+impl GrpcApi {
+    pub fn new(api: Arc<WebhookApi>) -> Self {
+        Self { api }
+    }
+
+    async fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, ApiError> {
+        let header = req.metadata().get("authorization").ok_or_else(|| {
+            ApiError::Unauthenticated("missing `authorization: Bearer <api key>`".into())
+        })?;
+        let value = header
+            .to_str()
+            .map_err(|_| ApiError::Unauthenticated("authorization header is not ASCII".into()))?;
+        let key = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                ApiError::Unauthenticated("authorization must be `Bearer <api key>`".into())
+            })?;
+        self.api.authenticate(key.trim()).await
+    }
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// The status view of a webhook. Never carries the secret.
+pub fn webhook_view(w: &Webhook, attempts: &[attempts::Model]) -> proto::Webhook {
+    let status = Status::parse(&w.status).map_or(proto::Status::Unspecified, Status::to_proto);
+    let trigger = Trigger::parse(&w.trigger).map_or(proto::Trigger::Unspecified, Trigger::to_proto);
+    proto::Webhook {
+        id: w.id.clone(),
+        status: status as i32,
+        storage: w.storage.clone(),
+        bucket: w.bucket.clone(),
+        key: w.object_key.clone(),
+        filename: w.filename.clone(),
+        content_type: w.content_type.clone(),
+        size: w.size.or(w.expected_size).unwrap_or_default(),
+        etag: w.etag.clone().unwrap_or_default(),
+        trigger: trigger as i32,
+        metadata: metadata_of(w).into_iter().collect(),
+        created_at: Some(timestamp(w.created_at)),
+        verified_at: w.verified_at.map(timestamp),
+        completed_at: w.completed_at.map(timestamp),
+        expires_at: Some(timestamp(w.expires_at)),
+        attempt_count: w.attempt_count,
+        next_attempt_at: w.next_attempt_at.map(timestamp),
+        last_error: w.last_error.clone().unwrap_or_default(),
+        attempts: attempts
+            .iter()
+            .map(|a| proto::Attempt {
+                number: a.number,
+                started_at: Some(timestamp(a.started_at)),
+                duration_ms: a.duration_ms,
+                response_status: a.response_status.unwrap_or_default(),
+                response_body: a.response_body.clone().unwrap_or_default(),
+                error: a.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        url: w.url.clone(),
+        object_last_modified: w.object_last_modified.map(timestamp),
+    }
+}
+
+type EventStream =
+    Pin<Box<dyn Stream<Item = Result<proto::StreamEventsResponse, GrpcStatus>> + Send>>;
+
+#[tonic::async_trait]
+impl WebhookService for GrpcApi {
+    async fn create_upload_webhook(
+        &self,
+        req: Request<proto::CreateUploadWebhookRequest>,
+    ) -> Result<Response<proto::CreateUploadWebhookResponse>, GrpcStatus> {
+        let tenant = self.tenant(&req).await?;
+        let input = validate::create(req.into_inner(), &self.api.limits)?;
+        let out = self.api.create(&tenant, input).await?;
+        Ok(Response::new(proto::CreateUploadWebhookResponse {
+            webhook: Some(webhook_view(&out.webhook, &[])),
+            upload_url: out.upload.url,
+            upload_method: out.upload.method,
+            upload_headers: out.upload.headers.into_iter().collect(),
+            upload_expires_at: Some(timestamp(out.upload.expires_at)),
+            object_url: out.object_url,
+            signing_secret: out.signing_secret.unwrap_or_default(),
+        }))
+    }
+
+    async fn confirm(
+        &self,
+        req: Request<proto::ConfirmRequest>,
+    ) -> Result<Response<proto::ConfirmResponse>, GrpcStatus> {
+        let tenant = self.tenant(&req).await?;
+        let req = req.into_inner();
+        let id = validate::webhook_id("webhook_id", &req.webhook_id)?;
+        let etag = (!req.etag.trim().is_empty()).then(|| req.etag.trim().to_string());
+        let w = self.api.confirm(&tenant, &id, etag).await?;
+        Ok(Response::new(proto::ConfirmResponse {
+            webhook: Some(webhook_view(&w, &[])),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::GetStatusResponse>, GrpcStatus> {
+        let tenant = self.tenant(&req).await?;
+        let id = validate::webhook_id("webhook_id", &req.get_ref().webhook_id)?;
+        let (w, attempts) = self.api.get(&tenant, &id).await?;
+        Ok(Response::new(proto::GetStatusResponse {
+            webhook: Some(webhook_view(&w, &attempts)),
+        }))
+    }
+
+    type StreamEventsStream = EventStream;
+
+    async fn stream_events(
+        &self,
+        req: Request<proto::StreamEventsRequest>,
+    ) -> Result<Response<Self::StreamEventsStream>, GrpcStatus> {
+        // Authenticate first, so that an unauthenticated caller learns
+        // nothing, not even what is implemented.
+        self.tenant(&req).await?;
+        Err(ApiError::Unimplemented(
+            "StreamEvents is not available in this version; poll GetStatus".into(),
+        )
+        .into())
+    }
+
+    async fn list_webhooks(
+        &self,
+        req: Request<proto::ListWebhooksRequest>,
+    ) -> Result<Response<proto::ListWebhooksResponse>, GrpcStatus> {
+        let tenant = self.tenant(&req).await?;
+        let req = req.into_inner();
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n < 0 || n as u64 > MAX_PAGE_SIZE => {
+                return Err(ApiError::invalid(
+                    "page_size",
+                    format!("must be between 0 and {MAX_PAGE_SIZE}"),
+                )
+                .into());
+            }
+            n => n as u64,
+        };
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(validate::webhook_id("page_token", &req.page_token)?)
+        };
+        let status = match proto::Status::try_from(req.status) {
+            Ok(s) => Status::from_proto(s),
+            Err(_) => {
+                return Err(
+                    ApiError::invalid("status", format!("unknown value {}", req.status)).into(),
+                );
+            }
+        };
+        let (rows, next) = self.api.list(&tenant, status, after, page_size).await?;
+        Ok(Response::new(proto::ListWebhooksResponse {
+            webhooks: rows.iter().map(|w| webhook_view(w, &[])).collect(),
+            next_page_token: next.map(|n| n.as_str().to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn redeliver(
+        &self,
+        req: Request<proto::RedeliverRequest>,
+    ) -> Result<Response<proto::RedeliverResponse>, GrpcStatus> {
+        let tenant = self.tenant(&req).await?;
+        let id = validate::webhook_id("webhook_id", &req.get_ref().webhook_id)?;
+        let w = self.api.redeliver(&tenant, &id).await?;
+        Ok(Response::new(proto::RedeliverResponse {
+            webhook: Some(webhook_view(&w, &[])),
+        }))
+    }
+
+    async fn cancel_webhook(
+        &self,
+        req: Request<proto::CancelWebhookRequest>,
+    ) -> Result<Response<proto::CancelWebhookResponse>, GrpcStatus> {
+        let tenant = self.tenant(&req).await?;
+        let id = validate::webhook_id("webhook_id", &req.get_ref().webhook_id)?;
+        let w = self.api.cancel(&tenant, &id).await?;
+        Ok(Response::new(proto::CancelWebhookResponse {
+            webhook: Some(webhook_view(&w, &[])),
+        }))
+    }
+}

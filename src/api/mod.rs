@@ -1,0 +1,9 @@
+//! The API: the plain service, its gRPC adapter, and the REST gateway
+//! generated from the `google.api.http` annotations.
+//!
+//! Architecture Invariant: only `api/` knows tonic and HTTP.
+
+pub mod gateway;
+pub mod grpc;
+pub mod service;
+pub mod validate;

@@ -1,0 +1,342 @@
+//! The plain Rust service behind both protocols: tenant-scoped use cases
+//! over the store, the storage connections and the queue. It knows neither
+//! tonic nor HTTP.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::validate::{CreateInput, derive_key};
+use crate::{
+    clock::Clock,
+    config::WebhooksConfig,
+    domain::{Status, TenantId, WebhookId, event_type},
+    error::ApiError,
+    pipeline::queue::{Job, JobKind, Queue},
+    signing::SigningKey,
+    storage::{PresignedUpload, Storages},
+    store::{
+        Changes, Created, Store, StoreError, Transition, Webhook, attempts, status_of,
+        webhooks::Column as C,
+    },
+};
+
+pub struct CreateOutput {
+    pub webhook: Webhook,
+    pub upload: PresignedUpload,
+    pub object_url: String,
+    /// Only when the server generated the secret.
+    pub signing_secret: Option<String>,
+}
+
+pub struct WebhookApi {
+    pub store: Store,
+    pub storages: Arc<Storages>,
+    pub queue: Arc<dyn Queue>,
+    pub clock: Arc<dyn Clock>,
+    pub limits: WebhooksConfig,
+}
+
+fn db(e: StoreError) -> ApiError {
+    ApiError::internal("database error", &e)
+}
+
+impl WebhookApi {
+    pub async fn authenticate(&self, key: &str) -> Result<TenantId, ApiError> {
+        self.store
+            .authenticate(key, self.clock.now())
+            .await
+            .map_err(db)?
+            .ok_or_else(|| ApiError::Unauthenticated("invalid, expired or revoked API key".into()))
+    }
+
+    pub async fn create(
+        &self,
+        tenant: &TenantId,
+        input: CreateInput,
+    ) -> Result<CreateOutput, ApiError> {
+        let storage = self
+            .storages
+            .resolve(&input.storage)
+            .map_err(|e| ApiError::invalid("storage", e.to_string()))?;
+        let now = self.clock.now();
+        let key = input
+            .key
+            .clone()
+            .unwrap_or_else(|| derive_key(&self.limits.key_prefix, &input.filename, now));
+        let (secret, generated) = match input.secret {
+            Some(s) => (s, false),
+            None => (SigningKey::generate_secret(), true),
+        };
+        let expires_at = now
+            + chrono::Duration::from_std(input.expires_in)
+                .map_err(|_| ApiError::invalid("expires_in", "is too long"))?;
+        let row = Webhook {
+            id: WebhookId::generate().as_str().to_string(),
+            tenant_id: tenant.as_str().to_string(),
+            status: Status::Pending.as_str().to_string(),
+            trigger: input.trigger.as_str().to_string(),
+            provider: storage.kind().as_str().to_string(),
+            storage: storage.name().to_string(),
+            bucket: storage.bucket().to_string(),
+            object_key: key,
+            filename: input.filename,
+            content_type: input.content_type,
+            expected_size: input.content_length,
+            size: None,
+            client_etag: None,
+            etag: None,
+            object_last_modified: None,
+            url: input.url,
+            secret,
+            secret_generated: generated,
+            metadata: serde_json::to_string(&input.metadata).expect("map serializes"),
+            idempotency_key: input.idempotency_key,
+            attempt_count: 0,
+            attempt_base: 0,
+            verify_attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+            created_at: now,
+            updated_at: now,
+            verified_at: None,
+            completed_at: None,
+            expires_at,
+        };
+        let webhook = match self
+            .store
+            .create_webhook(row, event_type::CREATED)
+            .await
+            .map_err(db)?
+        {
+            Created::New(w) | Created::Existing(w) => w,
+        };
+        // Presigned for the webhook's own key: a retried create with the
+        // same idempotency key gets a fresh URL for the same object.
+        let upload_expiry = storage.presign_expiry().min(input.expires_in);
+        let upload = storage
+            .presign_put(
+                &webhook.object_key,
+                &webhook.content_type,
+                webhook.expected_size,
+                upload_expiry,
+            )
+            .await
+            .map_err(|e| ApiError::internal("presigning failed", &e))?;
+        Ok(CreateOutput {
+            object_url: storage.object_url(&webhook.object_key),
+            signing_secret: webhook.secret_generated.then(|| webhook.secret.clone()),
+            webhook,
+            upload,
+        })
+    }
+
+    async fn find(&self, tenant: &TenantId, id: &WebhookId) -> Result<Webhook, ApiError> {
+        self.store
+            .find_webhook(tenant, id)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| ApiError::webhook_not_found(id.as_str()))
+    }
+
+    pub async fn confirm(
+        &self,
+        tenant: &TenantId,
+        id: &WebhookId,
+        etag: Option<String>,
+    ) -> Result<Webhook, ApiError> {
+        let w = self.find(tenant, id).await?;
+        let now = self.clock.now();
+        match status_of(&w).map_err(db)? {
+            Status::Pending if now >= w.expires_at => {
+                self.store
+                    .transition(Transition {
+                        tenant,
+                        id,
+                        from: &[Status::Pending],
+                        to: Status::Expired,
+                        event: event_type::EXPIRED,
+                        changes: Changes::new().set(
+                            C::LastError,
+                            Some("not confirmed before expires_at".to_string()),
+                        ),
+                        attempt: None,
+                        dead_letter: None,
+                        now,
+                    })
+                    .await
+                    .map_err(db)?;
+                Err(expired(id, w.expires_at))
+            }
+            Status::Pending => {
+                let moved = self
+                    .store
+                    .transition(Transition {
+                        tenant,
+                        id,
+                        from: &[Status::Pending],
+                        to: Status::Verifying,
+                        event: event_type::CONFIRMED,
+                        changes: Changes::new()
+                            .set(C::ClientEtag, etag)
+                            .set(C::VerifyAttempts, 0),
+                        attempt: None,
+                        dead_letter: None,
+                        now,
+                    })
+                    .await
+                    .map_err(db)?;
+                match moved {
+                    Some(w) => {
+                        self.enqueue(tenant, id, JobKind::Verify).await;
+                        Ok(w)
+                    }
+                    // A concurrent Confirm won: answer with where it stands.
+                    None => self.find(tenant, id).await,
+                }
+            }
+            Status::Expired => Err(expired(id, w.expires_at)),
+            Status::Cancelled => Err(ApiError::FailedPrecondition(format!(
+                "webhook {id} was cancelled"
+            ))),
+            _ => Ok(w),
+        }
+    }
+
+    async fn enqueue(&self, tenant: &TenantId, id: &WebhookId, kind: JobKind) {
+        let job = Job {
+            kind,
+            tenant: tenant.clone(),
+            webhook: id.clone(),
+        };
+        if let Err(e) = self.queue.enqueue(job, None).await {
+            // The status is stored: recovery re-enqueues it.
+            tracing::warn!(error = %e, webhook_id = %id, "enqueue failed; the webhook is recovered from the database");
+        }
+    }
+
+    pub async fn get(
+        &self,
+        tenant: &TenantId,
+        id: &WebhookId,
+    ) -> Result<(Webhook, Vec<attempts::Model>), ApiError> {
+        let w = self.find(tenant, id).await?;
+        let attempts = self.store.attempts(tenant, id).await.map_err(db)?;
+        Ok((w, attempts))
+    }
+
+    pub async fn list(
+        &self,
+        tenant: &TenantId,
+        status: Option<Status>,
+        after: Option<WebhookId>,
+        page_size: u64,
+    ) -> Result<(Vec<Webhook>, Option<WebhookId>), ApiError> {
+        let mut rows = self
+            .store
+            .list_webhooks(tenant, status, after.as_ref(), page_size + 1)
+            .await
+            .map_err(db)?;
+        let next = if rows.len() as u64 > page_size {
+            rows.truncate(page_size as usize);
+            rows.last().map(|w| WebhookId::from_trusted(w.id.clone()))
+        } else {
+            None
+        };
+        Ok((rows, next))
+    }
+
+    pub async fn cancel(&self, tenant: &TenantId, id: &WebhookId) -> Result<Webhook, ApiError> {
+        let w = self.find(tenant, id).await?;
+        let status = status_of(&w).map_err(db)?;
+        if status == Status::Cancelled {
+            return Ok(w);
+        }
+        let cancellable = [
+            Status::Pending,
+            Status::Verifying,
+            Status::Verified,
+            Status::Retrying,
+        ];
+        if !cancellable.contains(&status) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "webhook {id} is {} and can no longer be cancelled",
+                status.as_str()
+            )));
+        }
+        let moved = self
+            .store
+            .transition(Transition {
+                tenant,
+                id,
+                from: &cancellable,
+                to: Status::Cancelled,
+                event: event_type::CANCELLED,
+                changes: Changes::new().set(C::NextAttemptAt, None::<DateTime<Utc>>),
+                attempt: None,
+                dead_letter: None,
+                now: self.clock.now(),
+            })
+            .await
+            .map_err(db)?;
+        match moved {
+            Some(w) => Ok(w),
+            None => Err(ApiError::FailedPrecondition(format!(
+                "webhook {id} moved on while cancelling (a delivery attempt is under way); try again"
+            ))),
+        }
+    }
+
+    /// Starts a new round of delivery for a completed or dead-lettered
+    /// webhook, or a new verification for one that failed verification.
+    pub async fn redeliver(&self, tenant: &TenantId, id: &WebhookId) -> Result<Webhook, ApiError> {
+        let w = self.find(tenant, id).await?;
+        let now = self.clock.now();
+        let status = status_of(&w).map_err(db)?;
+        let (to, kind, changes) = match status {
+            Status::Completed | Status::DeadLetter => (
+                Status::Retrying,
+                JobKind::Deliver,
+                Changes::new()
+                    .set(C::AttemptBase, w.attempt_count)
+                    .set(C::NextAttemptAt, Some(now))
+                    .set(C::CompletedAt, None::<DateTime<Utc>>),
+            ),
+            Status::Failed => (
+                Status::Verifying,
+                JobKind::Verify,
+                Changes::new().set(C::VerifyAttempts, 0),
+            ),
+            other => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "webhook {id} is {}; only completed, dead-lettered or failed webhooks can be redelivered",
+                    other.as_str()
+                )));
+            }
+        };
+        let moved = self
+            .store
+            .transition(Transition {
+                tenant,
+                id,
+                from: &[status],
+                to,
+                event: event_type::REDELIVER,
+                changes,
+                attempt: None,
+                dead_letter: None,
+                now,
+            })
+            .await
+            .map_err(db)?
+            .ok_or_else(|| {
+                ApiError::FailedPrecondition(format!("webhook {id} moved on; try again"))
+            })?;
+        self.enqueue(tenant, id, kind).await;
+        Ok(moved)
+    }
+}
+
+fn expired(id: &WebhookId, at: DateTime<Utc>) -> ApiError {
+    ApiError::FailedPrecondition(format!("webhook {id} expired at {}", at.to_rfc3339()))
+}

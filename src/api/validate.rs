@@ -1,0 +1,415 @@
+//! Wire input to validated domain input. Every error names its field.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::{
+    config::WebhooksConfig,
+    domain::{Trigger, WebhookId},
+    error::ApiError,
+    proto,
+    signing::SigningKey,
+};
+
+pub const MAX_URL_LEN: usize = 2048;
+pub const MAX_KEY_LEN: usize = 1024;
+pub const MAX_FILENAME_LEN: usize = 255;
+pub const MAX_CONTENT_TYPE_LEN: usize = 255;
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+pub const MAX_METADATA_KEY_LEN: usize = 128;
+/// S3's limit for one object.
+pub const MAX_CONTENT_LENGTH: i64 = 5 * 1024 * 1024 * 1024 * 1024;
+
+/// A validated CreateUploadWebhook request.
+#[derive(Debug)]
+pub struct CreateInput {
+    pub storage: String,
+    /// None: derive one from the filename.
+    pub key: Option<String>,
+    pub filename: String,
+    pub content_type: String,
+    pub content_length: Option<i64>,
+    pub url: String,
+    /// None: generate one.
+    pub secret: Option<String>,
+    pub trigger: Trigger,
+    pub metadata: BTreeMap<String, String>,
+    pub idempotency_key: Option<String>,
+    pub expires_in: Duration,
+}
+
+pub fn webhook_id(field: &str, s: &str) -> Result<WebhookId, ApiError> {
+    if s.is_empty() {
+        return Err(ApiError::invalid(field, "is required"));
+    }
+    WebhookId::parse(s).map_err(|m| ApiError::invalid(field, m))
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+pub fn create(
+    req: proto::CreateUploadWebhookRequest,
+    limits: &WebhooksConfig,
+) -> Result<CreateInput, ApiError> {
+    let target = req.webhook.ok_or_else(|| {
+        ApiError::invalid(
+            "webhook",
+            "is required (url, optional secret, trigger, metadata)",
+        )
+    })?;
+
+    let url = target.url.trim().to_string();
+    check_url(&url)?;
+
+    let secret = if target.secret.is_empty() {
+        None
+    } else {
+        SigningKey::from_secret(&target.secret)
+            .map_err(|e| ApiError::invalid("webhook.secret", e.to_string()))?;
+        Some(target.secret)
+    };
+
+    let trigger = match proto::Trigger::try_from(target.trigger) {
+        Ok(proto::Trigger::Unspecified | proto::Trigger::Manual) => Trigger::Manual,
+        Ok(proto::Trigger::Auto) => {
+            return Err(ApiError::Unimplemented(
+                "webhook.trigger: AUTO detection is not available in this version; use MANUAL and call Confirm".into(),
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::invalid(
+                "webhook.trigger",
+                format!("unknown value {}", target.trigger),
+            ));
+        }
+    };
+
+    let metadata: BTreeMap<String, String> = target.metadata.into_iter().collect();
+    if metadata.len() > limits.max_metadata_entries {
+        return Err(ApiError::invalid(
+            "webhook.metadata",
+            format!(
+                "has {} entries; at most {} are allowed",
+                metadata.len(),
+                limits.max_metadata_entries
+            ),
+        ));
+    }
+    let bytes: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > limits.max_metadata_bytes {
+        return Err(ApiError::invalid(
+            "webhook.metadata",
+            format!(
+                "is {bytes} bytes; at most {} are allowed",
+                limits.max_metadata_bytes
+            ),
+        ));
+    }
+    for k in metadata.keys() {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN || has_control(k) {
+            return Err(ApiError::invalid(
+                "webhook.metadata",
+                format!("keys must be 1-{MAX_METADATA_KEY_LEN} bytes without control characters"),
+            ));
+        }
+    }
+
+    let filename = req.filename;
+    if filename.trim().is_empty() {
+        return Err(ApiError::invalid("filename", "is required"));
+    }
+    if filename.len() > MAX_FILENAME_LEN {
+        return Err(ApiError::invalid(
+            "filename",
+            format!("is longer than {MAX_FILENAME_LEN} bytes"),
+        ));
+    }
+    if has_control(&filename) || filename.contains(['/', '\\']) {
+        return Err(ApiError::invalid(
+            "filename",
+            "must not contain `/`, `\\` or control characters",
+        ));
+    }
+
+    let key = if req.key.is_empty() {
+        None
+    } else {
+        check_key(&req.key)?;
+        Some(req.key)
+    };
+
+    let content_type = if req.content_type.is_empty() {
+        "application/octet-stream".to_string()
+    } else {
+        check_content_type(&req.content_type)?;
+        req.content_type
+    };
+
+    if let Some(n) = req.content_length
+        && !(0..=MAX_CONTENT_LENGTH).contains(&n)
+    {
+        return Err(ApiError::invalid(
+            "content_length",
+            format!("must be between 0 and {MAX_CONTENT_LENGTH}"),
+        ));
+    }
+
+    let expires_in = match req.expires_in {
+        None => limits.default_expires_in,
+        Some(d) => {
+            if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
+                return Err(ApiError::invalid("expires_in", "must be positive"));
+            }
+            let d = Duration::new(d.seconds as u64, d.nanos as u32);
+            if d > limits.max_expires_in {
+                return Err(ApiError::invalid(
+                    "expires_in",
+                    format!("must be at most {}s", limits.max_expires_in.as_secs()),
+                ));
+            }
+            d
+        }
+    };
+
+    let idempotency_key = if req.idempotency_key.is_empty() {
+        None
+    } else if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_LEN
+        || has_control(&req.idempotency_key)
+    {
+        return Err(ApiError::invalid(
+            "idempotency_key",
+            format!("must be at most {MAX_IDEMPOTENCY_KEY_LEN} bytes without control characters"),
+        ));
+    } else {
+        Some(req.idempotency_key)
+    };
+
+    Ok(CreateInput {
+        storage: req.storage,
+        key,
+        filename,
+        content_type,
+        content_length: req.content_length,
+        url,
+        secret,
+        trigger,
+        metadata,
+        idempotency_key,
+        expires_in,
+    })
+}
+
+fn check_url(url: &str) -> Result<(), ApiError> {
+    const F: &str = "webhook.url";
+    if url.is_empty() {
+        return Err(ApiError::invalid(F, "is required"));
+    }
+    if url.len() > MAX_URL_LEN {
+        return Err(ApiError::invalid(
+            F,
+            format!("is longer than {MAX_URL_LEN} bytes"),
+        ));
+    }
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ApiError::invalid(F, format!("is not a valid URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ApiError::invalid(
+            F,
+            format!("scheme must be http or https, not `{}`", parsed.scheme()),
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(ApiError::invalid(F, "has no host"));
+    }
+    Ok(())
+}
+
+/// Object keys: no leading `/`, no `.`/`..` segments, no backslashes or
+/// control characters, at most 1024 bytes (S3's limit).
+pub fn check_key(key: &str) -> Result<(), ApiError> {
+    const F: &str = "key";
+    if key.len() > MAX_KEY_LEN {
+        return Err(ApiError::invalid(
+            F,
+            format!("is longer than {MAX_KEY_LEN} bytes"),
+        ));
+    }
+    if key.starts_with('/') {
+        return Err(ApiError::invalid(F, "must not start with `/`"));
+    }
+    if key.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(ApiError::invalid(
+            F,
+            "must not contain `.` or `..` segments",
+        ));
+    }
+    if key.contains("//") || key.ends_with('/') {
+        return Err(ApiError::invalid(
+            F,
+            "must not contain empty segments or end with `/`",
+        ));
+    }
+    if has_control(key) || key.contains('\\') {
+        return Err(ApiError::invalid(
+            F,
+            "must not contain `\\` or control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_content_type(ct: &str) -> Result<(), ApiError> {
+    const F: &str = "content_type";
+    let valid = ct.len() <= MAX_CONTENT_TYPE_LEN
+        && !has_control(ct)
+        && ct.split(';').next().is_some_and(|essence| {
+            let mut parts = essence.trim().splitn(2, '/');
+            let (a, b) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let token = |s: &str| {
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&c))
+            };
+            token(a) && token(b)
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            F,
+            "must be a media type like `image/png`",
+        ))
+    }
+}
+
+/// A safe, unique key from a filename:
+/// `<prefix><yyyy>/<mm>/<dd>/<32 hex>/<sanitized filename>`.
+pub fn derive_key(prefix: &str, filename: &str, now: chrono::DateTime<chrono::Utc>) -> String {
+    let mut clean: String = filename
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    clean = clean.trim_start_matches('.').to_string();
+    if clean.len() > 100 {
+        // Keep the extension when cutting.
+        let ext = clean
+            .rfind('.')
+            .map(|i| clean[i..].to_string())
+            .filter(|e| e.len() <= 16)
+            .unwrap_or_default();
+        clean.truncate(100 - ext.len());
+        clean.push_str(&ext);
+    }
+    if clean.is_empty() {
+        clean = "file".into();
+    }
+    format!(
+        "{prefix}{}/{}/{}",
+        now.format("%Y/%m/%d"),
+        uuid::Uuid::now_v7().simple(),
+        clean
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn limits() -> WebhooksConfig {
+        Config::from_toml("").unwrap().webhooks
+    }
+
+    fn valid() -> proto::CreateUploadWebhookRequest {
+        proto::CreateUploadWebhookRequest {
+            filename: "a.png".into(),
+            webhook: Some(proto::WebhookTarget {
+                url: "https://example.com/hook".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(r: Result<CreateInput, ApiError>) -> String {
+        match r.unwrap_err() {
+            ApiError::InvalidArgument { field, .. } => field,
+            other => panic!("not invalid argument: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_request_gets_defaults() {
+        let c = create(valid(), &limits()).unwrap();
+        assert_eq!(c.content_type, "application/octet-stream");
+        assert_eq!(c.expires_in, Duration::from_secs(86400));
+        assert_eq!(c.trigger, Trigger::Manual);
+        assert!(c.key.is_none() && c.secret.is_none());
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let mut r = valid();
+        r.webhook = None;
+        assert_eq!(field_of(create(r, &limits())), "webhook");
+        let mut r = valid();
+        r.webhook.as_mut().unwrap().url = String::new();
+        assert_eq!(field_of(create(r, &limits())), "webhook.url");
+        let mut r = valid();
+        r.webhook.as_mut().unwrap().url = "ftp://example.com/x".into();
+        assert_eq!(field_of(create(r, &limits())), "webhook.url");
+        let mut r = valid();
+        r.filename = String::new();
+        assert_eq!(field_of(create(r, &limits())), "filename");
+        for key in ["/abs", "a/../b", "..", "a//b", "a\\b"] {
+            let mut r = valid();
+            r.key = key.into();
+            assert_eq!(field_of(create(r, &limits())), "key", "{key}");
+        }
+        let mut r = valid();
+        r.webhook
+            .as_mut()
+            .unwrap()
+            .metadata
+            .insert("big".into(), "x".repeat(5000));
+        assert_eq!(field_of(create(r, &limits())), "webhook.metadata");
+        let mut r = valid();
+        r.webhook.as_mut().unwrap().secret = "nope".into();
+        assert_eq!(field_of(create(r, &limits())), "webhook.secret");
+        let mut r = valid();
+        r.content_type = "not a type".into();
+        assert_eq!(field_of(create(r, &limits())), "content_type");
+        let mut r = valid();
+        r.content_length = Some(-1);
+        assert_eq!(field_of(create(r, &limits())), "content_length");
+        let mut r = valid();
+        r.expires_in = Some(prost_types::Duration {
+            seconds: 30 * 86400,
+            nanos: 0,
+        });
+        assert_eq!(field_of(create(r, &limits())), "expires_in");
+    }
+
+    #[test]
+    fn derived_keys_are_safe_and_unique() {
+        let now = chrono::Utc::now();
+        let a = derive_key("uploads/", "../../etc/passwd", now);
+        let b = derive_key("uploads/", "../../etc/passwd", now);
+        assert_ne!(a, b);
+        check_key(&a).unwrap();
+        assert!(
+            a.starts_with("uploads/") && a.ends_with("_.._etc_passwd"),
+            "{a}"
+        );
+        let long = derive_key("", &format!("{}.jpeg", "x".repeat(300)), now);
+        assert!(long.ends_with(".jpeg"));
+        check_key(&derive_key("", "...", now)).unwrap();
+    }
+}

@@ -1,0 +1,491 @@
+//! The pipeline: verify the object, then deliver the signed webhook.
+//!
+//! State machine (each arrow is one `Store::transition`, a compare-and-set
+//! with its event; see `ARCHITECTURE.md`):
+//!
+//! ```text
+//! PENDING --Confirm--> VERIFYING --HEAD ok--> VERIFIED --take--> DELIVERING --2xx--> COMPLETED
+//!                        |  ^ missing: retry         ^                |   |
+//!                        |  +----------              |                |   +--410 / last attempt--> DEAD_LETTER
+//!                        +--mismatch / gave up--> FAILED   RETRYING <-+ failed, attempts left
+//! ```
+//!
+//! The worker loop takes leases from the [`Queue`], runs each job under a
+//! concurrency limit, stores the outcome, then acks (or schedules the job
+//! again). A job whose webhook is no longer in the status the job expects
+//! is acked without effect: duplicates and stale jobs are harmless.
+
+pub mod delivery;
+pub mod memory;
+pub mod queue;
+pub mod retry;
+pub mod verify;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use self::{
+    delivery::{
+        DeliveryClient, EVENT_UPLOAD_COMPLETED, FileInfo, Payload, rfc3339, signed_headers,
+    },
+    queue::{Job, JobKind, Lease, Queue},
+    retry::{Decision, RetryPolicy, classify, decide},
+};
+use crate::{
+    clock::Clock,
+    config::Config,
+    domain::{Status, TenantId, WebhookId, event_type},
+    signing::SigningKey,
+    storage::Storages,
+    store::{
+        Changes, NewAttempt, Store, StoreError, Transition, Webhook, metadata_of, status_of,
+        webhooks::Column as C,
+    },
+};
+
+/// What to do with a lease after its job ran.
+enum Step {
+    Ack,
+    Later(DateTime<Utc>),
+}
+
+pub struct Pipeline {
+    store: Store,
+    queue: Arc<dyn Queue>,
+    storages: Arc<Storages>,
+    delivery: DeliveryClient,
+    policy: RetryPolicy,
+    verify_delays: Vec<Duration>,
+    clock: Arc<dyn Clock>,
+    concurrency: usize,
+}
+
+impl Pipeline {
+    pub fn new(
+        cfg: &Config,
+        store: Store,
+        queue: Arc<dyn Queue>,
+        storages: Arc<Storages>,
+        delivery: DeliveryClient,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            store,
+            queue,
+            storages,
+            delivery,
+            policy: RetryPolicy {
+                schedule: cfg.delivery.retry_schedule.clone(),
+                jitter: cfg.delivery.jitter,
+                min_retry_after: cfg.delivery.min_retry_after,
+                max_retry_after: cfg.delivery.max_retry_after,
+            },
+            verify_delays: cfg.verify.missing_retry_delays.clone(),
+            clock,
+            concurrency: cfg.worker.concurrency,
+        }
+    }
+
+    /// Rebuilds the queue from the database: every webhook the pipeline
+    /// owes work to is enqueued again. A webhook caught in DELIVERING (the
+    /// process stopped mid-attempt) goes back to RETRYING, due now: its
+    /// receiver may see it twice and deduplicates by `webhook-id`.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let rows = self.store.queued_webhooks().await?;
+        let now = self.clock.now();
+        let mut n = 0;
+        for w in rows {
+            let tenant = TenantId::from_trusted(w.tenant_id.clone());
+            let id = WebhookId::from_trusted(w.id.clone());
+            let (kind, due) = match status_of(&w)? {
+                Status::Verifying => (JobKind::Verify, None),
+                Status::Verified => (JobKind::Deliver, None),
+                Status::Retrying => (JobKind::Deliver, w.next_attempt_at),
+                Status::Delivering => {
+                    self.store
+                        .transition(Transition {
+                            tenant: &tenant,
+                            id: &id,
+                            from: &[Status::Delivering],
+                            to: Status::Retrying,
+                            event: event_type::RETRYING,
+                            changes: Changes::new().set(C::NextAttemptAt, Some(now)).set(
+                                C::LastError,
+                                Some("attempt interrupted by a restart".to_string()),
+                            ),
+                            attempt: None,
+                            dead_letter: None,
+                            now,
+                        })
+                        .await?;
+                    (JobKind::Deliver, None)
+                }
+                _ => continue,
+            };
+            let job = Job {
+                kind,
+                tenant,
+                webhook: id,
+            };
+            if let Err(e) = self.queue.enqueue(job, due).await {
+                warn!(error = %e, "re-enqueueing at start-up failed; the webhook stays in the database");
+            } else {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Runs the worker loop until `shutdown`, then waits up to `grace` for
+    /// jobs in flight. A job cut off by the grace period is not lost: its
+    /// status in the database puts it back in the queue at the next start.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, grace: Duration) {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            // Wait for a free slot before taking work, so that taken work
+            // starts at once.
+            let available = permits.available_permits();
+            let want = if available == 0 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = permits.clone().acquire_owned() => { drop(p); 1 }
+                }
+            } else {
+                available
+            };
+            let leases = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.queue.take(want, Duration::from_secs(1)) => r,
+            };
+            let leases = match leases {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "taking work from the queue failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            for lease in leases {
+                let permit = permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore open");
+                let this = self.clone();
+                tasks.spawn(async move {
+                    this.process(lease).await;
+                    drop(permit);
+                });
+            }
+            // Reap finished tasks so that the set does not grow.
+            while tasks.try_join_next().is_some() {}
+        }
+        info!(in_flight = tasks.len(), "worker stopping");
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(
+                cut_off = tasks.len(),
+                "shutdown grace over; jobs cut off are re-queued from the database at next start"
+            );
+            tasks.abort_all();
+        }
+    }
+
+    async fn process(&self, lease: Lease) {
+        let span = info_span!("job", kind = lease.job.kind.as_str(), webhook_id = %lease.job.webhook, tenant_id = %lease.job.tenant);
+        async {
+            let step = match lease.job.kind {
+                JobKind::Verify => self.verify(&lease.job).await,
+                JobKind::Deliver => self.deliver(&lease.job).await,
+            };
+            let res = match step {
+                Ok(Step::Ack) => self.queue.ack(&lease).await,
+                Ok(Step::Later(at)) => self.queue.retry_later(&lease, at).await,
+                Err(e) => {
+                    // The database failed: try the job again shortly. Its
+                    // status was not changed, so nothing is lost.
+                    warn!(error = %e, "job failed; retrying in 5s");
+                    let at = self.clock.now() + chrono::Duration::seconds(5);
+                    self.queue.retry_later(&lease, at).await
+                }
+            };
+            if let Err(e) = res {
+                warn!(error = %e, "queue update failed; the database will re-queue the job");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn verify(&self, job: &Job) -> Result<Step, StoreError> {
+        let Some(w) = self.store.find_webhook(&job.tenant, &job.webhook).await? else {
+            return Ok(Step::Ack);
+        };
+        if status_of(&w)? != Status::Verifying {
+            return Ok(Step::Ack);
+        }
+        let now = self.clock.now();
+        let fail = |reason: String| Transition {
+            tenant: &job.tenant,
+            id: &job.webhook,
+            from: &[Status::Verifying],
+            to: Status::Failed,
+            event: event_type::VERIFICATION_FAILED,
+            changes: Changes::new().set(C::LastError, Some(reason)),
+            attempt: None,
+            dead_letter: None,
+            now,
+        };
+        let storage = match self.storages.resolve(&w.storage) {
+            Ok(s) => s,
+            Err(e) => {
+                self.store
+                    .transition(fail(format!(
+                        "storage connection `{}` is no longer configured: {e}",
+                        w.storage
+                    )))
+                    .await?;
+                return Ok(Step::Ack);
+            }
+        };
+        let missing_reason = match storage.head(&w.object_key).await {
+            Ok(Some(info)) => {
+                match verify::check_object(
+                    w.client_etag.as_deref(),
+                    w.expected_size,
+                    &info.etag,
+                    info.size,
+                ) {
+                    Ok(()) => {
+                        let changes = Changes::new()
+                            .set(C::Size, Some(info.size))
+                            .set(C::Etag, Some(verify::normalize_etag(&info.etag)))
+                            .set(
+                                C::ContentType,
+                                info.content_type.clone().unwrap_or(w.content_type.clone()),
+                            )
+                            .set(C::ObjectLastModified, info.last_modified)
+                            .set(C::VerifiedAt, Some(now))
+                            .set(C::LastError, None::<String>);
+                        let moved = self
+                            .store
+                            .transition(Transition {
+                                tenant: &job.tenant,
+                                id: &job.webhook,
+                                from: &[Status::Verifying],
+                                to: Status::Verified,
+                                event: event_type::VERIFIED,
+                                changes,
+                                attempt: None,
+                                dead_letter: None,
+                                now,
+                            })
+                            .await?;
+                        if moved.is_some() {
+                            let deliver = Job {
+                                kind: JobKind::Deliver,
+                                ..job.clone()
+                            };
+                            if let Err(e) = self.queue.enqueue(deliver, None).await {
+                                warn!(error = %e, "enqueueing delivery failed; recovered from the database");
+                            }
+                        }
+                    }
+                    Err(reason) => {
+                        self.store.transition(fail(reason)).await?;
+                    }
+                }
+                return Ok(Step::Ack);
+            }
+            Ok(None) => format!("object {}/{} not found", w.bucket, w.object_key),
+            Err(e) => format!("HEAD {}/{} failed: {e}", w.bucket, w.object_key),
+        };
+        // Missing (or storage unreachable): storage can be eventually
+        // consistent right after an upload, so look again a few times.
+        let done = w.verify_attempts as usize;
+        if let Some(delay) = self.verify_delays.get(done) {
+            let moved = self
+                .store
+                .transition(Transition {
+                    tenant: &job.tenant,
+                    id: &job.webhook,
+                    from: &[Status::Verifying],
+                    to: Status::Verifying,
+                    event: event_type::VERIFY_RETRY,
+                    changes: Changes::new()
+                        .set(C::VerifyAttempts, w.verify_attempts + 1)
+                        .set(C::LastError, Some(missing_reason)),
+                    attempt: None,
+                    dead_letter: None,
+                    now,
+                })
+                .await?;
+            if moved.is_some() {
+                return Ok(Step::Later(
+                    now + chrono::Duration::from_std(*delay).unwrap_or_default(),
+                ));
+            }
+            return Ok(Step::Ack);
+        }
+        self.store
+            .transition(fail(format!("{missing_reason} after {} checks", done + 1)))
+            .await?;
+        Ok(Step::Ack)
+    }
+
+    async fn deliver(&self, job: &Job) -> Result<Step, StoreError> {
+        let Some(w) = self.store.find_webhook(&job.tenant, &job.webhook).await? else {
+            return Ok(Step::Ack);
+        };
+        let status = status_of(&w)?;
+        if !matches!(status, Status::Verified | Status::Retrying) {
+            return Ok(Step::Ack);
+        }
+        let now = self.clock.now();
+        if status == Status::Retrying
+            && let Some(due) = w.next_attempt_at
+            && due > now + chrono::Duration::milliseconds(50)
+        {
+            // An early copy of the job (e.g. a redrive raced a retry): wait.
+            return Ok(Step::Later(due));
+        }
+        // Claim the attempt: only one worker moves it to DELIVERING.
+        let Some(w) = self
+            .store
+            .transition(Transition {
+                tenant: &job.tenant,
+                id: &job.webhook,
+                from: &[status],
+                to: Status::Delivering,
+                event: event_type::DELIVERING,
+                changes: Changes::new(),
+                attempt: None,
+                dead_letter: None,
+                now,
+            })
+            .await?
+        else {
+            return Ok(Step::Ack);
+        };
+        let attempt = w.attempt_count + 1;
+        let started_at = self.clock.now();
+        let response = match SigningKey::from_secret(&w.secret) {
+            Ok(key) => {
+                let body = self.payload(&w);
+                let headers = signed_headers(&key, &w.id, started_at.timestamp(), &body);
+                self.delivery
+                    .post(&w.url, &headers, Bytes::from(body))
+                    .await
+            }
+            Err(e) => delivery::Response {
+                error: Some(format!("signing secret is unusable: {e}")),
+                ..Default::default()
+            },
+        };
+        let now = self.clock.now();
+        let outcome = classify(response.status, response.retry_after.as_deref(), now);
+        let round_attempt = (attempt - w.attempt_base).max(1) as u32;
+        let decision = decide(
+            &self.policy,
+            round_attempt,
+            &outcome,
+            rand::random_range(-1.0..=1.0),
+        );
+        let error = response.error.clone().or_else(|| match response.status {
+            Some(s) if !(200..300).contains(&s) => Some(format!("receiver answered {s}")),
+            _ => None,
+        });
+        let record = NewAttempt {
+            number: attempt,
+            started_at,
+            duration_ms: response.duration.as_millis() as i64,
+            response_status: response.status.map(i32::from),
+            response_body: response.body.clone(),
+            error: error.clone(),
+        };
+        info!(attempt, status = ?response.status, ?decision, "delivery attempt");
+        let base = Changes::new().set(C::AttemptCount, attempt);
+        let (to, event, changes, dead_letter, step) = match decision {
+            Decision::Complete => (
+                Status::Completed,
+                event_type::DELIVERED,
+                base.set(C::CompletedAt, Some(now))
+                    .set(C::NextAttemptAt, None::<DateTime<Utc>>)
+                    .set(C::LastError, None::<String>),
+                None,
+                Step::Ack,
+            ),
+            Decision::Retry { delay } => {
+                let at = now + chrono::Duration::from_std(delay).unwrap_or_default();
+                (
+                    Status::Retrying,
+                    event_type::RETRYING,
+                    base.set(C::NextAttemptAt, Some(at))
+                        .set(C::LastError, error.clone()),
+                    None,
+                    Step::Later(at),
+                )
+            }
+            Decision::DeadLetter { reason } => {
+                let reason = match &error {
+                    Some(e) => format!("{reason}; last error: {e}"),
+                    None => reason,
+                };
+                (
+                    Status::DeadLetter,
+                    event_type::DEAD_LETTERED,
+                    base.set(C::NextAttemptAt, None::<DateTime<Utc>>)
+                        .set(C::LastError, Some(reason.clone())),
+                    Some(reason),
+                    Step::Ack,
+                )
+            }
+        };
+        let moved = self
+            .store
+            .transition(Transition {
+                tenant: &job.tenant,
+                id: &job.webhook,
+                from: &[Status::Delivering],
+                to,
+                event,
+                changes,
+                attempt: Some(record),
+                dead_letter,
+                now,
+            })
+            .await?;
+        Ok(if moved.is_some() { step } else { Step::Ack })
+    }
+
+    fn payload(&self, w: &Webhook) -> Vec<u8> {
+        let object_url = self
+            .storages
+            .resolve(&w.storage)
+            .map(|s| s.object_url(&w.object_key))
+            .unwrap_or_default();
+        Payload {
+            event: EVENT_UPLOAD_COMPLETED,
+            webhook_id: &w.id,
+            timestamp: rfc3339(w.verified_at.unwrap_or(w.updated_at)),
+            file: FileInfo {
+                url: &object_url,
+                filename: &w.filename,
+                key: &w.object_key,
+                size: w.size.unwrap_or_default(),
+                content_type: &w.content_type,
+                etag: w.etag.as_deref().unwrap_or_default(),
+            },
+            provider: &w.provider,
+            metadata: metadata_of(w),
+        }
+        .to_json()
+    }
+}

@@ -1,0 +1,586 @@
+//! The upload-webhook flow through gRPC, on SQLite and on PostgreSQL.
+
+use tonic::Code;
+use uploadhook::proto::{self, Status};
+
+use crate::{
+    backend_tests,
+    helpers::{Receiver, TestApp, TestDb, authed, create_request, get, upload, wait_for},
+};
+
+backend_tests!(
+    full_flow_delivers_a_signed_webhook,
+    confirm_before_upload_fails_after_head_retries,
+    wrong_etag_fails,
+    size_mismatch_fails,
+    receiver_errors_are_retried_until_completed,
+    receiver_always_failing_dead_letters_and_redelivers,
+    tenants_cannot_see_each_other,
+    restart_keeps_queued_webhooks,
+    bad_input_names_the_field,
+    idempotency_key_returns_the_same_webhook,
+    list_and_cancel,
+);
+
+async fn full_flow_delivers_a_signed_webhook(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    let mut client = app.client().await;
+
+    let mut req = create_request(&rx.url, "report.txt");
+    req.content_length = Some(11);
+    let created = client
+        .create_upload_webhook(authed(&app.key_a, req))
+        .await
+        .unwrap()
+        .into_inner();
+    let w = created.webhook.clone().unwrap();
+    assert!(w.id.starts_with("wh_") && w.id.len() == 35, "{}", w.id);
+    assert_eq!(w.status(), Status::Pending);
+    assert_eq!(created.upload_method, "PUT");
+    assert!(created.signing_secret.starts_with("whsec_"));
+    assert!(w.key.ends_with("/report.txt"), "{}", w.key);
+    assert_eq!(
+        created
+            .upload_headers
+            .get("content-type")
+            .map(String::as_str),
+        Some("text/plain")
+    );
+
+    let put = upload(&created, b"hello world").await;
+    let put_etag = put
+        .headers()
+        .get("etag")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    let confirmed = client
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: w.id.clone(),
+                etag: put_etag.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    assert_eq!(confirmed.status(), Status::Verifying);
+
+    let done = wait_for(&app, &app.key_a, &w.id, Status::Completed).await;
+    assert_eq!(done.size, 11);
+    assert_eq!(done.etag, put_etag.trim_matches('"'));
+    assert_eq!(done.attempt_count, 1);
+    assert_eq!(done.attempts.len(), 1);
+    assert_eq!(done.attempts[0].response_status, 200);
+    assert_eq!(done.attempts[0].response_body, "receiver says hi");
+    assert!(done.verified_at.is_some() && done.completed_at.is_some());
+
+    // Confirming again is idempotent.
+    let again = client
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: w.id.clone(),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    assert_eq!(again.status(), Status::Completed);
+
+    let got = rx.received();
+    assert_eq!(got.len(), 1, "delivered exactly once");
+    let r = &got[0];
+    let ts: i64 = r.headers["webhook-timestamp"].parse().unwrap();
+    assert_eq!(r.headers["webhook-id"], w.id);
+    uploadhook::verify(
+        &created.signing_secret,
+        &r.headers["webhook-id"],
+        ts,
+        &r.body,
+        &r.headers["webhook-signature"],
+        chrono::Utc::now().timestamp(),
+        300,
+    )
+    .expect("Standard Webhooks signature verifies");
+    // The seed plan's body signature, hex HMAC-SHA256 with the same key.
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(created.signing_secret.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(&r.body);
+    assert_eq!(
+        r.headers["x-webhook-signature"],
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    );
+    assert_eq!(r.headers["x-webhook-event"], "upload.completed");
+    assert_eq!(r.headers["x-webhook-id"], w.id);
+    assert!(r.headers["user-agent"].starts_with("uploadhook/"));
+
+    let p: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(p["event"], "upload.completed");
+    assert_eq!(p["webhookId"], w.id.as_str());
+    assert_eq!(p["file"]["filename"], "report.txt");
+    assert_eq!(p["file"]["key"], w.key.as_str());
+    assert_eq!(p["file"]["size"], 11);
+    assert_eq!(p["file"]["contentType"], "text/plain");
+    assert_eq!(p["file"]["etag"], put_etag.trim_matches('"'));
+    assert!(p["file"]["url"].as_str().unwrap().ends_with(&w.key));
+    assert_eq!(p["provider"], "s3-compatible");
+    assert_eq!(p["metadata"]["user"], "42");
+    assert!(chrono::DateTime::parse_from_rfc3339(p["timestamp"].as_str().unwrap()).is_ok());
+    app.stop().await;
+}
+
+async fn create_and_upload(
+    app: &TestApp,
+    url: &str,
+    body: Option<&[u8]>,
+    size: Option<i64>,
+) -> proto::CreateUploadWebhookResponse {
+    let mut req = create_request(url, "a.txt");
+    req.content_length = size;
+    let created = app
+        .client()
+        .await
+        .create_upload_webhook(authed(&app.key_a, req))
+        .await
+        .unwrap()
+        .into_inner();
+    if let Some(b) = body {
+        upload(&created, b).await;
+    }
+    created
+}
+
+async fn confirm(app: &TestApp, id: &str, etag: &str) -> Result<proto::Webhook, tonic::Status> {
+    app.client()
+        .await
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: id.into(),
+                etag: etag.into(),
+            },
+        ))
+        .await
+        .map(|r| r.into_inner().webhook.unwrap())
+}
+
+async fn confirm_before_upload_fails_after_head_retries(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    let created = create_and_upload(&app, &rx.url, None, None).await;
+    let id = created.webhook.unwrap().id;
+    confirm(&app, &id, "").await.unwrap();
+    let w = wait_for(&app, &app.key_a, &id, Status::Failed).await;
+    assert!(
+        w.last_error.contains("not found after 3 checks"),
+        "{}",
+        w.last_error
+    );
+    assert!(
+        rx.received().is_empty(),
+        "a failed verification is not delivered"
+    );
+    app.stop().await;
+}
+
+async fn wrong_etag_fails(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    let created = create_and_upload(&app, &rx.url, Some(b"abc"), None).await;
+    let id = created.webhook.unwrap().id;
+    confirm(&app, &id, "\"0123456789abcdef0123456789abcdef\"")
+        .await
+        .unwrap();
+    let w = wait_for(&app, &app.key_a, &id, Status::Failed).await;
+    assert!(w.last_error.contains("etag mismatch"), "{}", w.last_error);
+    assert!(rx.received().is_empty());
+    app.stop().await;
+}
+
+async fn size_mismatch_fails(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    // The expected size is a signed header of the presigned PUT, so the
+    // store itself refuses a different length; upload the expected length
+    // through a second webhook's URL to the same key instead.
+    let created = create_and_upload(&app, &rx.url, None, Some(10)).await;
+    let w = created.webhook.clone().unwrap();
+    let mut other = create_request(&rx.url, "a.txt");
+    other.key = w.key.clone();
+    let other = app
+        .client()
+        .await
+        .create_upload_webhook(authed(&app.key_a, other))
+        .await
+        .unwrap()
+        .into_inner();
+    upload(&other, b"only 12 byte").await;
+    confirm(&app, &w.id, "").await.unwrap();
+    let w = wait_for(&app, &app.key_a, &w.id, Status::Failed).await;
+    assert!(
+        w.last_error
+            .contains("size mismatch: expected 10 bytes, object has 12"),
+        "{}",
+        w.last_error
+    );
+    assert!(rx.received().is_empty());
+    app.stop().await;
+}
+
+async fn receiver_errors_are_retried_until_completed(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    rx.answer(&[500, 500]);
+    let created = create_and_upload(&app, &rx.url, Some(b"x"), None).await;
+    let id = created.webhook.unwrap().id;
+    confirm(&app, &id, "").await.unwrap();
+    let w = wait_for(&app, &app.key_a, &id, Status::Completed).await;
+    assert_eq!(w.attempt_count, 3);
+    let statuses: Vec<i32> = w.attempts.iter().map(|a| a.response_status).collect();
+    assert_eq!(statuses, vec![500, 500, 200]);
+    assert_eq!(
+        w.attempts.iter().map(|a| a.number).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(w.attempts[0].error.contains("500"));
+    let got = rx.received();
+    assert_eq!(got.len(), 3);
+    // The same webhook-id on every attempt, so receivers can deduplicate.
+    assert!(got.iter().all(|r| r.headers["webhook-id"] == id));
+    // The body is identical across attempts.
+    assert!(got.iter().all(|r| r.body == got[0].body));
+    app.stop().await;
+}
+
+async fn receiver_always_failing_dead_letters_and_redelivers(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    rx.always(Some(500));
+    let created = create_and_upload(&app, &rx.url, Some(b"x"), None).await;
+    let id = created.webhook.unwrap().id;
+    confirm(&app, &id, "").await.unwrap();
+    let w = wait_for(&app, &app.key_a, &id, Status::DeadLetter).await;
+    assert_eq!(w.attempt_count, 3, "1 + the 2 retries of the schedule");
+    assert!(
+        w.last_error.contains("all 3 attempts failed"),
+        "{}",
+        w.last_error
+    );
+    let tenant = app
+        .store()
+        .authenticate(&app.key_a, chrono::Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let wid = uploadhook::domain::WebhookId::parse(&id).unwrap();
+    let dead = app.store().dead_letters(&tenant, &wid).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].redriven_at.is_none());
+
+    // Redrive: the receiver is fixed, the webhook completes.
+    rx.always(None);
+    let mut client = app.client().await;
+    let r = client
+        .redeliver(authed(
+            &app.key_a,
+            proto::RedeliverRequest {
+                webhook_id: id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    assert_eq!(r.status(), Status::Retrying);
+    let w = wait_for(&app, &app.key_a, &id, Status::Completed).await;
+    assert_eq!(w.attempt_count, 4);
+    assert_eq!(w.attempts.len(), 4);
+    let dead = app.store().dead_letters(&tenant, &wid).await.unwrap();
+    assert!(dead[0].redriven_at.is_some());
+    app.stop().await;
+}
+
+async fn tenants_cannot_see_each_other(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    let created = create_and_upload(&app, &rx.url, Some(b"x"), None).await;
+    let id = created.webhook.unwrap().id;
+    let mut client = app.client().await;
+
+    let err = client
+        .get_status(authed(
+            &app.key_b,
+            proto::GetStatusRequest {
+                webhook_id: id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let unknown = client
+        .get_status(authed(
+            &app.key_b,
+            proto::GetStatusRequest {
+                webhook_id: format!("wh_{}", "0".repeat(32)),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert_eq!(
+        err.message().replace(&id, "ID"),
+        unknown
+            .message()
+            .replace(&format!("wh_{}", "0".repeat(32)), "ID"),
+        "another tenant's webhook looks exactly like an unknown one"
+    );
+    let err = client
+        .confirm(authed(
+            &app.key_b,
+            proto::ConfirmRequest {
+                webhook_id: id.clone(),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let listed = client
+        .list_webhooks(authed(&app.key_b, proto::ListWebhooksRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.webhooks.is_empty());
+    // Still pending: B's Confirm did nothing.
+    assert_eq!(get(&app, &app.key_a, &id).await.status(), Status::Pending);
+
+    let err = client
+        .get_status(tonic::Request::new(proto::GetStatusRequest {
+            webhook_id: id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = client
+        .get_status(authed(
+            "uhk_not_a_key",
+            proto::GetStatusRequest {
+                webhook_id: id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    app.stop().await;
+}
+
+async fn restart_keeps_queued_webhooks(db: &TestDb) {
+    // A long first retry delay keeps the webhook queued while we restart.
+    let slow = "[delivery]\nretry_schedule = [\"1s\"]\njitter = 0.0\nmin_retry_after = \"10ms\"\n";
+    let mut app = TestApp::start(db, slow).await;
+    let root = app.s3_root.clone();
+    let rx = Receiver::start().await;
+    rx.answer(&[503]);
+    let created = create_and_upload(&app, &rx.url, Some(b"x"), None).await;
+    let id = created.webhook.unwrap().id;
+    confirm(&app, &id, "").await.unwrap();
+    let w = wait_for(&app, &app.key_a, &id, Status::Retrying).await;
+    assert_eq!(w.attempt_count, 1);
+    let key_a = app.key_a.clone();
+    app.stop().await;
+
+    // A new process on the same database: the queue is rebuilt from it.
+    let mut app2 = TestApp::start_with(
+        db,
+        slow,
+        std::sync::Arc::new(uploadhook::clock::SystemClock),
+        Some(root),
+    )
+    .await;
+    let w = wait_for(&app2, &key_a, &id, Status::Completed).await;
+    assert_eq!(w.attempt_count, 2);
+    assert_eq!(rx.received().len(), 2);
+    app2.stop().await;
+}
+
+async fn bad_input_names_the_field(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let mut client = app.client().await;
+    type Mutation = Box<dyn Fn(&mut proto::CreateUploadWebhookRequest)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        (
+            "webhook.url",
+            Box::new(|r| r.webhook.as_mut().unwrap().url.clear()),
+        ),
+        (
+            "webhook.url",
+            Box::new(|r| r.webhook.as_mut().unwrap().url = "file:///etc/passwd".into()),
+        ),
+        ("storage", Box::new(|r| r.storage = "nope".into())),
+        ("key", Box::new(|r| r.key = "a/../b".into())),
+        ("key", Box::new(|r| r.key = "/etc/passwd".into())),
+        (
+            "webhook.metadata",
+            Box::new(|r| {
+                r.webhook
+                    .as_mut()
+                    .unwrap()
+                    .metadata
+                    .insert("k".into(), "v".repeat(10_000));
+            }),
+        ),
+        ("filename", Box::new(|r| r.filename.clear())),
+    ];
+    for (field, mutate) in cases {
+        let mut req = create_request("http://127.0.0.1:1/hook", "a.txt");
+        mutate(&mut req);
+        let err = client
+            .create_upload_webhook(authed(&app.key_a, req))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}: ")),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = client
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: "nope".into(),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("webhook_id: "),
+        "{}",
+        err.message()
+    );
+    app.stop().await;
+}
+
+async fn idempotency_key_returns_the_same_webhook(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let mut client = app.client().await;
+    let mut req = create_request("http://127.0.0.1:1/hook", "a.txt");
+    req.idempotency_key = "order-17".into();
+    let a = client
+        .create_upload_webhook(authed(&app.key_a, req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .create_upload_webhook(authed(&app.key_a, req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let (wa, wb) = (a.webhook.unwrap(), b.webhook.unwrap());
+    assert_eq!(wa.id, wb.id);
+    assert_eq!(wa.key, wb.key);
+    // Another tenant's identical key is its own.
+    let c = client
+        .create_upload_webhook(authed(&app.key_b, req))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(c.webhook.unwrap().id, wa.id);
+    let listed = client
+        .list_webhooks(authed(&app.key_a, proto::ListWebhooksRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.webhooks.len(), 1);
+    app.stop().await;
+}
+
+async fn list_and_cancel(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let mut client = app.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let r = client
+            .create_upload_webhook(authed(
+                &app.key_a,
+                create_request("http://127.0.0.1:1/hook", "a.txt"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.webhook.unwrap().id);
+    }
+    // Newest first, two per page.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_webhooks(authed(
+                &app.key_a,
+                proto::ListWebhooksRequest {
+                    page_size: 2,
+                    page_token: token,
+                    status: 0,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.webhooks.into_iter().map(|w| w.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut expected = ids.clone();
+    expected.reverse();
+    assert_eq!(seen, expected);
+
+    let cancelled = client
+        .cancel_webhook(authed(
+            &app.key_a,
+            proto::CancelWebhookRequest {
+                webhook_id: ids[0].clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    assert_eq!(cancelled.status(), Status::Cancelled);
+    let err = confirm(&app, &ids[0], "").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let only_cancelled = client
+        .list_webhooks(authed(
+            &app.key_a,
+            proto::ListWebhooksRequest {
+                page_size: 0,
+                page_token: String::new(),
+                status: Status::Cancelled as i32,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(only_cancelled.webhooks.len(), 1);
+    app.stop().await;
+}

@@ -1,0 +1,369 @@
+//! Starts the real service in-process on port 0, with a fresh database per
+//! test (a SQLite file, or a new PostgreSQL database), the embedded S3
+//! server over real HTTP, and real HTTP receivers on 127.0.0.1.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Router, body::Bytes, extract::State, http::HeaderMap, response::IntoResponse, routing::post,
+};
+use sea_orm::{ConnectionTrait, Database};
+use tokio::{net::TcpListener, sync::Notify};
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use uploadhook::{
+    Listeners, Running,
+    clock::{Clock, SystemClock},
+    config::Config,
+    proto::{self, webhook_service_client::WebhookServiceClient},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database for one test; PostgreSQL databases are dropped at the end.
+pub struct TestDb {
+    pub url: String,
+    drop_sql: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// None when the backend is not configured and not required.
+    pub async fn new(backend: Backend) -> Option<TestDb> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
+                Some(TestDb {
+                    url,
+                    drop_sql: None,
+                    _dir: Some(dir),
+                })
+            }
+            Backend::Postgres => {
+                let Ok(admin) = std::env::var("UPLOADHOOK_TEST_DATABASE_URL") else {
+                    if std::env::var("UPLOADHOOK_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                        panic!(
+                            "UPLOADHOOK_REQUIRE_SERVICES=1 but UPLOADHOOK_TEST_DATABASE_URL is not set"
+                        );
+                    }
+                    eprintln!("skipping PostgreSQL: UPLOADHOOK_TEST_DATABASE_URL is not set");
+                    return None;
+                };
+                let name = format!("uh_test_{}", uuid::Uuid::new_v4().simple());
+                let conn = Database::connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("connecting to UPLOADHOOK_TEST_DATABASE_URL: {e}"));
+                conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap();
+                conn.close().await.ok();
+                let (base, query) = match admin.split_once('?') {
+                    Some((b, q)) => (b.to_string(), format!("?{q}")),
+                    None => (admin.clone(), String::new()),
+                };
+                let base = base
+                    .rsplit_once('/')
+                    .map(|(b, _)| b.to_string())
+                    .unwrap_or(base);
+                Some(TestDb {
+                    url: format!("{base}/{name}{query}"),
+                    drop_sql: Some((
+                        admin,
+                        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                    )),
+                    _dir: None,
+                })
+            }
+        }
+    }
+
+    pub async fn cleanup(&self) {
+        if let Some((admin, sql)) = &self.drop_sql
+            && let Ok(conn) = Database::connect(admin).await
+        {
+            let _ = conn.execute_unprepared(sql).await;
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// The service under test, with two tenants' keys.
+pub struct TestApp {
+    pub running: Option<Running>,
+    pub key_a: String,
+    pub key_b: String,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub s3_root: Arc<tempfile::TempDir>,
+}
+
+pub const FAST: &str = r#"
+[delivery]
+retry_schedule = ["100ms", "200ms"]
+jitter = 0.0
+timeout = "5s"
+min_retry_after = "10ms"
+[verify]
+missing_retry_delays = ["50ms", "100ms"]
+[bootstrap]
+dev_tenant = ""
+[server]
+shutdown_grace = "2s"
+"#;
+
+impl TestApp {
+    pub async fn start(db: &TestDb, extra: &str) -> TestApp {
+        Self::start_with(db, extra, Arc::new(SystemClock), None).await
+    }
+
+    pub async fn start_with(
+        db: &TestDb,
+        extra: &str,
+        clock: Arc<dyn Clock>,
+        s3_root: Option<Arc<tempfile::TempDir>>,
+    ) -> TestApp {
+        let s3_root = s3_root.unwrap_or_else(|| Arc::new(tempfile::tempdir().unwrap()));
+        let local = format!(
+            "[database]\nurl = \"{}\"\nmax_connections = 5\n[embedded_s3]\nroot = \"{}\"\n",
+            db.url,
+            s3_root.path().display()
+        );
+        let config = Config::from_toml_layers(&[FAST, &local, extra]).unwrap();
+        let listeners = Listeners {
+            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            s3: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        };
+        let running = uploadhook::start(config, listeners, clock.clone())
+            .await
+            .unwrap();
+        let now = clock.now();
+        let key_a = running
+            .store
+            .create_api_key("tenant-a", now)
+            .await
+            .unwrap()
+            .plaintext;
+        let key_b = running
+            .store
+            .create_api_key("tenant-b", now)
+            .await
+            .unwrap()
+            .plaintext;
+        TestApp {
+            grpc_addr: running.grpc_addr,
+            http_addr: running.http_addr,
+            running: Some(running),
+            key_a,
+            key_b,
+            s3_root,
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+
+    pub async fn client(&self) -> WebhookServiceClient<Channel> {
+        WebhookServiceClient::connect(format!("http://{}", self.grpc_addr))
+            .await
+            .unwrap()
+    }
+
+    pub fn store(&self) -> &uploadhook::store::Store {
+        &self.running.as_ref().unwrap().store
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http_addr)
+    }
+}
+
+pub fn authed<T>(key: &str, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {key}")).unwrap(),
+    );
+    req
+}
+
+pub fn create_request(url: &str, filename: &str) -> proto::CreateUploadWebhookRequest {
+    proto::CreateUploadWebhookRequest {
+        filename: filename.into(),
+        content_type: "text/plain".into(),
+        webhook: Some(proto::WebhookTarget {
+            url: url.into(),
+            metadata: [("user".to_string(), "42".to_string())].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// PUTs `body` to a presigned URL with exactly the headers it lists.
+pub async fn upload(resp: &proto::CreateUploadWebhookResponse, body: &[u8]) -> reqwest::Response {
+    let client = reqwest::Client::new();
+    let mut req = client.put(&resp.upload_url).body(body.to_vec());
+    for (k, v) in &resp.upload_headers {
+        req = req.header(k, v);
+    }
+    let r = req.send().await.unwrap();
+    assert!(
+        r.status().is_success(),
+        "upload failed: {} {}",
+        r.status(),
+        r.text().await.unwrap_or_default()
+    );
+    r
+}
+
+pub async fn get(app: &TestApp, key: &str, id: &str) -> proto::Webhook {
+    app.client()
+        .await
+        .get_status(authed(
+            key,
+            proto::GetStatusRequest {
+                webhook_id: id.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap()
+}
+
+/// Polls GetStatus until the webhook reaches `status` (bounded: a hang
+/// fails the test instead of blocking CI).
+pub async fn wait_for(app: &TestApp, key: &str, id: &str, status: proto::Status) -> proto::Webhook {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let w = get(app, key, id).await;
+        if w.status == status as i32 {
+            return w;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "webhook {id} stuck in {:?}, wanted {status:?}: {w:?}",
+                w.status()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HashMap<String, String>,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    got: Mutex<Vec<Received>>,
+    /// Status codes to answer, in order; 200 once exhausted.
+    plan: Mutex<Vec<u16>>,
+    /// Answer this status always (overrides the plan).
+    always: Mutex<Option<u16>>,
+    notify: Notify,
+}
+
+/// A real HTTP webhook receiver on 127.0.0.1.
+#[derive(Clone)]
+pub struct Receiver {
+    pub url: String,
+    state: Arc<ReceiverState>,
+}
+
+async fn receive(
+    State(s): State<Arc<ReceiverState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let headers = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    s.got.lock().unwrap().push(Received { headers, body });
+    s.notify.notify_waiters();
+    let status = match *s.always.lock().unwrap() {
+        Some(code) => code,
+        None => {
+            let mut plan = s.plan.lock().unwrap();
+            if plan.is_empty() { 200 } else { plan.remove(0) }
+        }
+    };
+    (
+        axum::http::StatusCode::from_u16(status).unwrap(),
+        "receiver says hi",
+    )
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+    }
+
+    pub async fn start_on(listener: TcpListener) -> Receiver {
+        let state = Arc::new(ReceiverState::default());
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(state.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+        Receiver { url, state }
+    }
+
+    pub fn answer(&self, plan: &[u16]) {
+        *self.state.plan.lock().unwrap() = plan.to_vec();
+    }
+
+    pub fn always(&self, status: Option<u16>) {
+        *self.state.always.lock().unwrap() = status;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.got.lock().unwrap().clone()
+    }
+}
+
+/// Runs a test body against each backend, skipping PostgreSQL when it is
+/// not configured (and failing when UPLOADHOOK_REQUIRE_SERVICES=1).
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = $crate::helpers::TestDb::new($crate::helpers::Backend::Sqlite).await.unwrap();
+                    super::$name(&db).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(db) = $crate::helpers::TestDb::new($crate::helpers::Backend::Postgres).await else { return };
+                    super::$name(&db).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,6 @@
+//! One integration-test binary: the whole service against real components.
+
+mod helpers;
+
+mod flow;
+mod rest;
