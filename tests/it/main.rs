@@ -3,4 +3,5 @@
 mod helpers;
 
 mod flow;
+mod ops;
 mod rest;
