@@ -17,7 +17,7 @@ use crate::{
     storage::{PresignedUpload, Storages},
     store::{
         Changes, Created, Store, StoreError, Transition, Webhook, attempts, status_of,
-        webhooks::Column as C,
+        webhooks::{Column as C, StoredSecret},
     },
 };
 
@@ -88,7 +88,7 @@ impl WebhookApi {
             etag: None,
             object_last_modified: None,
             url: input.url,
-            secret,
+            secret: StoredSecret(secret),
             secret_generated: generated,
             metadata: serde_json::to_string(&input.metadata).expect("map serializes"),
             idempotency_key: input.idempotency_key,
@@ -125,7 +125,7 @@ impl WebhookApi {
             .map_err(|e| ApiError::internal("presigning failed", &e))?;
         Ok(CreateOutput {
             object_url: storage.object_url(&webhook.object_key),
-            signing_secret: webhook.secret_generated.then(|| webhook.secret.clone()),
+            signing_secret: webhook.secret_generated.then(|| webhook.secret.0.clone()),
             webhook,
             upload,
         })

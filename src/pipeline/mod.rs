@@ -376,7 +376,7 @@ impl Pipeline {
         };
         let attempt = w.attempt_count + 1;
         let started_at = self.clock.now();
-        let response = match SigningKey::from_secret(&w.secret) {
+        let response = match SigningKey::from_secret(&w.secret.0) {
             Ok(key) => {
                 let body = self.payload(&w);
                 let headers = signed_headers(&key, &w.id, started_at.timestamp(), &body);

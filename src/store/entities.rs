@@ -44,6 +44,17 @@ pub mod api_keys {
 pub mod webhooks {
     use sea_orm::entity::prelude::*;
 
+    /// The signing secret as stored. Its `Debug` is redacted, so that a
+    /// logged row never shows it.
+    #[derive(Clone, PartialEq, Eq, DeriveValueType)]
+    pub struct StoredSecret(pub String);
+
+    impl std::fmt::Debug for StoredSecret {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("StoredSecret(<redacted>)")
+        }
+    }
+
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "webhooks")]
     pub struct Model {
@@ -64,7 +75,7 @@ pub mod webhooks {
         pub etag: Option<String>,
         pub object_last_modified: Option<DateTimeUtc>,
         pub url: String,
-        pub secret: String,
+        pub secret: StoredSecret,
         pub secret_generated: bool,
         pub metadata: String,
         pub idempotency_key: Option<String>,

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use tonic::Code;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
@@ -18,7 +20,10 @@ use crate::{
     helpers::{TestApp, TestDb, authed, create_request, get},
 };
 
-backend_tests!(health_and_reflection_answer, confirm_after_expiry_fails_and_expires);
+backend_tests!(
+    health_and_reflection_answer,
+    confirm_after_expiry_fails_and_expires
+);
 
 async fn health_and_reflection_answer(db: &TestDb) {
     let mut app = TestApp::start(db, "").await;
@@ -53,7 +58,10 @@ async fn health_and_reflection_answer(db: &TestDb) {
         panic!("unexpected reflection answer: {resp:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"uploadhook.v1.WebhookService".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"uploadhook.v1.WebhookService".to_string()),
+        "{names:?}"
+    );
     app.stop().await;
 }
 
@@ -62,18 +70,38 @@ async fn confirm_after_expiry_fails_and_expires(db: &TestDb) {
     let mut app = TestApp::start_with(db, "", Arc::new(clock.clone()), None).await;
     let mut client = app.client().await;
     let mut req = create_request("http://127.0.0.1:1/hook", "a.txt");
-    req.expires_in = Some(prost_types::Duration { seconds: 60, nanos: 0 });
+    req.expires_in = Some(prost_types::Duration {
+        seconds: 60,
+        nanos: 0,
+    });
     let mut req2 = req.clone();
     req2.filename = "b.txt".into();
-    let a = client.create_upload_webhook(authed(&app.key_a, req)).await.unwrap().into_inner();
-    let b = client.create_upload_webhook(authed(&app.key_a, req2)).await.unwrap().into_inner();
+    let a = client
+        .create_upload_webhook(authed(&app.key_a, req))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .create_upload_webhook(authed(&app.key_a, req2))
+        .await
+        .unwrap()
+        .into_inner();
     let (a, b) = (a.webhook.unwrap(), b.webhook.unwrap());
-    assert_eq!(a.expires_at.unwrap().seconds - a.created_at.unwrap().seconds, 60);
+    assert_eq!(
+        a.expires_at.unwrap().seconds - a.created_at.unwrap().seconds,
+        60
+    );
 
     // One second before expiry, Confirm is accepted.
     clock.advance(chrono::Duration::seconds(59));
     let ok = client
-        .confirm(authed(&app.key_a, proto::ConfirmRequest { webhook_id: a.id.clone(), etag: String::new() }))
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: a.id.clone(),
+                etag: String::new(),
+            },
+        ))
         .await
         .unwrap();
     assert_eq!(ok.into_inner().webhook.unwrap().status(), Status::Verifying);
@@ -81,7 +109,13 @@ async fn confirm_after_expiry_fails_and_expires(db: &TestDb) {
     // One second after, it is refused and the webhook is EXPIRED.
     clock.advance(chrono::Duration::seconds(2));
     let err = client
-        .confirm(authed(&app.key_a, proto::ConfirmRequest { webhook_id: b.id.clone(), etag: String::new() }))
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: b.id.clone(),
+                etag: String::new(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
