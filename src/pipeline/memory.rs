@@ -24,7 +24,7 @@ use crate::clock::Clock;
 struct State {
     ready: VecDeque<Job>,
     delayed: BinaryHeap<Reverse<(DateTime<Utc>, u64, DelayedJob)>>,
-    in_flight: HashMap<u64, Job>,
+    in_flight: HashMap<String, Job>,
     seq: u64,
 }
 
@@ -126,9 +126,13 @@ impl Queue for MemoryQueue {
                     for _ in 0..n {
                         let job = s.ready.pop_front().expect("len checked");
                         s.seq += 1;
-                        let receipt = s.seq;
-                        s.in_flight.insert(receipt, job.clone());
-                        out.push(Lease { job, receipt });
+                        let receipt = s.seq.to_string();
+                        s.in_flight.insert(receipt.clone(), job.clone());
+                        out.push(Lease {
+                            job,
+                            receipt,
+                            deliveries: 1,
+                        });
                     }
                     if !s.ready.is_empty() {
                         // Let another taker in for the rest.

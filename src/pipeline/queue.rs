@@ -40,8 +40,12 @@ pub struct Job {
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub job: Job,
-    /// Opaque to the worker; identifies the taken entry to its queue.
-    pub receipt: u64,
+    /// Opaque to the worker; identifies the taken entry to its queue
+    /// (a sequence number in memory, a stream entry id in Redis).
+    pub receipt: String,
+    /// How many times this entry has been handed out, this time included
+    /// (more than 1 after a consumer died holding it).
+    pub deliveries: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
