@@ -304,17 +304,17 @@ struct HealthState {
 /// Ready when the database and the queue answer (migrations run before
 /// the listeners serve, so a serving process has them applied).
 async fn readyz(State(h): State<HealthState>) -> (StatusCode, String) {
+    // Details go to the log, not to an unauthenticated caller.
     if let Err(e) = h.store.ping().await {
+        warn!(error = %e, "readiness: database unreachable");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("database unreachable: {e}"),
+            "database unreachable".into(),
         );
     }
     if let Err(e) = h.queue.ping().await {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("queue unreachable: {e}"),
-        );
+        warn!(error = %e, "readiness: queue unreachable");
+        return (StatusCode::SERVICE_UNAVAILABLE, "queue unreachable".into());
     }
     (StatusCode::OK, "ready".into())
 }

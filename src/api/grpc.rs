@@ -121,7 +121,7 @@ impl WebhookService for GrpcApi {
         let tenant = self.tenant(&req).await?;
         let req = req.into_inner();
         let id = validate::webhook_id("webhook_id", &req.webhook_id)?;
-        let etag = (!req.etag.trim().is_empty()).then(|| req.etag.trim().to_string());
+        let etag = validate::etag(&req.etag)?;
         let w = self.api.confirm(&tenant, &id, etag).await?;
         Ok(Response::new(proto::ConfirmResponse {
             webhook: Some(webhook_view(&w, &[])),

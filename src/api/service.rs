@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::validate::{CreateInput, derive_key};
+use super::validate::{CreateInput, MAX_KEY_LEN, derive_key};
 use crate::{
     clock::Clock,
     config::WebhooksConfig,
@@ -58,12 +58,24 @@ impl WebhookApi {
         let storage = self
             .storages
             .resolve(&input.storage)
-            .map_err(|e| ApiError::invalid("storage", e.to_string()))?;
+            .map_err(ApiError::from)?;
         let now = self.clock.now();
-        let key = input
-            .key
-            .clone()
-            .unwrap_or_else(|| derive_key(&self.limits.key_prefix, &input.filename, now));
+        // Every tenant has its own folder: a client's key is relative to
+        // it, so that no tenant can read, confirm or overwrite another's
+        // objects by naming their key.
+        let tenant_dir = format!("{}{}/", self.limits.key_prefix, tenant.as_str());
+        let key = match &input.key {
+            Some(k) => format!("{tenant_dir}{k}"),
+            None => derive_key(&tenant_dir, &input.filename, now),
+        };
+        if key.len() > MAX_KEY_LEN {
+            return Err(ApiError::invalid(
+                "key",
+                format!(
+                    "is too long: with the tenant folder `{tenant_dir}` it exceeds {MAX_KEY_LEN} bytes"
+                ),
+            ));
+        }
         let (secret, generated) = match input.secret {
             Some(s) => (s, false),
             None => (SigningKey::generate_secret(), true),
@@ -109,7 +121,24 @@ impl WebhookApi {
             .await
             .map_err(db)?
         {
-            Created::New(w) | Created::Existing(w) => w,
+            Created::New(w) => w,
+            Created::Existing(w) => {
+                // A replay gets a fresh upload URL only while an upload can
+                // still count: never for a webhook that has moved on.
+                let status = status_of(&w).map_err(db)?;
+                if status != Status::Pending || w.expires_at <= now {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "idempotency_key: webhook {} created with this key is {}; no new upload URL is issued",
+                        w.id,
+                        if status == Status::Pending {
+                            "expired"
+                        } else {
+                            status.as_str()
+                        }
+                    )));
+                }
+                w
+            }
         };
         // Presigned for the webhook's own key: a retried create with the
         // same idempotency key gets a fresh URL for the same object.

@@ -19,8 +19,8 @@ pub const MAX_METADATA_KEY_LEN: usize = 128;
 /// S3's limit for one object.
 pub const MAX_CONTENT_LENGTH: i64 = 5 * 1024 * 1024 * 1024 * 1024;
 
-/// A validated CreateUploadWebhook request.
-#[derive(Debug)]
+/// A validated CreateUploadWebhook request. No `Debug`: it holds the
+/// signing secret.
 pub struct CreateInput {
     pub storage: String,
     /// None: derive one from the filename.
@@ -35,6 +35,23 @@ pub struct CreateInput {
     pub metadata: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
     pub expires_in: Duration,
+}
+
+pub const MAX_ETAG_LEN: usize = 256;
+
+/// Confirm's optional ETag: printable ASCII, bounded.
+pub fn etag(s: &str) -> Result<Option<String>, ApiError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > MAX_ETAG_LEN || !s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err(ApiError::invalid(
+            "etag",
+            format!("must be at most {MAX_ETAG_LEN} printable ASCII characters"),
+        ));
+    }
+    Ok(Some(s.to_string()))
 }
 
 pub fn webhook_id(field: &str, s: &str) -> Result<WebhookId, ApiError> {
@@ -339,9 +356,9 @@ mod tests {
     }
 
     fn field_of(r: Result<CreateInput, ApiError>) -> String {
-        match r.unwrap_err() {
+        match r.err().expect("an error") {
             ApiError::InvalidArgument { field, .. } => field,
-            other => panic!("not invalid argument: {other:?}"),
+            other => panic!("not invalid argument: {other}"),
         }
     }
 

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use self::{
     delivery::{
@@ -63,7 +63,15 @@ pub struct Pipeline {
     verify_delays: Vec<Duration>,
     clock: Arc<dyn Clock>,
     concurrency: usize,
+    /// A DELIVERING webhook unchanged for this long is no longer in flight.
+    stale_after: Duration,
+    head_timeout: Duration,
 }
+
+/// How often stale DELIVERING webhooks are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// Delay between HEADs while the storage answers with errors.
+const STORAGE_ERROR_RETRY: Duration = Duration::from_secs(10);
 
 impl Pipeline {
     pub fn new(
@@ -88,49 +96,39 @@ impl Pipeline {
             verify_delays: cfg.verify.missing_retry_delays.clone(),
             clock,
             concurrency: cfg.worker.concurrency,
+            stale_after: cfg.delivery.timeout + cfg.server.shutdown_grace + Duration::from_secs(30),
+            head_timeout: Duration::from_secs(30),
         }
     }
 
     /// Rebuilds the queue from the database: every webhook the pipeline
-    /// owes work to is enqueued again. A webhook caught in DELIVERING (the
-    /// process stopped mid-attempt) goes back to RETRYING, due now: its
-    /// receiver may see it twice and deduplicates by `webhook-id`.
+    /// owes work to is enqueued again. Returns how many were.
+    ///
+    /// A webhook caught in DELIVERING is handed back only once it is stale
+    /// (no change for `stale_after`): another process may still be
+    /// delivering it. [`Pipeline::sweep_stale`] catches the rest later.
     pub async fn recover(&self) -> Result<usize, StoreError> {
         let rows = self.store.queued_webhooks().await?;
-        let now = self.clock.now();
         let mut n = 0;
         for w in rows {
-            let tenant = TenantId::from_trusted(w.tenant_id.clone());
-            let id = WebhookId::from_trusted(w.id.clone());
-            let (kind, due) = match status_of(&w)? {
-                Status::Verifying => (JobKind::Verify, None),
-                Status::Verified => (JobKind::Deliver, None),
-                Status::Retrying => (JobKind::Deliver, w.next_attempt_at),
-                Status::Delivering => {
-                    self.store
-                        .transition(Transition {
-                            tenant: &tenant,
-                            id: &id,
-                            from: &[Status::Delivering],
-                            to: Status::Retrying,
-                            event: event_type::RETRYING,
-                            changes: Changes::new().set(C::NextAttemptAt, Some(now)).set(
-                                C::LastError,
-                                Some("attempt interrupted by a restart".to_string()),
-                            ),
-                            attempt: None,
-                            dead_letter: None,
-                            now,
-                        })
-                        .await?;
-                    (JobKind::Deliver, None)
+            let (kind, due) = match status_of(&w) {
+                Ok(Status::Verifying) => (JobKind::Verify, None),
+                Ok(Status::Verified) => (JobKind::Deliver, None),
+                Ok(Status::Retrying) => (JobKind::Deliver, w.next_attempt_at),
+                Ok(Status::Delivering) => {
+                    n += usize::from(self.hand_back_if_stale(&w).await?);
+                    continue;
                 }
-                _ => continue,
+                Ok(_) => continue,
+                Err(e) => {
+                    error!(webhook_id = %w.id, error = %e, "skipping a corrupt row at recovery");
+                    continue;
+                }
             };
             let job = Job {
                 kind,
-                tenant,
-                webhook: id,
+                tenant: TenantId::from_trusted(w.tenant_id.clone()),
+                webhook: WebhookId::from_trusted(w.id.clone()),
             };
             if let Err(e) = self.queue.enqueue(job, due).await {
                 warn!(error = %e, "re-enqueueing at start-up failed; the webhook stays in the database");
@@ -141,12 +139,82 @@ impl Pipeline {
         Ok(n)
     }
 
+    /// Hands back DELIVERING webhooks whose attempt can no longer be in
+    /// flight anywhere: the process that claimed them stopped (or its
+    /// outcome write failed). They go to RETRYING, due now, and are sent
+    /// again with the same `webhook-id` (at-least-once).
+    pub async fn sweep_stale(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for w in self.store.webhooks_in(Status::Delivering).await? {
+            n += usize::from(self.hand_back_if_stale(&w).await?);
+        }
+        Ok(n)
+    }
+
+    async fn hand_back_if_stale(&self, w: &Webhook) -> Result<bool, StoreError> {
+        let now = self.clock.now();
+        let stale_before = now - chrono::Duration::from_std(self.stale_after).unwrap_or_default();
+        if w.updated_at > stale_before {
+            return Ok(false);
+        }
+        let tenant = TenantId::from_trusted(w.tenant_id.clone());
+        let id = WebhookId::from_trusted(w.id.clone());
+        let moved = self
+            .store
+            .transition(Transition {
+                tenant: &tenant,
+                id: &id,
+                from: &[Status::Delivering],
+                to: Status::Retrying,
+                event: event_type::RETRYING,
+                changes: Changes::new().set(C::NextAttemptAt, Some(now)).set(
+                    C::LastError,
+                    Some("attempt interrupted (process stopped or outcome not stored); sending again".to_string()),
+                ),
+                attempt: None,
+                dead_letter: None,
+                now,
+            })
+            .await?;
+        if moved.is_none() {
+            return Ok(false);
+        }
+        let job = Job {
+            kind: JobKind::Deliver,
+            tenant,
+            webhook: id,
+        };
+        if let Err(e) = self.queue.enqueue(job, None).await {
+            warn!(error = %e, "re-enqueueing a stale delivery failed; the next sweep retries");
+        }
+        Ok(true)
+    }
+
     /// Runs the worker loop until `shutdown`, then waits up to `grace` for
     /// jobs in flight. A job cut off by the grace period is not lost: its
     /// status in the database puts it back in the queue at the next start.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, grace: Duration) {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
+        let sweeper = {
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    match this.sweep_stale().await {
+                        Ok(0) => {}
+                        Ok(n) => info!(handed_back = n, "stale deliveries handed back"),
+                        Err(e) => warn!(error = %e, "sweeping stale deliveries failed"),
+                    }
+                }
+            })
+        };
         loop {
             // Wait for a free slot before taking work, so that taken work
             // starts at once.
@@ -186,6 +254,7 @@ impl Pipeline {
             // Reap finished tasks so that the set does not grow.
             while tasks.try_join_next().is_some() {}
         }
+        sweeper.abort();
         info!(in_flight = tasks.len(), "worker stopping");
         let drained =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
@@ -208,6 +277,10 @@ impl Pipeline {
             let res = match step {
                 Ok(Step::Ack) => self.queue.ack(&lease).await,
                 Ok(Step::Later(at)) => self.queue.retry_later(&lease, at).await,
+                Err(e @ StoreError::Corrupt(_)) => {
+                    error!(error = %e, "corrupt webhook row; job dropped, the row needs repair");
+                    self.queue.ack(&lease).await
+                }
                 Err(e) => {
                     // The database failed: try the job again shortly. Its
                     // status was not changed, so nothing is lost.
@@ -255,7 +328,15 @@ impl Pipeline {
                 return Ok(Step::Ack);
             }
         };
-        let missing_reason = match storage.head(&w.object_key).await {
+        let head = tokio::time::timeout(self.head_timeout, storage.head(&w.object_key))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::storage::StorageError::InvalidInput(format!(
+                    "no answer within {}s",
+                    self.head_timeout.as_secs()
+                )))
+            });
+        let missing_reason = match head {
             Ok(Some(info)) => {
                 match verify::check_object(
                     w.client_etag.as_deref(),
@@ -305,10 +386,41 @@ impl Pipeline {
                 return Ok(Step::Ack);
             }
             Ok(None) => format!("object {}/{} not found", w.bucket, w.object_key),
-            Err(e) => format!("HEAD {}/{} failed: {e}", w.bucket, w.object_key),
+            Err(e) => {
+                // The storage did not answer properly: that says nothing
+                // about the object. Look again every few seconds, without
+                // using up the missing-object checks, until the webhook's
+                // own expiry; only then give up, visibly.
+                let reason = format!("HEAD {}/{} failed: {e}", w.bucket, w.object_key);
+                if now >= w.expires_at {
+                    self.store
+                        .transition(fail(format!("{reason}; gave up at expires_at")))
+                        .await?;
+                    return Ok(Step::Ack);
+                }
+                if w.last_error.as_deref() != Some(reason.as_str()) {
+                    warn!(error = %reason, "storage error during verification; retrying");
+                    self.store
+                        .transition(Transition {
+                            tenant: &job.tenant,
+                            id: &job.webhook,
+                            from: &[Status::Verifying],
+                            to: Status::Verifying,
+                            event: event_type::VERIFY_RETRY,
+                            changes: Changes::new().set(C::LastError, Some(reason)),
+                            attempt: None,
+                            dead_letter: None,
+                            now,
+                        })
+                        .await?;
+                }
+                return Ok(Step::Later(
+                    now + chrono::Duration::from_std(STORAGE_ERROR_RETRY).unwrap_or_default(),
+                ));
+            }
         };
-        // Missing (or storage unreachable): storage can be eventually
-        // consistent right after an upload, so look again a few times.
+        // Missing: storage can be eventually consistent right after an
+        // upload, so look again a few times.
         let done = w.verify_attempts as usize;
         if let Some(delay) = self.verify_delays.get(done) {
             let moved = self
@@ -448,20 +560,38 @@ impl Pipeline {
                 )
             }
         };
-        let moved = self
-            .store
-            .transition(Transition {
-                tenant: &job.tenant,
-                id: &job.webhook,
-                from: &[Status::Delivering],
-                to,
-                event,
-                changes,
-                attempt: Some(record),
-                dead_letter,
-                now,
-            })
-            .await?;
+        // The attempt happened: store its outcome, retrying a failing
+        // database for a while. If it still fails, the webhook stays
+        // DELIVERING and the stale sweep sends it again later.
+        let changes = changes.0;
+        let mut backoff = Duration::from_millis(100);
+        let mut tries = 0;
+        let moved = loop {
+            let res = self
+                .store
+                .transition(Transition {
+                    tenant: &job.tenant,
+                    id: &job.webhook,
+                    from: &[Status::Delivering],
+                    to,
+                    event,
+                    changes: Changes(changes.clone()),
+                    attempt: Some(record.clone()),
+                    dead_letter: dead_letter.clone(),
+                    now,
+                })
+                .await;
+            match res {
+                Ok(m) => break m,
+                Err(e) if tries < 8 => {
+                    tries += 1;
+                    warn!(error = %e, tries, "storing the attempt outcome failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         Ok(if moved.is_some() { step } else { Step::Ack })
     }
 

@@ -108,7 +108,7 @@ pub fn verify(
     tolerance_secs: i64,
 ) -> Result<(), VerifyError> {
     let key = SigningKey::from_secret(secret)?;
-    if (now - timestamp).abs() > tolerance_secs {
+    if now.abs_diff(timestamp) > tolerance_secs.unsigned_abs() {
         return Err(VerifyError::Timestamp);
     }
     let expected = key.sign(msg_id, timestamp, payload);

@@ -189,12 +189,21 @@ impl fmt::Debug for Storage {
 }
 
 /// Credentials as they were found, before they become SDK credentials.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 struct Keys {
     access_key_id: String,
     secret_access_key: String,
     session_token: Option<String>,
     source: &'static str,
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keys")
+            .field("access_key_id", &self.access_key_id)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The connection's own keys, else the standard AWS environment variables.

@@ -46,6 +46,13 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection> {
     let mut opts = ConnectOptions::new(url.to_string());
     opts.max_connections(max_connections).sqlx_logging(false);
+    // SQLite: write-ahead logging lets readers run beside the one writer,
+    // and a busy timeout makes writers wait instead of failing at once.
+    opts.map_sqlx_sqlite_opts(|o| {
+        o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+    });
     Ok(Database::connect(opts).await?)
 }
 
@@ -57,8 +64,8 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
 }
 
 /// What changes with a status, besides the status.
-#[derive(Default)]
-pub struct Changes(Vec<(webhooks::Column, sea_orm::Value)>);
+#[derive(Default, Clone)]
+pub struct Changes(pub Vec<(webhooks::Column, sea_orm::Value)>);
 
 impl Changes {
     pub fn new() -> Self {
@@ -471,6 +478,14 @@ impl Store {
         Ok(webhooks::Entity::find()
             .filter(webhooks::Column::Status.is_in(Status::QUEUED.iter().map(|s| s.as_str())))
             .order_by_asc(webhooks::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Every webhook in one status (used for the few in DELIVERING).
+    pub async fn webhooks_in(&self, status: Status) -> Result<Vec<Webhook>> {
+        Ok(webhooks::Entity::find()
+            .filter(webhooks::Column::Status.eq(status.as_str()))
             .all(&self.db)
             .await?)
     }

@@ -1,7 +1,12 @@
 //! The upload-webhook flow through gRPC, on SQLite and on PostgreSQL.
 
+use std::sync::Arc;
+
 use tonic::Code;
-use uploadhook::proto::{self, Status};
+use uploadhook::{
+    clock::ManualClock,
+    proto::{self, Status},
+};
 
 use crate::{
     backend_tests,
@@ -17,6 +22,8 @@ backend_tests!(
     receiver_always_failing_dead_letters_and_redelivers,
     tenants_cannot_see_each_other,
     restart_keeps_queued_webhooks,
+    attempt_cut_off_by_shutdown_is_sent_again,
+    tenant_keys_are_separate,
     bad_input_names_the_field,
     idempotency_key_returns_the_same_webhook,
     list_and_cancel,
@@ -217,10 +224,19 @@ async fn size_mismatch_fails(db: &TestDb) {
     // The expected size is a signed header of the presigned PUT, so the
     // store itself refuses a different length; upload the expected length
     // through a second webhook's URL to the same key instead.
-    let created = create_and_upload(&app, &rx.url, None, Some(10)).await;
+    let mut first = create_request(&rx.url, "a.txt");
+    first.key = "same/object.txt".into();
+    first.content_length = Some(10);
+    let created = app
+        .client()
+        .await
+        .create_upload_webhook(authed(&app.key_a, first))
+        .await
+        .unwrap()
+        .into_inner();
     let w = created.webhook.clone().unwrap();
     let mut other = create_request(&rx.url, "a.txt");
-    other.key = w.key.clone();
+    other.key = "same/object.txt".into();
     let other = app
         .client()
         .await
@@ -390,8 +406,9 @@ async fn tenants_cannot_see_each_other(db: &TestDb) {
 }
 
 async fn restart_keeps_queued_webhooks(db: &TestDb) {
-    // A long first retry delay keeps the webhook queued while we restart.
-    let slow = "[delivery]\nretry_schedule = [\"1s\"]\njitter = 0.0\nmin_retry_after = \"10ms\"\n";
+    // The retry is due in an hour: only the restarted process, whose clock
+    // is two hours ahead, can deliver it. Recovery is what sends it.
+    let slow = "[delivery]\nretry_schedule = [\"1h\"]\n";
     let mut app = TestApp::start(db, slow).await;
     let root = app.s3_root.clone();
     let rx = Receiver::start().await;
@@ -403,19 +420,113 @@ async fn restart_keeps_queued_webhooks(db: &TestDb) {
     assert_eq!(w.attempt_count, 1);
     let key_a = app.key_a.clone();
     app.stop().await;
+    assert_eq!(rx.received().len(), 1);
 
-    // A new process on the same database: the queue is rebuilt from it.
-    let mut app2 = TestApp::start_with(
-        db,
-        slow,
-        std::sync::Arc::new(uploadhook::clock::SystemClock),
-        Some(root),
-    )
-    .await;
+    let later = ManualClock::new(chrono::Utc::now() + chrono::Duration::hours(2));
+    let mut app2 = TestApp::start_with(db, slow, Arc::new(later), Some(root)).await;
     let w = wait_for(&app2, &key_a, &id, Status::Completed).await;
     assert_eq!(w.attempt_count, 2);
     assert_eq!(rx.received().len(), 2);
     app2.stop().await;
+}
+
+async fn attempt_cut_off_by_shutdown_is_sent_again(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let root = app.s3_root.clone();
+    let rx = Receiver::start().await;
+    // The receiver holds the first request past the 2 s shutdown grace.
+    rx.hold_next(std::time::Duration::from_secs(6));
+    let created = create_and_upload(&app, &rx.url, Some(b"x"), None).await;
+    let id = created.webhook.unwrap().id;
+    confirm(&app, &id, "").await.unwrap();
+    wait_for(&app, &app.key_a, &id, Status::Delivering).await;
+    let key_a = app.key_a.clone();
+    app.stop().await;
+
+    // Restarted once the attempt is stale: sent again, same webhook-id.
+    let later = ManualClock::new(chrono::Utc::now() + chrono::Duration::minutes(10));
+    let mut app2 = TestApp::start_with(db, "", Arc::new(later), Some(root)).await;
+    let w = wait_for(&app2, &key_a, &id, Status::Completed).await;
+    let got = rx.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].headers["webhook-id"], got[1].headers["webhook-id"]);
+    assert_eq!(
+        w.attempts.len(),
+        1,
+        "the cut-off attempt has no stored outcome"
+    );
+    app2.stop().await;
+}
+
+async fn tenant_keys_are_separate(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    let mut client = app.client().await;
+    let mut req = create_request(&rx.url, "a.txt");
+    req.key = "shared/name.txt".into();
+    let a = client
+        .create_upload_webhook(authed(&app.key_a, req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .create_upload_webhook(authed(&app.key_b, req))
+        .await
+        .unwrap()
+        .into_inner();
+    let (ka, kb) = (
+        a.webhook.clone().unwrap().key,
+        b.webhook.clone().unwrap().key,
+    );
+    assert_ne!(
+        ka, kb,
+        "the same client key lands in each tenant's own folder"
+    );
+    assert!(ka.ends_with("/shared/name.txt") && kb.ends_with("/shared/name.txt"));
+    // Each upload lands in its own tenant's object.
+    upload(&a, b"from a!").await;
+    upload(&b, b"from b").await;
+    confirm(&app, &get_id(&a), "").await.unwrap();
+    let wa = wait_for(&app, &app.key_a, &get_id(&a), Status::Completed).await;
+    assert_eq!(wa.size, 7);
+    client
+        .confirm(authed(
+            &app.key_b,
+            proto::ConfirmRequest {
+                webhook_id: get_id(&b),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    let wb = wait_for(&app, &app.key_b, &get_id(&b), Status::Completed).await;
+    assert_eq!(wb.size, 6);
+    // Cancel and Redeliver of another tenant's webhook: NOT_FOUND.
+    let err = client
+        .cancel_webhook(authed(
+            &app.key_b,
+            proto::CancelWebhookRequest {
+                webhook_id: get_id(&a),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .redeliver(authed(
+            &app.key_b,
+            proto::RedeliverRequest {
+                webhook_id: get_id(&a),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    app.stop().await;
+}
+
+fn get_id(r: &proto::CreateUploadWebhookResponse) -> String {
+    r.webhook.as_ref().unwrap().id.clone()
 }
 
 async fn bad_input_names_the_field(db: &TestDb) {
@@ -457,6 +568,11 @@ async fn bad_input_names_the_field(db: &TestDb) {
         assert!(
             err.message().starts_with(&format!("{field}: ")),
             "{field}: {}",
+            err.message()
+        );
+        assert!(
+            !err.message().contains(&format!("{field}: {field}:")),
+            "{}",
             err.message()
         );
     }

@@ -278,6 +278,8 @@ struct ReceiverState {
     plan: Mutex<Vec<u16>>,
     /// Answer this status always (overrides the plan).
     always: Mutex<Option<u16>>,
+    /// Hold the next request this long before answering.
+    hold_next: Mutex<Option<Duration>>,
     notify: Notify,
 }
 
@@ -299,6 +301,10 @@ async fn receive(
         .collect();
     s.got.lock().unwrap().push(Received { headers, body });
     s.notify.notify_waiters();
+    let hold = s.hold_next.lock().unwrap().take();
+    if let Some(d) = hold {
+        tokio::time::sleep(d).await;
+    }
     let status = match *s.always.lock().unwrap() {
         Some(code) => code,
         None => {
@@ -333,6 +339,10 @@ impl Receiver {
 
     pub fn always(&self, status: Option<u16>) {
         *self.state.always.lock().unwrap() = status;
+    }
+
+    pub fn hold_next(&self, d: Duration) {
+        *self.state.hold_next.lock().unwrap() = Some(d);
     }
 
     pub fn received(&self) -> Vec<Received> {
