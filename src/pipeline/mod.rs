@@ -18,6 +18,7 @@
 pub mod delivery;
 pub mod memory;
 pub mod queue;
+pub mod redis_queue;
 pub mod retry;
 pub mod verify;
 
