@@ -12,6 +12,7 @@ use super::{service::WebhookApi, validate};
 use crate::{
     domain::{Status, TenantId, Trigger},
     error::ApiError,
+    pipeline::queue::Priority,
     proto::{self, webhook_service_server::WebhookService},
     store::{Webhook, attempts, metadata_of},
 };
@@ -88,6 +89,10 @@ pub fn webhook_view(w: &Webhook, attempts: &[attempts::Model]) -> proto::Webhook
             .collect(),
         url: w.url.clone(),
         object_last_modified: w.object_last_modified.map(timestamp),
+        priority: match Priority::parse(&w.priority) {
+            Some(Priority::High) => proto::Priority::High,
+            _ => proto::Priority::Normal,
+        } as i32,
     }
 }
 

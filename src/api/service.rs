@@ -16,7 +16,7 @@ use crate::{
     signing::SigningKey,
     storage::{PresignedUpload, Storages},
     store::{
-        Changes, Created, Store, StoreError, Transition, Webhook, attempts, status_of,
+        Changes, Created, Store, StoreError, Transition, Webhook, attempts, priority_of, status_of,
         webhooks::{Column as C, StoredSecret},
     },
 };
@@ -114,6 +114,7 @@ impl WebhookApi {
             verified_at: None,
             completed_at: None,
             expires_at,
+            priority: input.priority.as_str().to_string(),
         };
         let webhook = match self
             .store
@@ -217,7 +218,7 @@ impl WebhookApi {
                     .map_err(db)?;
                 match moved {
                     Some(w) => {
-                        self.enqueue(tenant, id, JobKind::Verify).await;
+                        self.enqueue(&w, JobKind::Verify).await;
                         Ok(w)
                     }
                     // A concurrent Confirm won: answer with where it stands.
@@ -232,10 +233,14 @@ impl WebhookApi {
         }
     }
 
-    async fn enqueue(&self, tenant: &TenantId, id: &WebhookId, kind: JobKind) {
+    async fn enqueue(&self, w: &Webhook, kind: JobKind) {
+        let tenant = TenantId::from_trusted(w.tenant_id.clone());
+        let id = WebhookId::from_trusted(w.id.clone());
+        let priority = priority_of(w);
         let job = Job {
             kind,
-            tenant: tenant.clone(),
+            priority,
+            tenant,
             webhook: id.clone(),
         };
         if let Err(e) = self.queue.enqueue(job, None).await {
@@ -361,7 +366,7 @@ impl WebhookApi {
             .ok_or_else(|| {
                 ApiError::FailedPrecondition(format!("webhook {id} moved on; try again"))
             })?;
-        self.enqueue(tenant, id, kind).await;
+        self.enqueue(&moved, kind).await;
         Ok(moved)
     }
 }

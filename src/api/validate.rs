@@ -6,6 +6,7 @@ use crate::{
     config::WebhooksConfig,
     domain::{Trigger, WebhookId},
     error::ApiError,
+    pipeline::queue::Priority,
     proto,
     signing::SigningKey,
 };
@@ -35,6 +36,7 @@ pub struct CreateInput {
     pub metadata: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
     pub expires_in: Duration,
+    pub priority: Priority,
 }
 
 pub const MAX_ETAG_LEN: usize = 256;
@@ -202,7 +204,19 @@ pub fn create(
         Some(req.idempotency_key)
     };
 
+    let priority = match proto::Priority::try_from(req.priority) {
+        Ok(proto::Priority::Unspecified | proto::Priority::Normal) => Priority::Normal,
+        Ok(proto::Priority::High) => Priority::High,
+        Err(_) => {
+            return Err(ApiError::invalid(
+                "priority",
+                format!("unknown value {}", req.priority),
+            ));
+        }
+    };
+
     Ok(CreateInput {
+        priority,
         storage: req.storage,
         key,
         filename,

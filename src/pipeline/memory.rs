@@ -193,6 +193,7 @@ mod tests {
     fn job() -> Job {
         Job {
             kind: JobKind::Deliver,
+            priority: Default::default(),
             tenant: TenantId::generate(),
             webhook: WebhookId::generate(),
         }

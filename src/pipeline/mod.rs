@@ -44,8 +44,8 @@ use crate::{
     signing::SigningKey,
     storage::Storages,
     store::{
-        Changes, NewAttempt, Store, StoreError, Transition, Webhook, metadata_of, status_of,
-        webhooks::Column as C,
+        Changes, NewAttempt, Store, StoreError, Transition, Webhook, metadata_of, priority_of,
+        status_of, webhooks::Column as C,
     },
 };
 
@@ -128,6 +128,7 @@ impl Pipeline {
             };
             let job = Job {
                 kind,
+                priority: priority_of(&w),
                 tenant: TenantId::from_trusted(w.tenant_id.clone()),
                 webhook: WebhookId::from_trusted(w.id.clone()),
             };
@@ -182,6 +183,7 @@ impl Pipeline {
         }
         let job = Job {
             kind: JobKind::Deliver,
+            priority: priority_of(w),
             tenant,
             webhook: id,
         };

@@ -29,9 +29,36 @@ impl JobKind {
     }
 }
 
+/// Which work is drained first. High-priority work goes first without
+/// starving normal work (a weighted read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Priority {
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "normal" => Some(Priority::Normal),
+            "high" => Some(Priority::High),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Job {
     pub kind: JobKind,
+    pub priority: Priority,
     pub tenant: TenantId,
     pub webhook: WebhookId,
 }

@@ -694,6 +694,7 @@ fn decode<'a>(fields: impl Iterator<Item = (&'a str, &'a str)>) -> Option<Job> {
     }
     Some(Job {
         kind: kind?,
+        priority: Default::default(),
         tenant: tenant?,
         webhook: webhook?,
     })
@@ -1010,6 +1011,7 @@ mod tests {
     fn job() -> Job {
         Job {
             kind: JobKind::Deliver,
+            priority: Default::default(),
             tenant: TenantId::generate(),
             webhook: WebhookId::generate(),
         }

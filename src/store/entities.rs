@@ -90,6 +90,8 @@ pub mod webhooks {
         pub verified_at: Option<DateTimeUtc>,
         pub completed_at: Option<DateTimeUtc>,
         pub expires_at: DateTimeUtc,
+        /// `normal` or `high`.
+        pub priority: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

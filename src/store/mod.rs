@@ -150,6 +150,10 @@ pub fn status_of(w: &Webhook) -> Result<Status> {
     Status::parse(&w.status).ok_or_else(|| StoreError::Corrupt(format!("status {}", w.status)))
 }
 
+pub fn priority_of(w: &Webhook) -> crate::pipeline::queue::Priority {
+    crate::pipeline::queue::Priority::parse(&w.priority).unwrap_or_default()
+}
+
 pub fn metadata_of(w: &Webhook) -> BTreeMap<String, String> {
     serde_json::from_str(&w.metadata).unwrap_or_default()
 }
