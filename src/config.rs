@@ -51,12 +51,20 @@ pub struct DatabaseConfig {
 #[serde(rename_all = "lowercase")]
 pub enum QueueBackend {
     Memory,
+    Redis,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub backend: QueueBackend,
+    pub redis_url: SecretString,
+    pub prefix: String,
+    #[serde(deserialize_with = "de_duration")]
+    pub visibility_timeout: Duration,
+    pub max_deliveries: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub reconcile_every: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -164,6 +172,8 @@ pub struct DeliveryConfig {
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
     pub concurrency: usize,
+    pub batch_size: usize,
+    pub per_host_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -266,6 +276,32 @@ impl Config {
         }
         if self.worker.concurrency == 0 {
             return invalid("worker.concurrency", "must be at least 1");
+        }
+        if self.worker.batch_size == 0 {
+            return invalid("worker.batch_size", "must be at least 1");
+        }
+        if self.worker.per_host_concurrency == 0 {
+            return invalid("worker.per_host_concurrency", "must be at least 1");
+        }
+        if self.queue.backend == QueueBackend::Redis {
+            if self.queue.visibility_timeout <= self.delivery.timeout {
+                return invalid(
+                    "queue.visibility_timeout",
+                    "must be longer than delivery.timeout, or jobs in flight are taken over and run twice",
+                );
+            }
+            if self.queue.prefix.is_empty() || self.queue.prefix.contains(['{', '}']) {
+                return invalid(
+                    "queue.prefix",
+                    "must be non-empty and contain no `{` or `}`",
+                );
+            }
+            if self.queue.max_deliveries == 0 {
+                return invalid("queue.max_deliveries", "must be at least 1");
+            }
+        }
+        if self.queue.reconcile_every.is_zero() {
+            return invalid("queue.reconcile_every", "must be positive");
         }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");

@@ -29,35 +29,71 @@ pub use signing::verify;
 use crate::{
     api::{gateway::Gateway, grpc::GrpcApi, service::WebhookApi},
     clock::{Clock, SystemClock},
-    config::Config,
+    config::{Config, QueueBackend},
     events::LocalEventBus,
-    pipeline::{Pipeline, delivery::DeliveryClient, memory::MemoryQueue, queue::Queue},
+    pipeline::{
+        Pipeline,
+        delivery::DeliveryClient,
+        leader::{Alone, Leader, RedisLeader},
+        memory::MemoryQueue,
+        queue::Queue,
+        redis_queue::{RedisQueue, RedisQueueConfig},
+    },
     proto::webhook_service_server::WebhookServiceServer,
     storage::Storages,
     store::Store,
 };
 
+/// Which parts a process runs: `serve` runs both; `api` and `worker` run
+/// one each, so that they scale separately (Redis queue only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub api: bool,
+    pub worker: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        api: true,
+        worker: true,
+    };
+    pub const API: Roles = Roles {
+        api: true,
+        worker: false,
+    };
+    pub const WORKER: Roles = Roles {
+        api: false,
+        worker: true,
+    };
+}
+
 /// The sockets the service serves on; bound by the caller, so that tests
 /// can bind port 0 and read the port back.
 pub struct Listeners {
-    pub grpc: TcpListener,
+    /// The gRPC API (api role only).
+    pub grpc: Option<TcpListener>,
+    /// The REST gateway (api role) and /healthz, /readyz (every role).
     pub http: TcpListener,
     /// For the embedded S3 server, when it runs.
     pub s3: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds the configured addresses.
-    pub async fn bind(cfg: &Config) -> anyhow::Result<Self> {
+    /// Binds the configured addresses that these roles need.
+    pub async fn bind(cfg: &Config, roles: Roles) -> anyhow::Result<Self> {
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {what} listener on {addr}"))
         };
         Ok(Self {
-            grpc: bind(cfg.server.grpc_addr, "gRPC (server.grpc_addr)").await?,
+            grpc: if roles.api {
+                Some(bind(cfg.server.grpc_addr, "gRPC (server.grpc_addr)").await?)
+            } else {
+                None
+            },
             http: bind(cfg.server.http_addr, "HTTP (server.http_addr)").await?,
-            s3: if cfg.embedded_s3_enabled() {
+            s3: if roles.api && cfg.embedded_s3_enabled() {
                 Some(bind(cfg.embedded_s3.addr, "embedded S3 (embedded_s3.addr)").await?)
             } else {
                 None
@@ -68,7 +104,8 @@ impl Listeners {
 
 /// A running service.
 pub struct Running {
-    pub grpc_addr: SocketAddr,
+    /// The gRPC address, when this process runs the API.
+    pub grpc_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub s3_endpoint: Option<String>,
     /// The development key, when this start created it.
@@ -124,12 +161,51 @@ async fn open_db(cfg: &Config) -> anyhow::Result<sea_orm::DatabaseConnection> {
         .context("connecting to the database (database.url)")
 }
 
-/// Starts every part on the given listeners and returns at once.
+/// The queue and the reconciler's lease for the configured backend.
+async fn open_queue(
+    cfg: &Config,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<(Arc<dyn Queue>, Arc<dyn Leader>)> {
+    Ok(match cfg.queue.backend {
+        QueueBackend::Memory => (Arc::new(MemoryQueue::new(clock)), Arc::new(Alone)),
+        QueueBackend::Redis => {
+            let url = cfg.queue.redis_url.expose_secret();
+            let queue = RedisQueue::connect_with_clock(
+                url,
+                RedisQueueConfig {
+                    prefix: cfg.queue.prefix.clone(),
+                    visibility_timeout: cfg.queue.visibility_timeout,
+                    max_deliveries: cfg.queue.max_deliveries,
+                    ..RedisQueueConfig::default()
+                },
+                clock,
+            )
+            .await
+            .context("connecting to Redis (queue.redis_url)")?;
+            let leader = RedisLeader::connect(url, &cfg.queue.prefix, "reconciler")
+                .await
+                .context("connecting to Redis (queue.redis_url)")?;
+            (Arc::new(queue), Arc::new(leader))
+        }
+    })
+}
+
+/// Starts the parts of `roles` on the given listeners and returns at once.
 pub async fn start(
     cfg: Config,
     listeners: Listeners,
     clock: Arc<dyn Clock>,
+    roles: Roles,
 ) -> anyhow::Result<Running> {
+    if cfg.queue.backend == QueueBackend::Memory && roles != Roles::ALL {
+        anyhow::bail!(
+            "config key `queue.backend`: \"memory\" keeps the queue inside one process; \
+             run `uploadhook serve`, or set queue.backend = \"redis\" to run api and worker apart"
+        );
+    }
+    if roles.api != listeners.grpc.is_some() {
+        anyhow::bail!("a gRPC listener is needed exactly when the process runs the API");
+    }
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -141,7 +217,7 @@ pub async fn start(
     let store = Store::new(db, bus);
 
     let mut bootstrap_key = None;
-    if !cfg.bootstrap.dev_tenant.is_empty() && store.tenant_count().await? == 0 {
+    if roles.api && !cfg.bootstrap.dev_tenant.is_empty() && store.tenant_count().await? == 0 {
         let key = store
             .create_api_key(&cfg.bootstrap.dev_tenant, clock.now())
             .await?;
@@ -167,78 +243,90 @@ pub async fn start(
                 warn!(error = %e, "embedded S3 server stopped");
             }
         });
+    } else if cfg.storage.is_empty() {
+        anyhow::bail!(
+            "config key `storage`: this process needs a [storage.<name>] connection \
+             (the embedded S3 server runs only with `serve` or `api`)"
+        );
     }
     let storages = Arc::new(
         Storages::from_config(&cfg, s3_endpoint.as_deref()).context("storage connections")?,
     );
+    let (queue, leader) = open_queue(&cfg, clock.clone()).await?;
 
-    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(clock.clone()));
-    let delivery =
-        DeliveryClient::new(&cfg.delivery).context("building the delivery HTTP client")?;
-    let pipeline = Arc::new(Pipeline::new(
-        &cfg,
-        store.clone(),
-        queue.clone(),
-        storages.clone(),
-        delivery,
-        clock.clone(),
-    ));
-    let recovered = pipeline
-        .recover()
-        .await
-        .context("rebuilding the queue from the database")?;
-    if recovered > 0 {
-        info!(recovered, "re-queued webhooks from the database");
-    }
-    tasks.spawn(pipeline.run(shutdown.clone(), cfg.server.shutdown_grace));
-
-    let api = Arc::new(WebhookApi {
-        store: store.clone(),
-        storages,
-        queue: queue.clone(),
-        clock,
-        limits: cfg.webhooks.clone(),
-    });
-    let grpc_service = WebhookServiceServer::new(GrpcApi::new(api));
-
-    // gRPC: the service, health and reflection.
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<WebhookServiceServer<GrpcApi>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building gRPC reflection")?;
-    let grpc_addr = listeners.grpc.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
-    let grpc_router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(grpc_service.clone());
-    let token = shutdown.clone();
-    tasks.spawn(async move {
-        if let Err(e) = grpc_router
-            .serve_with_incoming_shutdown(incoming, async move { token.cancelled().await })
+    if roles.worker {
+        let delivery =
+            DeliveryClient::new(&cfg.delivery).context("building the delivery HTTP client")?;
+        let pipeline = Arc::new(Pipeline::new(
+            &cfg,
+            store.clone(),
+            queue.clone(),
+            storages.clone(),
+            delivery,
+            clock.clone(),
+            leader,
+        ));
+        let recovered = pipeline
+            .recover()
             .await
-        {
-            warn!(error = %e, "gRPC server stopped");
+            .context("rebuilding the queue from the database")?;
+        if recovered > 0 {
+            info!(recovered, "re-queued webhooks from the database");
         }
-    });
+        tasks.spawn(pipeline.run(shutdown.clone(), cfg.server.shutdown_grace));
+    }
 
-    // HTTP: health endpoints and the REST gateway.
-    let gateway = Arc::new(
-        Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
-            .context("building the REST gateway")?,
-    );
     let health = HealthState {
         store: store.clone(),
-        queue,
+        queue: queue.clone(),
     };
-    let http = Router::new()
+    let mut http = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz).with_state(health))
-        .merge(api::gateway::router(gateway, grpc_service));
+        .route("/readyz", get(readyz).with_state(health));
+
+    let mut grpc_addr = None;
+    if let Some(grpc_listener) = listeners.grpc {
+        let api = Arc::new(WebhookApi {
+            store: store.clone(),
+            storages,
+            queue,
+            clock,
+            limits: cfg.webhooks.clone(),
+        });
+        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api));
+
+        // gRPC: the service, health and reflection.
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<WebhookServiceServer<GrpcApi>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building gRPC reflection")?;
+        grpc_addr = Some(grpc_listener.local_addr()?);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let grpc_router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(grpc_service.clone());
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = grpc_router
+                .serve_with_incoming_shutdown(incoming, async move { token.cancelled().await })
+                .await
+            {
+                warn!(error = %e, "gRPC server stopped");
+            }
+        });
+
+        let gateway = Arc::new(
+            Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
+                .context("building the REST gateway")?,
+        );
+        http = http.merge(api::gateway::router(gateway, grpc_service));
+    }
+
     let http_addr = listeners.http.local_addr()?;
     let token = shutdown.clone();
     let http_listener = listeners.http;
@@ -251,7 +339,7 @@ pub async fn start(
         }
     });
 
-    info!(%grpc_addr, %http_addr, "uploadhook serving");
+    info!(?grpc_addr, %http_addr, api = roles.api, worker = roles.worker, "uploadhook running");
     Ok(Running {
         grpc_addr,
         http_addr,
@@ -264,9 +352,9 @@ pub async fn start(
 }
 
 /// Starts, then runs until SIGTERM or SIGINT.
-pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let listeners = Listeners::bind(&cfg).await?;
-    let running = start(cfg, listeners, Arc::new(SystemClock)).await?;
+pub async fn serve(cfg: Config, roles: Roles) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&cfg, roles).await?;
+    let running = start(cfg, listeners, Arc::new(SystemClock), roles).await?;
     let token = running.shutdown_token();
     tokio::spawn(async move {
         shutdown_signal().await;

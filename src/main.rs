@@ -23,8 +23,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the API and the pipeline (migrates first unless disabled).
+    /// Runs the API and the pipeline in one process (migrates first unless
+    /// disabled).
     Serve,
+    /// Runs the API only (gRPC, REST); needs queue.backend = "redis".
+    Api,
+    /// Runs the pipeline only (verify, deliver, reconcile); needs
+    /// queue.backend = "redis".
+    Worker,
     /// Applies database migrations.
     Migrate,
     /// Manages API keys.
@@ -61,7 +67,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = Config::load(cli.config.as_deref()).context("loading configuration")?;
     match cli.command {
-        Command::Serve => uploadhook::serve(cfg).await,
+        Command::Serve => uploadhook::serve(cfg, uploadhook::Roles::ALL).await,
+        Command::Api => uploadhook::serve(cfg, uploadhook::Roles::API).await,
+        Command::Worker => uploadhook::serve(cfg, uploadhook::Roles::WORKER).await,
         Command::Migrate => {
             uploadhook::migrate(&cfg).await?;
             println!("migrations applied");

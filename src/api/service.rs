@@ -193,6 +193,7 @@ impl WebhookApi {
                         attempt: None,
                         dead_letter: None,
                         now,
+                        unchanged_since: None,
                     })
                     .await
                     .map_err(db)?;
@@ -213,6 +214,7 @@ impl WebhookApi {
                         attempt: None,
                         dead_letter: None,
                         now,
+                        unchanged_since: None,
                     })
                     .await
                     .map_err(db)?;
@@ -310,6 +312,7 @@ impl WebhookApi {
                 attempt: None,
                 dead_letter: None,
                 now: self.clock.now(),
+                unchanged_since: None,
             })
             .await
             .map_err(db)?;
@@ -360,6 +363,7 @@ impl WebhookApi {
                 attempt: None,
                 dead_letter: None,
                 now,
+                unchanged_since: None,
             })
             .await
             .map_err(db)?

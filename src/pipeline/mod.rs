@@ -16,6 +16,7 @@
 //! is acked without effect: duplicates and stale jobs are harmless.
 
 pub mod delivery;
+pub mod leader;
 pub mod memory;
 pub mod queue;
 pub mod redis_queue;
@@ -66,11 +67,51 @@ pub struct Pipeline {
     concurrency: usize,
     /// A DELIVERING webhook unchanged for this long is no longer in flight.
     stale_after: Duration,
+    delivery_timeout: Duration,
     head_timeout: Duration,
+    batch_size: usize,
+    per_host: HostLimits,
+    /// A queued job should have been taken within this time; past it the
+    /// reconciler enqueues the webhook again.
+    lease: Duration,
+    reconcile_every: Duration,
+    leader: Arc<dyn leader::Leader>,
 }
 
-/// How often stale DELIVERING webhooks are looked for.
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// In-flight deliveries per target host. A host at its limit does not hold
+/// a worker slot: its job is put back for a moment, and other hosts' work
+/// goes ahead.
+struct HostLimits {
+    per_host: usize,
+    hosts: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+}
+
+impl HostLimits {
+    fn try_acquire(&self, url: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .map(|u| {
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or(""),
+                    u.port_or_known_default().unwrap_or(0)
+                )
+            })
+            .unwrap_or_default();
+        let mut hosts = self.hosts.lock().expect("host limits lock");
+        // Forget idle hosts so that the map does not grow without bound.
+        if hosts.len() > 10_000 {
+            let per_host = self.per_host;
+            hosts.retain(|_, s| s.available_permits() < per_host);
+        }
+        let sem = hosts
+            .entry(host)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
+            .clone();
+        sem.try_acquire_owned().ok()
+    }
+}
+
 /// Delay between HEADs while the storage answers with errors.
 const STORAGE_ERROR_RETRY: Duration = Duration::from_secs(10);
 
@@ -82,6 +123,7 @@ impl Pipeline {
         storages: Arc<Storages>,
         delivery: DeliveryClient,
         clock: Arc<dyn Clock>,
+        leader: Arc<dyn leader::Leader>,
     ) -> Self {
         Self {
             store,
@@ -98,7 +140,16 @@ impl Pipeline {
             clock,
             concurrency: cfg.worker.concurrency,
             stale_after: cfg.delivery.timeout + cfg.server.shutdown_grace + Duration::from_secs(30),
+            delivery_timeout: cfg.delivery.timeout,
             head_timeout: Duration::from_secs(30),
+            batch_size: cfg.worker.batch_size,
+            per_host: HostLimits {
+                per_host: cfg.worker.per_host_concurrency,
+                hosts: Default::default(),
+            },
+            lease: cfg.queue.visibility_timeout,
+            reconcile_every: cfg.queue.reconcile_every,
+            leader,
         }
     }
 
@@ -153,6 +204,32 @@ impl Pipeline {
         Ok(n)
     }
 
+    /// Puts back what the queue should hold but may not: stale DELIVERING
+    /// webhooks, and queued webhooks whose job is overdue by more than the
+    /// lease (Redis lost its data, or an enqueue failed after a commit).
+    /// Duplicates are harmless: workers act only on the status they expect.
+    pub async fn reconcile(&self) -> Result<usize, StoreError> {
+        let mut n = self.sweep_stale().await?;
+        let before = self.clock.now() - chrono::Duration::from_std(self.lease).unwrap_or_default();
+        for w in self.store.overdue_queued(before, 1000).await? {
+            let kind = match status_of(&w) {
+                Ok(Status::Verifying) => JobKind::Verify,
+                Ok(Status::Verified | Status::Retrying) => JobKind::Deliver,
+                _ => continue,
+            };
+            let job = Job {
+                kind,
+                priority: priority_of(&w),
+                tenant: TenantId::from_trusted(w.tenant_id.clone()),
+                webhook: WebhookId::from_trusted(w.id.clone()),
+            };
+            if self.queue.enqueue(job, None).await.is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     async fn hand_back_if_stale(&self, w: &Webhook) -> Result<bool, StoreError> {
         let now = self.clock.now();
         let stale_before = now - chrono::Duration::from_std(self.stale_after).unwrap_or_default();
@@ -176,6 +253,7 @@ impl Pipeline {
                 attempt: None,
                 dead_letter: None,
                 now,
+                unchanged_since: Some(w.updated_at),
             })
             .await?;
         if moved.is_none() {
@@ -203,17 +281,20 @@ impl Pipeline {
             let this = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                let mut tick = tokio::time::interval(this.reconcile_every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tick.tick() => {}
                     }
-                    match this.sweep_stale().await {
+                    if !this.leader.try_lead(this.reconcile_every * 2).await {
+                        continue;
+                    }
+                    match this.reconcile().await {
                         Ok(0) => {}
-                        Ok(n) => info!(handed_back = n, "stale deliveries handed back"),
-                        Err(e) => warn!(error = %e, "sweeping stale deliveries failed"),
+                        Ok(n) => info!(requeued = n, "reconciler put work back in the queue"),
+                        Err(e) => warn!(error = %e, "reconciling failed"),
                     }
                 }
             })
@@ -221,7 +302,7 @@ impl Pipeline {
         loop {
             // Wait for a free slot before taking work, so that taken work
             // starts at once.
-            let available = permits.available_permits();
+            let available = permits.available_permits().min(self.batch_size);
             let want = if available == 0 {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -275,7 +356,7 @@ impl Pipeline {
         async {
             let step = match lease.job.kind {
                 JobKind::Verify => self.verify(&lease.job).await,
-                JobKind::Deliver => self.deliver(&lease.job).await,
+                JobKind::Deliver => self.deliver(&lease.job, lease.deliveries).await,
             };
             let res = match step {
                 Ok(Step::Ack) => self.queue.ack(&lease).await,
@@ -318,6 +399,7 @@ impl Pipeline {
             attempt: None,
             dead_letter: None,
             now,
+            unchanged_since: None,
         };
         let storage = match self.storages.resolve(&w.storage) {
             Ok(s) => s,
@@ -370,6 +452,7 @@ impl Pipeline {
                                 attempt: None,
                                 dead_letter: None,
                                 now,
+                                unchanged_since: None,
                             })
                             .await?;
                         if moved.is_some() {
@@ -414,6 +497,7 @@ impl Pipeline {
                             attempt: None,
                             dead_letter: None,
                             now,
+                            unchanged_since: None,
                         })
                         .await?;
                 }
@@ -440,6 +524,7 @@ impl Pipeline {
                     attempt: None,
                     dead_letter: None,
                     now,
+                    unchanged_since: None,
                 })
                 .await?;
             if moved.is_some() {
@@ -455,15 +540,22 @@ impl Pipeline {
         Ok(Step::Ack)
     }
 
-    async fn deliver(&self, job: &Job) -> Result<Step, StoreError> {
+    async fn deliver(&self, job: &Job, deliveries: u32) -> Result<Step, StoreError> {
         let Some(w) = self.store.find_webhook(&job.tenant, &job.webhook).await? else {
             return Ok(Step::Ack);
         };
         let status = status_of(&w)?;
-        if !matches!(status, Status::Verified | Status::Retrying) {
+        let now = self.clock.now();
+        // A job handed out again after its visibility timeout, whose webhook
+        // is still DELIVERING: the worker that claimed it died mid-attempt
+        // (the timeout is longer than any attempt). Take the attempt over.
+        let taken_over = status == Status::Delivering
+            && deliveries > 1
+            && w.updated_at + chrono::Duration::from_std(self.delivery_timeout).unwrap_or_default()
+                < now;
+        if !matches!(status, Status::Verified | Status::Retrying) && !taken_over {
             return Ok(Step::Ack);
         }
-        let now = self.clock.now();
         if status == Status::Retrying
             && let Some(due) = w.next_attempt_at
             && due > now + chrono::Duration::milliseconds(50)
@@ -471,6 +563,10 @@ impl Pipeline {
             // An early copy of the job (e.g. a redrive raced a retry): wait.
             return Ok(Step::Later(due));
         }
+        let Some(_host_permit) = self.per_host.try_acquire(&w.url) else {
+            // This receiver already has its share of attempts in flight.
+            return Ok(Step::Later(now + chrono::Duration::milliseconds(200)));
+        };
         // Claim the attempt: only one worker moves it to DELIVERING.
         let Some(w) = self
             .store
@@ -484,6 +580,7 @@ impl Pipeline {
                 attempt: None,
                 dead_letter: None,
                 now,
+                unchanged_since: taken_over.then_some(w.updated_at),
             })
             .await?
         else {
@@ -582,6 +679,7 @@ impl Pipeline {
                     attempt: Some(record.clone()),
                     dead_letter: dead_letter.clone(),
                     now,
+                    unchanged_since: None,
                 })
                 .await;
             match res {

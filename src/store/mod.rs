@@ -101,6 +101,9 @@ pub struct Transition<'a> {
     /// Writes a dead-letter row with this reason.
     pub dead_letter: Option<String>,
     pub now: DateTime<Utc>,
+    /// Also require that the row has not changed since this time (a
+    /// takeover of a stale attempt must not race another takeover).
+    pub unchanged_since: Option<DateTime<Utc>>,
 }
 
 /// A freshly created API key; `plaintext` is shown once and never stored.
@@ -368,6 +371,9 @@ impl Store {
         for (col, value) in t.changes.0 {
             update = update.col_expr(col, Expr::value(value));
         }
+        if let Some(at) = t.unchanged_since {
+            update = update.filter(webhooks::Column::UpdatedAt.lte(at));
+        }
         let res = update
             .filter(webhooks::Column::Id.eq(t.id.as_str()))
             .filter(webhooks::Column::TenantId.eq(t.tenant.as_str()))
@@ -482,6 +488,32 @@ impl Store {
         Ok(webhooks::Entity::find()
             .filter(webhooks::Column::Status.is_in(Status::QUEUED.iter().map(|s| s.as_str())))
             .order_by_asc(webhooks::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Queued webhooks whose job is overdue: VERIFYING or VERIFIED and
+    /// unchanged since `before`, or RETRYING and due before `before`.
+    pub async fn overdue_queued(&self, before: DateTime<Utc>, limit: u64) -> Result<Vec<Webhook>> {
+        use sea_orm::Condition;
+        Ok(webhooks::Entity::find()
+            .filter(
+                Condition::any()
+                    .add(
+                        Condition::all()
+                            .add(
+                                webhooks::Column::Status
+                                    .is_in([Status::Verifying.as_str(), Status::Verified.as_str()]),
+                            )
+                            .add(webhooks::Column::UpdatedAt.lt(before)),
+                    )
+                    .add(
+                        Condition::all()
+                            .add(webhooks::Column::Status.eq(Status::Retrying.as_str()))
+                            .add(webhooks::Column::NextAttemptAt.lt(before)),
+                    ),
+            )
+            .limit(limit)
             .all(&self.db)
             .await?)
     }

@@ -26,11 +26,16 @@ use uploadhook::{
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// PostgreSQL and the Redis Streams queue.
+    PostgresRedis,
 }
 
 /// A database for one test; PostgreSQL databases are dropped at the end.
 pub struct TestDb {
     pub url: String,
+    /// Config layer selecting the queue (empty: in-process).
+    pub queue_toml: String,
+    redis: Option<(String, String)>,
     drop_sql: Option<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -44,20 +49,20 @@ impl TestDb {
                 let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
                 Some(TestDb {
                     url,
+                    queue_toml: String::new(),
+                    redis: None,
                     drop_sql: None,
                     _dir: Some(dir),
                 })
             }
-            Backend::Postgres => {
-                let Ok(admin) = std::env::var("UPLOADHOOK_TEST_DATABASE_URL") else {
-                    if std::env::var("UPLOADHOOK_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                        panic!(
-                            "UPLOADHOOK_REQUIRE_SERVICES=1 but UPLOADHOOK_TEST_DATABASE_URL is not set"
-                        );
-                    }
-                    eprintln!("skipping PostgreSQL: UPLOADHOOK_TEST_DATABASE_URL is not set");
-                    return None;
+            Backend::Postgres | Backend::PostgresRedis => {
+                let redis = if backend == Backend::PostgresRedis {
+                    let url = required_env("UPLOADHOOK_TEST_REDIS_URL")?;
+                    Some((url, format!("uh-test-{}", uuid::Uuid::new_v4().simple())))
+                } else {
+                    None
                 };
+                let admin = required_env("UPLOADHOOK_TEST_DATABASE_URL")?;
                 let name = format!("uh_test_{}", uuid::Uuid::new_v4().simple());
                 let conn = Database::connect(&admin)
                     .await
@@ -74,7 +79,16 @@ impl TestDb {
                     .rsplit_once('/')
                     .map(|(b, _)| b.to_string())
                     .unwrap_or(base);
+                let queue_toml = match &redis {
+                    Some((url, prefix)) => format!(
+                        "[queue]\nbackend = \"redis\"\nredis_url = \"{url}\"\nprefix = \"{prefix}\"\n\
+                         visibility_timeout = \"6s\"\nreconcile_every = \"300ms\"\n"
+                    ),
+                    None => String::new(),
+                };
                 Some(TestDb {
+                    queue_toml,
+                    redis,
                     url: format!("{base}/{name}{query}"),
                     drop_sql: Some((
                         admin,
@@ -87,11 +101,39 @@ impl TestDb {
     }
 
     pub async fn cleanup(&self) {
+        if let Some((url, prefix)) = &self.redis
+            && let Ok(client) = redis::Client::open(url.as_str())
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+        {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{{{prefix}:*"))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+            }
+        }
         if let Some((admin, sql)) = &self.drop_sql
             && let Ok(conn) = Database::connect(admin).await
         {
             let _ = conn.execute_unprepared(sql).await;
             let _ = conn.close().await;
+        }
+    }
+}
+
+/// A service's URL from the environment; None (skip) when unset, a panic
+/// when UPLOADHOOK_REQUIRE_SERVICES=1.
+pub fn required_env(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(v) => Some(v),
+        Err(_) if std::env::var("UPLOADHOOK_REQUIRE_SERVICES").as_deref() == Ok("1") => {
+            panic!("UPLOADHOOK_REQUIRE_SERVICES=1 but {name} is not set")
+        }
+        Err(_) => {
+            eprintln!("skipping: {name} is not set");
+            None
         }
     }
 }
@@ -137,13 +179,13 @@ impl TestApp {
             db.url,
             s3_root.path().display()
         );
-        let config = Config::from_toml_layers(&[FAST, &local, extra]).unwrap();
+        let config = Config::from_toml_layers(&[FAST, &local, &db.queue_toml, extra]).unwrap();
         let listeners = Listeners {
-            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            grpc: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             s3: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
         };
-        let running = uploadhook::start(config, listeners, clock.clone())
+        let running = uploadhook::start(config, listeners, clock.clone(), uploadhook::Roles::ALL)
             .await
             .unwrap();
         let now = clock.now();
@@ -160,7 +202,7 @@ impl TestApp {
             .unwrap()
             .plaintext;
         TestApp {
-            grpc_addr: running.grpc_addr,
+            grpc_addr: running.grpc_addr.unwrap(),
             http_addr: running.http_addr,
             running: Some(running),
             key_a,
@@ -375,5 +417,77 @@ macro_rules! backend_tests {
                 }
             )*
         }
+        mod postgres_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(db) = $crate::helpers::TestDb::new($crate::helpers::Backend::PostgresRedis).await else { return };
+                    super::$name(&db).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
     };
+}
+
+/// An S3-compatible server of the test's own, for processes that run apart
+/// (an `api` and `worker`s), all configured with it as `[storage.main]`.
+pub struct SharedS3 {
+    pub toml: String,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl SharedS3 {
+    pub async fn start() -> SharedS3 {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::from_toml(&format!(
+            "[embedded_s3]\nroot = \"{}\"\n",
+            dir.path().display()
+        ))
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s3 = uploadhook::storage::embedded::start(&cfg.embedded_s3, listener, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        let toml = format!(
+            "[embedded_s3]\nmode = \"off\"\n[storage.main]\nkind = \"s3-compatible\"\nbucket = \"{}\"\n\
+             endpoint = \"{}\"\npath_style = true\naccess_key_id = \"{}\"\nsecret_access_key = \"uploadhook-dev-secret\"\n",
+            cfg.embedded_s3.bucket,
+            s3.endpoint(),
+            cfg.embedded_s3.access_key,
+        );
+        tokio::spawn(async move { s3.wait().await.ok() });
+        SharedS3 {
+            toml,
+            _dir: dir,
+            _stop: tx,
+        }
+    }
+}
+
+/// One process of a scaled-out deployment, started in-process.
+pub async fn start_process(
+    db: &TestDb,
+    layers: &[&str],
+    roles: uploadhook::Roles,
+    clock: Arc<dyn Clock>,
+) -> Running {
+    let local = format!("[database]\nurl = \"{}\"\nmax_connections = 5\n", db.url);
+    let mut all = vec![FAST, local.as_str(), db.queue_toml.as_str()];
+    all.extend_from_slice(layers);
+    let config = Config::from_toml_layers(&all).unwrap();
+    let listeners = Listeners {
+        grpc: roles
+            .api
+            .then_some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        s3: None,
+    };
+    uploadhook::start(config, listeners, clock, roles)
+        .await
+        .unwrap()
 }

@@ -5,3 +5,4 @@ mod helpers;
 mod flow;
 mod ops;
 mod rest;
+mod scale;

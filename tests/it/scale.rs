@@ -1,0 +1,256 @@
+//! The scaled-out deployment: PostgreSQL + Redis Streams, with `api` and
+//! `worker` processes apart (started in-process, each with its own pools).
+
+use std::{sync::Arc, time::Duration};
+
+use uploadhook::{
+    Roles,
+    clock::SystemClock,
+    proto::{self, Status},
+};
+
+use crate::helpers::{
+    Backend, Receiver, SharedS3, TestDb, authed, create_request, start_process, upload,
+};
+
+struct Deployment {
+    db: TestDb,
+    s3: SharedS3,
+    api: Option<uploadhook::Running>,
+    key: String,
+}
+
+impl Deployment {
+    async fn new(extra: &str) -> Option<Deployment> {
+        let db = TestDb::new(Backend::PostgresRedis).await?;
+        let s3 = SharedS3::start().await;
+        let api = start_process(&db, &[&s3.toml, extra], Roles::API, Arc::new(SystemClock)).await;
+        let key = api
+            .store
+            .create_api_key("tenant-a", chrono::Utc::now())
+            .await
+            .unwrap()
+            .plaintext;
+        Some(Deployment {
+            db,
+            s3,
+            api: Some(api),
+            key,
+        })
+    }
+
+    async fn worker(&self, extra: &str) -> uploadhook::Running {
+        start_process(
+            &self.db,
+            &[&self.s3.toml, extra],
+            Roles::WORKER,
+            Arc::new(SystemClock),
+        )
+        .await
+    }
+
+    async fn client(
+        &self,
+    ) -> proto::webhook_service_client::WebhookServiceClient<tonic::transport::Channel> {
+        let addr = self.api.as_ref().unwrap().grpc_addr.unwrap();
+        proto::webhook_service_client::WebhookServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+    }
+
+    async fn create_confirmed(&self, url: &str, priority: proto::Priority) -> String {
+        let mut client = self.client().await;
+        let mut req = create_request(url, "a.txt");
+        req.priority = priority as i32;
+        let created = client
+            .create_upload_webhook(authed(&self.key, req))
+            .await
+            .unwrap()
+            .into_inner();
+        upload(&created, b"hello").await;
+        let id = created.webhook.unwrap().id;
+        client
+            .confirm(authed(
+                &self.key,
+                proto::ConfirmRequest {
+                    webhook_id: id.clone(),
+                    etag: String::new(),
+                },
+            ))
+            .await
+            .unwrap();
+        id
+    }
+
+    async fn status(&self, id: &str) -> proto::Webhook {
+        self.client()
+            .await
+            .get_status(authed(
+                &self.key,
+                proto::GetStatusRequest {
+                    webhook_id: id.into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .webhook
+            .unwrap()
+    }
+
+    async fn wait_for(&self, id: &str, status: Status, within: Duration) -> proto::Webhook {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let w = self.status(id).await;
+            if w.status == status as i32 {
+                return w;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} stuck in {:?}, wanted {status:?}",
+                w.status()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(api) = self.api.take() {
+            api.stop().await;
+        }
+        self.db.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_api_two_workers_deliver_each_webhook_once() {
+    let Some(d) = Deployment::new("").await else {
+        return;
+    };
+    let w1 = d.worker("").await;
+    let w2 = d.worker("").await;
+    let rx = Receiver::start().await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let p = if i % 3 == 0 {
+            proto::Priority::High
+        } else {
+            proto::Priority::Normal
+        };
+        ids.push(d.create_confirmed(&rx.url, p).await);
+    }
+    for id in &ids {
+        d.wait_for(id, Status::Completed, Duration::from_secs(30))
+            .await;
+    }
+    let got = rx.received();
+    let mut seen: Vec<String> = got
+        .iter()
+        .map(|r| r.headers["webhook-id"].clone())
+        .collect();
+    seen.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(seen, want, "every webhook delivered exactly once");
+    w1.stop().await;
+    w2.stop().await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_workers_attempt_is_taken_over() {
+    // Short timeouts so that the takeover happens within the test.
+    let fast = "[delivery]\ntimeout = \"1s\"\n[queue]\nvisibility_timeout = \"2s\"\n";
+    let Some(d) = Deployment::new(fast).await else {
+        return;
+    };
+    let rx = Receiver::start().await;
+    // The first request is held past the attempt timeout.
+    rx.hold_next(Duration::from_secs(30));
+    let crashing = d.worker(fast).await;
+    let id = d.create_confirmed(&rx.url, proto::Priority::Normal).await;
+    d.wait_for(&id, Status::Delivering, Duration::from_secs(20))
+        .await;
+    // The worker dies mid-attempt: its tasks are dropped, nothing is acked.
+    drop(crashing);
+    let survivor = d.worker(fast).await;
+    let w = d
+        .wait_for(&id, Status::Completed, Duration::from_secs(30))
+        .await;
+    let got = rx.received();
+    assert_eq!(
+        got.len(),
+        2,
+        "the attempt was made again by the surviving worker"
+    );
+    assert!(got.iter().all(|r| r.headers["webhook-id"] == id));
+    assert_eq!(w.attempt_count, 1, "only the finished attempt is recorded");
+    survivor.stop().await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_requeues_after_redis_loses_its_data() {
+    let fast = "[delivery]\ntimeout = \"1s\"\nretry_schedule = [\"1s\"]\n[queue]\nvisibility_timeout = \"2s\"\n";
+    let Some(d) = Deployment::new(fast).await else {
+        return;
+    };
+    let worker = d.worker(fast).await;
+    let rx = Receiver::start().await;
+    rx.answer(&[503]);
+    let id = d.create_confirmed(&rx.url, proto::Priority::Normal).await;
+    d.wait_for(&id, Status::Retrying, Duration::from_secs(20))
+        .await;
+    // Redis loses everything of this deployment (a restart without
+    // persistence): the delayed retry is gone.
+    let (url, prefix) = (
+        std::env::var("UPLOADHOOK_TEST_REDIS_URL").unwrap(),
+        d.db.queue_toml
+            .split("prefix = \"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string(),
+    );
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The database still says RETRYING: the reconciler puts it back.
+    d.wait_for(&id, Status::Completed, Duration::from_secs(30))
+        .await;
+    assert_eq!(rx.received().len(), 2);
+    worker.stop().await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_queue_refuses_split_roles() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let cfg = uploadhook::config::Config::from_toml_layers(&[
+        crate::helpers::FAST,
+        &format!("[database]\nurl = \"{}\"\n", db.url),
+    ])
+    .unwrap();
+    let listeners = uploadhook::Listeners {
+        grpc: None,
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        s3: None,
+    };
+    let err = uploadhook::start(cfg, listeners, Arc::new(SystemClock), Roles::WORKER)
+        .await
+        .err()
+        .expect("a worker cannot share an in-process queue");
+    assert!(err.to_string().contains("queue.backend"), "{err}");
+}
