@@ -34,10 +34,11 @@ use crate::{
     pipeline::{
         Pipeline,
         delivery::DeliveryClient,
-        leader::{Alone, Leader, RedisLeader},
+        lazy::{LazyRedisLeader, LazyRedisQueue},
+        leader::{Alone, Leader},
         memory::MemoryQueue,
         queue::Queue,
-        redis_queue::{RedisQueue, RedisQueueConfig},
+        redis_queue::RedisQueueConfig,
     },
     proto::webhook_service_server::WebhookServiceServer,
     storage::Storages,
@@ -169,8 +170,11 @@ async fn open_queue(
     Ok(match cfg.queue.backend {
         QueueBackend::Memory => (Arc::new(MemoryQueue::new(clock)), Arc::new(Alone)),
         QueueBackend::Redis => {
+            // Connected on first use and retried while Redis is down, so
+            // that the API answers (and records Confirms) without it.
             let url = cfg.queue.redis_url.expose_secret();
-            let queue = RedisQueue::connect_with_clock(
+            redis::Client::open(url).context("config key `queue.redis_url`")?;
+            let queue = LazyRedisQueue::new(
                 url,
                 RedisQueueConfig {
                     prefix: cfg.queue.prefix.clone(),
@@ -179,12 +183,10 @@ async fn open_queue(
                     ..RedisQueueConfig::default()
                 },
                 clock,
-            )
-            .await
-            .context("connecting to Redis (queue.redis_url)")?;
-            let leader = RedisLeader::connect(url, &cfg.queue.prefix, "reconciler")
-                .await
-                .context("connecting to Redis (queue.redis_url)")?;
+            );
+            // Start connecting now; work waits in the database meanwhile.
+            let _ = queue.get();
+            let leader = LazyRedisLeader::new(url, &cfg.queue.prefix);
             (Arc::new(queue), Arc::new(leader))
         }
     })
@@ -266,12 +268,17 @@ pub async fn start(
             clock.clone(),
             leader,
         ));
-        let recovered = pipeline
-            .recover()
-            .await
-            .context("rebuilding the queue from the database")?;
-        if recovered > 0 {
-            info!(recovered, "re-queued webhooks from the database");
+        // The in-process queue starts empty: rebuild it from the database.
+        // A Redis queue outlives the process; what it lost is put back by
+        // the reconciler (which runs at once, then every reconcile_every).
+        if cfg.queue.backend == QueueBackend::Memory {
+            let recovered = pipeline
+                .recover()
+                .await
+                .context("rebuilding the queue from the database")?;
+            if recovered > 0 {
+                info!(recovered, "re-queued webhooks from the database");
+            }
         }
         tasks.spawn(pipeline.run(shutdown.clone(), cfg.server.shutdown_grace));
     }

@@ -16,6 +16,7 @@
 //! is acked without effect: duplicates and stale jobs are harmless.
 
 pub mod delivery;
+pub mod lazy;
 pub mod leader;
 pub mod memory;
 pub mod queue;

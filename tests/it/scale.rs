@@ -254,3 +254,65 @@ async fn memory_queue_refuses_split_roles() {
         .expect("a worker cannot share an in-process queue");
     assert!(err.to_string().contains("queue.backend"), "{err}");
 }
+
+/// A private Redis server on its own port, killed on drop.
+struct PrivateRedis {
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> PrivateRedis {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        PrivateRedis { child }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_then_back_loses_nothing() {
+    // A port with nothing on it (yet).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let queue = format!(
+        "[delivery]\ntimeout = \"1s\"\n[queue]\nredis_url = \"redis://127.0.0.1:{port}\"\nvisibility_timeout = \"2s\"\n"
+    );
+    let Some(d) = Deployment::new(&queue).await else {
+        return;
+    };
+    let worker = d.worker(&queue).await;
+    let rx = Receiver::start().await;
+    // The API answers and records the Confirm without Redis.
+    let id = d.create_confirmed(&rx.url, proto::Priority::Normal).await;
+    assert_eq!(d.status(&id).await.status(), Status::Verifying);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.received().is_empty());
+    // Redis comes up: the reconciler finds the overdue webhook.
+    let _redis = PrivateRedis::start(port);
+    d.wait_for(&id, Status::Completed, Duration::from_secs(30))
+        .await;
+    assert_eq!(rx.received().len(), 1);
+    worker.stop().await;
+    d.stop().await;
+}
