@@ -9,6 +9,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod ops;
 pub mod pipeline;
 pub mod proto;
 pub mod signing;

@@ -33,6 +33,9 @@ enum Command {
     Worker,
     /// Applies database migrations.
     Migrate,
+    /// Prints queue depth, delayed and poison counts, dead letters and
+    /// webhooks by status.
+    Status,
     /// Manages API keys.
     Keys {
         #[command(subcommand)]
@@ -76,6 +79,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { command } => keys(&cfg, command).await,
+        Command::Status => {
+            print!("{}", uploadhook::ops::status(&cfg).await?);
+            Ok(())
+        }
     }
 }
 

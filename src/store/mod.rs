@@ -518,6 +518,27 @@ impl Store {
             .await?)
     }
 
+    /// How many webhooks are in each status (every tenant: operators only).
+    pub async fn counts_by_status(&self) -> Result<Vec<(Status, u64)>> {
+        let mut out = Vec::new();
+        for s in Status::ALL {
+            let n = webhooks::Entity::find()
+                .filter(webhooks::Column::Status.eq(s.as_str()))
+                .count(&self.db)
+                .await?;
+            out.push((s, n));
+        }
+        Ok(out)
+    }
+
+    /// Dead letters not redriven yet (every tenant: operators only).
+    pub async fn open_dead_letters(&self) -> Result<u64> {
+        Ok(dead_letters::Entity::find()
+            .filter(dead_letters::Column::RedrivenAt.is_null())
+            .count(&self.db)
+            .await?)
+    }
+
     /// Every webhook in one status (used for the few in DELIVERING).
     pub async fn webhooks_in(&self, status: Status) -> Result<Vec<Webhook>> {
         Ok(webhooks::Entity::find()

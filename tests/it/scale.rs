@@ -152,6 +152,26 @@ async fn one_api_two_workers_deliver_each_webhook_once() {
     let mut want = ids.clone();
     want.sort();
     assert_eq!(seen, want, "every webhook delivered exactly once");
+
+    // `uploadhook status` sees the same deployment.
+    let cfg = uploadhook::config::Config::from_toml_layers(&[
+        crate::helpers::FAST,
+        &format!("[database]\nurl = \"{}\"\n", d.db.url),
+        &d.db.queue_toml,
+        &d.s3.toml,
+    ])
+    .unwrap();
+    let report = uploadhook::ops::status(&cfg).await.unwrap();
+    let completed = report
+        .by_status
+        .iter()
+        .find(|(s, _)| *s == uploadhook::domain::Status::Completed)
+        .unwrap()
+        .1;
+    assert_eq!(completed, 30);
+    let q = report.queue.as_ref().unwrap();
+    assert_eq!((q.pending, q.delayed, q.poison), (0, 0, 0));
+    assert!(report.to_string().contains("completed    30"));
     w1.stop().await;
     w2.stop().await;
     d.stop().await;
