@@ -2,9 +2,16 @@
 //!
 //! Jobs live in memory only: a restart loses them, and
 //! `Pipeline::recover` rebuilds them from the database at start-up, so
-//! nothing accepted is lost. Due jobs sit in a FIFO; delayed jobs in a heap
-//! ordered by due time. Taken jobs are tracked until acked so that a job
-//! can be put back.
+//! nothing accepted is lost. Due jobs sit in two FIFOs, one per
+//! [`Priority`]; delayed jobs of both classes in one heap ordered by due
+//! time, and a job that falls due joins its class's FIFO. Taken jobs are
+//! tracked until acked so that a job can be put back.
+//!
+//! A take applies the weighting of [`HighShare`]: it reserves a quota of
+//! the batch for high-priority jobs and fills the rest from the normal FIFO,
+//! each class leaving what it cannot use to the other ([`split`]). Within
+//! a take, high-priority jobs come first. The count of single takes that
+//! decides which class a take of one prefers is kept per queue.
 
 use std::{
     cmp::Reverse,
@@ -17,15 +24,31 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
-use super::queue::{Job, Lease, Queue, QueueError};
+use super::queue::{HighShare, Job, Lease, Priority, Queue, QueueError, split};
 use crate::clock::Clock;
 
 #[derive(Default)]
 struct State {
-    ready: VecDeque<Job>,
+    high: VecDeque<Job>,
+    normal: VecDeque<Job>,
     delayed: BinaryHeap<Reverse<(DateTime<Utc>, u64, DelayedJob)>>,
     in_flight: HashMap<String, Job>,
     seq: u64,
+    /// Single takes that got a job (see [`HighShare::high_quota`]).
+    single_turn: u64,
+}
+
+impl State {
+    fn make_ready(&mut self, job: Job) {
+        match job.priority {
+            Priority::High => self.high.push_back(job),
+            Priority::Normal => self.normal.push_back(job),
+        }
+    }
+
+    fn ready_len(&self) -> usize {
+        self.high.len() + self.normal.len()
+    }
 }
 
 /// Wrapper so that heap order only looks at (due, seq).
@@ -53,21 +76,28 @@ pub struct MemoryQueue {
     state: Mutex<State>,
     notify: Notify,
     clock: Arc<dyn Clock>,
+    share: HighShare,
 }
 
 impl MemoryQueue {
+    /// A queue with the default weighting ([`HighShare::DEFAULT`]).
     pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self::with_high_share(clock, HighShare::DEFAULT)
+    }
+
+    pub fn with_high_share(clock: Arc<dyn Clock>, share: HighShare) -> Self {
         Self {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             clock,
+            share,
         }
     }
 
-    /// Jobs waiting (due and delayed) and taken.
+    /// Jobs waiting (due, of both classes, and delayed) and taken.
     pub fn len(&self) -> (usize, usize, usize) {
         let s = self.state.lock().expect("queue lock");
-        (s.ready.len(), s.delayed.len(), s.in_flight.len())
+        (s.ready_len(), s.delayed.len(), s.in_flight.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -82,11 +112,12 @@ impl MemoryQueue {
                 let seq = s.seq;
                 s.delayed.push(Reverse((at, seq, DelayedJob(job))));
             }
-            _ => s.ready.push_back(job),
+            _ => s.make_ready(job),
         }
     }
 
-    /// Moves due delayed jobs to the FIFO; returns how long until the next.
+    /// Moves due delayed jobs to their FIFOs; returns how long until the
+    /// next.
     fn promote(&self, s: &mut State) -> Option<Duration> {
         let now = self.clock.now();
         while let Some(Reverse((at, _, _))) = s.delayed.peek() {
@@ -94,7 +125,7 @@ impl MemoryQueue {
                 return Some((*at - now).to_std().unwrap_or(Duration::ZERO));
             }
             let Reverse((_, _, DelayedJob(job))) = s.delayed.pop().expect("peeked");
-            s.ready.push_back(job);
+            s.make_ready(job);
         }
         None
     }
@@ -112,6 +143,9 @@ impl Queue for MemoryQueue {
     }
 
     async fn take(&self, max: usize, wait: Duration) -> Result<Vec<Lease>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             // Register interest before looking, so that an enqueue between
@@ -120,11 +154,16 @@ impl Queue for MemoryQueue {
             let next_due = {
                 let mut s = self.state.lock().expect("queue lock");
                 let next_due = self.promote(&mut s);
-                if !s.ready.is_empty() {
-                    let n = max.min(s.ready.len());
-                    let mut out = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        let job = s.ready.pop_front().expect("len checked");
+                if s.ready_len() > 0 {
+                    let quota = self.share.high_quota(max, s.single_turn);
+                    let (high, normal) = split(max, quota, s.high.len(), s.normal.len());
+                    if max == 1 {
+                        s.single_turn = s.single_turn.wrapping_add(1);
+                    }
+                    let mut jobs: Vec<Job> = s.high.drain(..high).collect();
+                    jobs.extend(s.normal.drain(..normal));
+                    let mut out = Vec::with_capacity(jobs.len());
+                    for job in jobs {
                         s.seq += 1;
                         let receipt = s.seq.to_string();
                         s.in_flight.insert(receipt.clone(), job.clone());
@@ -134,7 +173,7 @@ impl Queue for MemoryQueue {
                             deliveries: 1,
                         });
                     }
-                    if !s.ready.is_empty() {
+                    if s.ready_len() > 0 {
                         // Let another taker in for the rest.
                         self.notify.notify_one();
                     }
@@ -184,95 +223,38 @@ impl Queue for MemoryQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        clock::{ManualClock, SystemClock},
-        domain::{TenantId, WebhookId},
-        pipeline::queue::JobKind,
-    };
+    use crate::pipeline::queue::suite::{Backend, Counts, queue_suite};
 
-    fn job() -> Job {
-        Job {
-            kind: JobKind::Deliver,
-            priority: Default::default(),
-            tenant: TenantId::generate(),
-            webhook: WebhookId::generate(),
+    /// The in-process queue under the shared suite. There is one queue per
+    /// test, made by the first `consumer` call with that call's clock;
+    /// further consumers share it (takers in one process).
+    #[derive(Default)]
+    struct Memory(Mutex<Option<Arc<MemoryQueue>>>);
+
+    #[async_trait]
+    impl Backend for Memory {
+        async fn setup() -> Option<Self> {
+            Some(Self::default())
+        }
+
+        async fn consumer(&self, clock: Arc<dyn Clock>) -> Arc<dyn Queue> {
+            self.0
+                .lock()
+                .expect("lock")
+                .get_or_insert_with(|| Arc::new(MemoryQueue::new(clock)))
+                .clone()
+        }
+
+        async fn counts(&self) -> Counts {
+            let q = self.0.lock().expect("lock").clone().expect("a consumer");
+            let (ready, delayed, taken) = q.len();
+            Counts {
+                ready,
+                delayed,
+                taken,
+            }
         }
     }
 
-    #[tokio::test]
-    async fn due_jobs_come_out_in_order_and_ack_removes() {
-        let q = MemoryQueue::new(Arc::new(SystemClock));
-        let (a, b) = (job(), job());
-        q.enqueue(a.clone(), None).await.unwrap();
-        q.enqueue(b.clone(), None).await.unwrap();
-        let got = q.take(10, Duration::from_millis(10)).await.unwrap();
-        assert_eq!(
-            got.iter().map(|l| l.job.clone()).collect::<Vec<_>>(),
-            vec![a, b]
-        );
-        assert_eq!(q.len(), (0, 0, 2));
-        for l in &got {
-            q.ack(l).await.unwrap();
-        }
-        assert!(q.is_empty());
-    }
-
-    #[tokio::test]
-    async fn delayed_jobs_wait_for_their_time() {
-        let clock = ManualClock::new(Utc::now());
-        let q = MemoryQueue::new(Arc::new(clock.clone()));
-        let j = job();
-        q.enqueue(j.clone(), Some(clock.now() + chrono::Duration::seconds(60)))
-            .await
-            .unwrap();
-        assert!(
-            q.take(10, Duration::from_millis(5))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        clock.advance(chrono::Duration::seconds(61));
-        let got = q.take(10, Duration::from_millis(5)).await.unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].job, j);
-    }
-
-    #[tokio::test]
-    async fn retry_later_puts_the_job_back() {
-        let clock = ManualClock::new(Utc::now());
-        let q = MemoryQueue::new(Arc::new(clock.clone()));
-        q.enqueue(job(), None).await.unwrap();
-        let l = q.take(1, Duration::ZERO).await.unwrap().pop().unwrap();
-        q.retry_later(&l, clock.now() + chrono::Duration::seconds(5))
-            .await
-            .unwrap();
-        assert_eq!(q.len(), (0, 1, 0));
-        clock.advance(chrono::Duration::seconds(5));
-        assert_eq!(q.take(1, Duration::ZERO).await.unwrap().len(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_waiting_taker_wakes_on_enqueue() {
-        let q = Arc::new(MemoryQueue::new(Arc::new(SystemClock)));
-        let q2 = q.clone();
-        let taker = tokio::spawn(async move { q2.take(1, Duration::from_secs(30)).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        q.enqueue(job(), None).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), taker)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.len(), 1);
-    }
-
-    #[tokio::test]
-    async fn take_respects_max() {
-        let q = MemoryQueue::new(Arc::new(SystemClock));
-        for _ in 0..5 {
-            q.enqueue(job(), None).await.unwrap();
-        }
-        assert_eq!(q.take(3, Duration::ZERO).await.unwrap().len(), 3);
-        assert_eq!(q.take(3, Duration::ZERO).await.unwrap().len(), 2);
-    }
+    queue_suite!(Memory);
 }

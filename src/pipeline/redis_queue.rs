@@ -17,31 +17,68 @@
 //! live in one Redis Cluster slot and the Lua scripts and `MULTI` blocks
 //! below, which touch several of them at once, are legal there:
 //!
-//! - `{p:jobs}:stream`: the entries due now (and those taken, until acked);
-//!   one consumer group, `workers`. Acked entries are deleted (`XDEL`), so
-//!   the stream only holds work not yet done and needs no trimming.
-//! - `{p:jobs}:delayed`: a sorted set of jobs due later, scored by their due
-//!   time in unix milliseconds.
+//! - `{p:jobs}:stream` and `{p:jobs}:stream:high`: the entries due now (and
+//!   those taken, until acked), normal and high priority. Each stream has a
+//!   consumer group of the same name, `workers`. Acked entries are deleted
+//!   (`XDEL`), so the streams only hold work not yet done and need no
+//!   trimming.
+//! - `{p:jobs}:delayed`: a sorted set of jobs of both priorities due later,
+//!   scored by their due time in unix milliseconds.
 //! - `{p:jobs}:poison`: entries parked after too many deliveries, for a
 //!   human to look at (capped at about [`POISON_MAXLEN`] entries).
 //!
-//! A lease's receipt is `<stream>/<entry id>` (`stream/1712345678901-0`):
-//! it names the stream the entry came from, so that priority streams can be
-//! added later (`{p:jobs}:stream:high`) without changing the receipt format
-//! or the ack path.
+//! A lease's receipt is `<stream>/<entry id>` (`stream/1712345678901-0`,
+//! `stream:high/1712345678901-1`): it names the stream the entry came from,
+//! so acking and putting back find it without being told its priority.
+//!
+//! # Priority: a weighted take
+//!
+//! A stream per priority, rather than one stream in priority order (which a
+//! stream cannot be) or a sorted set (which loses the PEL). Each take
+//! applies the weighting of [`HighShare`] ([`RedisQueueConfig::high_share`],
+//! 80 % by default): of `max` entries, a quota goes to high-priority
+//! entries, the rest to normal ones, and a class with fewer waiting leaves
+//! its part to the other ([`split`]), so normal work is slowed by a flood
+//! of high-priority work but never stopped. A job's priority is also a
+//! field of its entry (`priority`); an entry without one, written before
+//! there were priorities, is normal work.
+//!
+//! Every `take` runs `TAKE`, one Lua script that first moves due delayed
+//! jobs (below), then reads with `XREADGROUP` without blocking: high
+//! entries up to the quota, normal entries up to what that leaves, then high
+//! entries again up to what is left. Reading inside the script costs one
+//! round trip and reads exactly the split, never more: an entry read by
+//! `XREADGROUP` is this consumer's until acked, and cannot be "unread".
+//!
+//! Only when that finds nothing does the take block, in one `XREADGROUP …
+//! COUNT <want> BLOCK … STREAMS high normal > >`, which wakes for an entry
+//! in either stream and, among the consumers blocked on a stream, hands a
+//! new entry to one. Redis 7.0 answers a read blocked on several streams
+//! with the entries of the stream that got one first, so this read
+//! returns at most `want`. A Redis that re-runs the whole read on wake-up,
+//! or entries that arrive in both streams between the script and the read,
+//! can give up to `want` from each: the excess beyond the split is given
+//! back at once, as new entries at the end of their streams (in one
+//! `MULTI`: `XADD` the same fields, `XACK`, `XDEL`). Both streams were
+//! empty a moment before, so this reorders next to nothing.
+//!
+//! A take of one cannot be split; each queue counts its single takes that
+//! got a job, and one in five (at 80 %) reads normal entries first. The
+//! count is per process, so with several workers the proportion holds per
+//! worker, not exactly across them.
 //!
 //! # Delayed jobs: the Lua mover
 //!
 //! Streams have no "visible from" time, so jobs due later wait in the
-//! sorted set. Every `take` first runs `MOVE_DUE`, one Lua script that
-//! reads the due members (`ZRANGEBYSCORE … LIMIT`), `XADD`s each to the
-//! stream and `ZREM`s it. A script runs atomically, so of several workers
-//! racing, whichever runs it first moves the due jobs and the others find
-//! nothing: a delayed job enters the stream exactly once (short of a Redis
-//! failover losing a write, which the database-backed recovery covers). The
-//! script also returns the next due time, and `take` blocks no longer than
-//! until then, so a job falling due while every worker is blocked in
-//! `XREADGROUP` is late by at most a few milliseconds.
+//! sorted set. The first part of `TAKE` reads the due members
+//! (`ZRANGEBYSCORE … LIMIT`), `XADD`s each to the stream its `priority`
+//! field names and `ZREM`s it. A script runs atomically, so of several
+//! workers racing, whichever runs it first moves the due jobs and the
+//! others find nothing: a delayed job enters a stream exactly once (short of
+//! a Redis failover losing a write, which the database-backed recovery
+//! covers). The script also returns the next due time, and `take` blocks
+//! no longer than until then, so a job falling due while every worker is
+//! blocked in `XREADGROUP` is late by at most a few milliseconds.
 //!
 //! A delayed member is the job's fields and nothing else (no nonce), so
 //! scheduling the same job twice keeps one member, and `ZADD LT` keeps the
@@ -51,23 +88,29 @@
 //! would otherwise collect one more copy per restart. Keeping the earlier
 //! time never loses a wake-up; a job that comes out early is harmless (a
 //! delivery that is not yet due schedules itself again, see
-//! `Pipeline::deliver`).
+//! `Pipeline::deliver`). (Members written before there were priorities
+//! lack the field, so the first start after an upgrade may add a second
+//! member for such a job: one harmless duplicate, once.)
 //!
 //! # Visibility timeout and reclaim
 //!
 //! An entry a consumer took and never acked (the process died, or the job
-//! is stuck) sits in the PEL. A `take` runs `RECLAIM` when the last run
-//! was more than a tenth of the visibility timeout ago (clamped to 10 ms …
-//! 5 s), so an orphan waits at most about 1.1 visibility timeouts: `XAUTOCLAIM` hands entries idle for longer than
-//! the visibility timeout to this consumer (raising their delivery count),
-//! and returns them as leases with their delivery count. The visibility
-//! timeout must therefore be longer than the longest job (the delivery
-//! timeout plus the database writes); a job that outlives it runs twice,
-//! which the database's compare-and-set transitions make harmless but not
-//! free (a receiver may get the webhook twice, deduplicated by its id).
+//! is stuck) sits in its stream's PEL. A `take` runs `RECLAIM` when the
+//! last run was more than a tenth of the visibility timeout ago (clamped to
+//! 10 ms … 5 s), so an orphan waits at most about 1.1 visibility timeouts:
+//! `XAUTOCLAIM`, on the high stream first and then on the normal one (each
+//! with its own cursor), hands entries idle for longer than the visibility
+//! timeout to this consumer (raising their delivery count), and returns
+//! them as leases with their delivery count. Reclaimed entries are not
+//! weighted: they are few, and late already. The visibility timeout must
+//! be longer than the longest job (the delivery timeout plus the database
+//! writes); a job that outlives it runs twice, which the database's
+//! compare-and-set transitions make harmless but not free (a receiver may
+//! get the webhook twice, deduplicated by its id).
 //!
-//! Each process start adds a consumer to the group. Every ten minutes a
-//! `take` also deletes consumers that hold nothing and were idle for an
+//! Each process start adds a consumer to a group, once it gets its first
+//! entry from that group's stream. Every ten minutes a `take` also deletes,
+//! from each group, consumers that hold nothing there and were idle for an
 //! hour (or ten visibility timeouts); one that holds entries is kept, or
 //! its entries could never be reclaimed.
 //!
@@ -75,19 +118,21 @@
 //!
 //! An entry whose delivery count would exceed `max_deliveries` has made
 //! that many workers die or time out: it is parked in the poison stream
-//! (with its entry id and delivery count), acked and deleted from the main
-//! stream, and logged at error level with its webhook id. Its webhook keeps
-//! its status in the database, so the next start's recovery queues it
-//! again. A job put back with `retry_later` is a new entry with a fresh
+//! (with its stream, entry id and delivery count), acked and deleted from
+//! its stream, and logged at error level with its webhook id. Its webhook
+//! keeps its status in the database, so the next start's recovery queues
+//! it again. A job put back with `retry_later` is a new entry with a fresh
 //! count: only crashes and timeouts count towards poison, not failed
 //! deliveries (those have the retry policy).
 //!
 //! # Data loss
 //!
-//! Redis may run without persistence. When the stream or its group is gone
-//! (`NOGROUP`), the queue recreates the group at id `0` (not `$`, which would
-//! skip jobs `XADD`ed since the loss) and retries the command once. Jobs
-//! queued before the loss are gone from Redis but not from the database:
+//! Redis may run without persistence. When a stream or its group is gone
+//! (`NOGROUP`), the queue recreates the groups at id `0` (not `$`, which
+//! would skip jobs `XADD`ed since the loss) and retries the command once.
+//! The scripts read a stream without its group as empty and say so, rather
+//! than fail after reading the other stream. Jobs queued before the loss
+//! are gone from Redis but not from the database:
 //! [`RedisQueue::group_recreations`] lets the caller run
 //! `Pipeline::recover` again.
 //!
@@ -136,16 +181,18 @@ use redis::{
 use tokio::{sync::watch, time::Instant};
 use tracing::{error, warn};
 
-use super::queue::{Job, JobKind, Lease, Queue, QueueError};
+use super::queue::{HighShare, Job, JobKind, Lease, Priority, Queue, QueueError, split};
 use crate::{
     clock::{Clock, SystemClock},
     domain::{TenantId, WebhookId},
 };
 
-/// The consumer group every worker joins.
+/// The consumer group every worker joins (the same name on both streams).
 const GROUP: &str = "workers";
-/// The name of the only stream so far, as it appears in receipts.
+/// The stream of normal-priority jobs, as named in keys and receipts.
 const MAIN_STREAM: &str = "stream";
+/// The stream of high-priority jobs, as named in keys and receipts.
+const HIGH_STREAM: &str = "stream:high";
 /// How many delayed jobs one run of the mover moves at most.
 const MOVE_BATCH: usize = 256;
 /// The poison stream is capped (approximately) at this many entries.
@@ -182,6 +229,8 @@ pub struct RedisQueueConfig {
     /// The longest single `XREADGROUP … BLOCK`; a take with a longer wait
     /// blocks several times.
     pub block: Duration,
+    /// The weighting of high-priority jobs against normal ones.
+    pub high_share: HighShare,
 }
 
 impl Default for RedisQueueConfig {
@@ -192,6 +241,7 @@ impl Default for RedisQueueConfig {
             visibility_timeout: Duration::from_secs(60),
             max_deliveries: 10,
             block: Duration::from_secs(1),
+            high_share: HighShare::DEFAULT,
         }
     }
 }
@@ -215,9 +265,25 @@ pub fn default_consumer_name() -> String {
 /// The keys of one queue.
 #[derive(Debug, Clone)]
 struct Keys {
+    /// Normal-priority jobs.
     stream: String,
+    /// High-priority jobs.
+    high: String,
     delayed: String,
     poison: String,
+}
+
+/// The name of a class's stream, as in its key and in receipts.
+fn stream_name(p: Priority) -> &'static str {
+    match p {
+        Priority::High => HIGH_STREAM,
+        Priority::Normal => MAIN_STREAM,
+    }
+}
+
+/// A lease's receipt: the stream's name and the entry id.
+fn receipt(p: Priority, id: &str) -> String {
+    format!("{}/{id}", stream_name(p))
 }
 
 impl Keys {
@@ -225,22 +291,37 @@ impl Keys {
         let tag = format!("{{{prefix}:jobs}}");
         Self {
             stream: format!("{tag}:{MAIN_STREAM}"),
+            high: format!("{tag}:{HIGH_STREAM}"),
             delayed: format!("{tag}:delayed"),
             poison: format!("{tag}:poison"),
         }
     }
 
+    /// The stream of a class.
+    fn stream_for(&self, p: Priority) -> &str {
+        match p {
+            Priority::High => &self.high,
+            Priority::Normal => &self.stream,
+        }
+    }
+
     /// The stream key a receipt names.
     fn stream_of(&self, name: &str) -> Option<&str> {
-        (name == MAIN_STREAM).then_some(self.stream.as_str())
+        match name {
+            MAIN_STREAM => Some(&self.stream),
+            HIGH_STREAM => Some(&self.high),
+            _ => None,
+        }
     }
 }
 
 /// Sizes of the queue's parts, for metrics and operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueStats {
-    /// Entries in the stream: waiting, and taken but not yet acked.
+    /// Entries in both streams: waiting, and taken but not yet acked.
     pub stream: u64,
+    /// Of those, in the high-priority stream.
+    pub high: u64,
     /// Of those, taken and not yet acked.
     pub pending: u64,
     /// Jobs due later.
@@ -250,8 +331,9 @@ pub struct QueueStats {
 }
 
 struct ReclaimState {
-    /// `XAUTOCLAIM` cursor: where the last scan of the PEL stopped.
-    cursor: String,
+    /// `XAUTOCLAIM` cursors of the high and the normal stream: where the
+    /// last scan of each PEL stopped.
+    cursors: [String; 2],
     last: Option<Instant>,
     last_prune: Option<Instant>,
 }
@@ -267,6 +349,8 @@ pub struct RedisQueue {
     reclaim: Mutex<ReclaimState>,
     recreations: AtomicU64,
     recreated: watch::Sender<u64>,
+    /// Single takes that got a job (see [`HighShare::high_quota`]).
+    single_turn: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -292,7 +376,8 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl RedisQueue {
-    /// Connects, and creates the stream and its consumer group if needed.
+    /// Connects, and creates the streams and their consumer groups if
+    /// needed.
     pub async fn connect(url: &str, cfg: RedisQueueConfig) -> Result<Self, QueueError> {
         Self::connect_with_clock(url, cfg, Arc::new(SystemClock)).await
     }
@@ -321,28 +406,30 @@ impl RedisQueue {
             cfg,
             clock,
             reclaim: Mutex::new(ReclaimState {
-                cursor: "0-0".to_string(),
+                cursors: ["0-0".to_string(), "0-0".to_string()],
                 last: None,
                 last_prune: None,
             }),
             recreations: AtomicU64::new(0),
             recreated: watch::Sender::new(0),
+            single_turn: AtomicU64::new(0),
         };
         q.create_group().await?;
         Ok(q)
     }
 
-    /// Counts the times the consumer group was found missing and recreated
+    /// Counts the times a consumer group was found missing and recreated
     /// (Redis lost its data): jobs queued before are gone from Redis, and
     /// the caller may want to run `Pipeline::recover` again.
     pub fn group_recreations(&self) -> watch::Receiver<u64> {
         self.recreated.subscribe()
     }
 
-    /// Sizes of the stream, the pending list, the delayed set and the
+    /// Sizes of the streams, the pending lists, the delayed set and the
     /// poison stream.
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
-        let (stream, pending, delayed, poison): (u64, u64, u64, u64) = STATS
+        let (stream, high, pending, delayed, poison): (u64, u64, u64, u64, u64) = STATS
+            .key(&self.keys.high)
             .key(&self.keys.stream)
             .key(&self.keys.delayed)
             .key(&self.keys.poison)
@@ -352,27 +439,33 @@ impl RedisQueue {
             .map_err(|e| backend("stats", e))?;
         Ok(QueueStats {
             stream,
+            high,
             pending,
             delayed,
             poison,
         })
     }
 
-    /// `XGROUP CREATE … 0 MKSTREAM`, ignoring BUSYGROUP (it exists).
+    /// `XGROUP CREATE … 0 MKSTREAM` on both streams, ignoring BUSYGROUP
+    /// (it exists). Whether a group was created.
     async fn create_group(&self) -> Result<bool, QueueError> {
-        let res: Result<(), RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.keys.stream)
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut self.conn.clone())
-            .await;
-        match res {
-            Ok(()) => Ok(true),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
-            Err(e) => Err(backend("XGROUP CREATE", e)),
+        let mut created = false;
+        for stream in [&self.keys.high, &self.keys.stream] {
+            let res: Result<(), RedisError> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut self.conn.clone())
+                .await;
+            match res {
+                Ok(()) => created = true,
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(backend("XGROUP CREATE", e)),
+            }
         }
+        Ok(created)
     }
 
     /// After a NOGROUP: recreate the group, and tell whoever listens.
@@ -382,26 +475,63 @@ impl RedisQueue {
             self.recreated.send_replace(n);
             warn!(
                 stream = %self.keys.stream,
-                "the queue's consumer group was missing (Redis lost its data?); recreated it; jobs queued before are only in the database now"
+                high = %self.keys.high,
+                "a consumer group of the queue was missing (Redis lost its data?); recreated it; jobs queued before are only in the database now"
             );
         }
         Ok(())
     }
 
-    /// Moves due delayed jobs into the stream; returns the next due time
-    /// (unix ms) of those left.
-    async fn move_due(&self) -> Result<Option<i64>, QueueError> {
-        let (_moved, next): (u64, Option<i64>) = MOVE_DUE
-            .key(&self.keys.delayed)
-            .key(&self.keys.stream)
-            .key(&self.keys.poison)
-            .arg(self.clock.now().timestamp_millis())
-            .arg(MOVE_BATCH)
-            .arg(POISON_MAXLEN)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| backend("moving due jobs", e))?;
-        Ok(next)
+    /// Runs `TAKE`: moves due delayed jobs into their streams, then reads
+    /// up to `want` new entries, `quota` of them reserved for high-priority
+    /// ones (see [`split`]). Returns the leases, high-priority first, and
+    /// the next due time (unix ms) of the delayed jobs left.
+    async fn take_due(
+        &self,
+        want: usize,
+        quota: usize,
+    ) -> Result<(Vec<Lease>, Option<i64>), QueueError> {
+        let mut recreated = false;
+        loop {
+            let (next, high, normal, nogroup): (Option<i64>, Vec<Entry>, Vec<Entry>, bool) = TAKE
+                .key(&self.keys.delayed)
+                .key(&self.keys.high)
+                .key(&self.keys.stream)
+                .key(&self.keys.poison)
+                .arg(self.clock.now().timestamp_millis())
+                .arg(MOVE_BATCH)
+                .arg(POISON_MAXLEN)
+                .arg(GROUP)
+                .arg(&self.cfg.consumer)
+                .arg(want)
+                .arg(quota)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(|e| backend("taking due jobs", e))?;
+            if nogroup {
+                // A stream or its group is gone; the other stream was still
+                // read. With nothing read, try once more with both.
+                self.recreate_group().await?;
+                if high.is_empty() && normal.is_empty() && !recreated {
+                    recreated = true;
+                    continue;
+                }
+            }
+            let mut out = Vec::with_capacity(high.len() + normal.len());
+            for (p, entries) in [(Priority::High, high), (Priority::Normal, normal)] {
+                for (id, fields) in entries {
+                    match decode(fields_of(&fields)) {
+                        Some(job) => out.push(Lease {
+                            job,
+                            receipt: receipt(p, &id),
+                            deliveries: 1,
+                        }),
+                        None => self.park_malformed(self.keys.stream_for(p), &id).await?,
+                    }
+                }
+            }
+            return Ok((out, next));
+        }
     }
 
     /// Reclaims up to `max` entries idle past the visibility timeout, if
@@ -409,7 +539,7 @@ impl RedisQueue {
     async fn reclaim_if_due(&self, max: usize) -> Result<Vec<Lease>, QueueError> {
         let every = (self.cfg.visibility_timeout / 10)
             .clamp(Duration::from_millis(10), Duration::from_secs(5));
-        let (cursor, prune) = {
+        let (cursors, prune) = {
             let mut s = self.reclaim.lock().expect("reclaim lock");
             let now = Instant::now();
             if s.last.is_some_and(|t| now.duration_since(t) < every) {
@@ -422,7 +552,7 @@ impl RedisQueue {
             if prune {
                 s.last_prune = Some(now);
             }
-            (s.cursor.clone(), prune)
+            (s.cursors.clone(), prune)
         };
         if prune {
             let idle = (self.cfg.visibility_timeout * 10).max(Duration::from_secs(3600));
@@ -430,32 +560,46 @@ impl RedisQueue {
                 warn!(error = %e, "pruning consumers that are gone failed");
             }
         }
-        let res = self.reclaim(&cursor, max).await;
-        let res = match res {
-            Err(e) if is_nogroup(&e) => {
-                self.recreate_group().await?;
-                self.reclaim(&cursor, max).await
-            }
-            r => r,
-        };
-        let (next, claimed, parked) = res.map_err(|e| backend("XAUTOCLAIM", e))?;
-        self.reclaim.lock().expect("reclaim lock").cursor = next;
-        for (id, fields, n) in parked {
-            let job = decode(
-                fields
-                    .chunks_exact(2)
-                    .map(|p| (p[0].as_str(), p[1].as_str())),
-            );
-            match job {
+        let (high_cursor, normal_cursor, claimed, parked, nogroup): (
+            String,
+            String,
+            Vec<Claimed>,
+            Vec<Claimed>,
+            bool,
+        ) = RECLAIM
+            .key(&self.keys.high)
+            .key(&self.keys.stream)
+            .key(&self.keys.poison)
+            .arg(GROUP)
+            .arg(&self.cfg.consumer)
+            .arg(ms(self.cfg.visibility_timeout))
+            .arg(&cursors[0])
+            .arg(&cursors[1])
+            .arg(max)
+            .arg(self.cfg.max_deliveries)
+            .arg(POISON_MAXLEN)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| backend("XAUTOCLAIM", e))?;
+        self.reclaim.lock().expect("reclaim lock").cursors = [high_cursor, normal_cursor];
+        if nogroup {
+            // A lost group has no pending entries to reclaim.
+            self.recreate_group().await?;
+        }
+        for (stream, id, fields, n) in parked {
+            match decode(fields_of(&fields)) {
                 Some(job) => error!(
                     webhook_id = %job.webhook,
                     tenant_id = %job.tenant,
                     kind = job.kind.as_str(),
+                    priority = job.priority.as_str(),
+                    stream = %stream,
                     entry = %id,
                     deliveries = n,
                     "job parked in the poison stream: handed out too many times without an ack"
                 ),
                 None => error!(
+                    stream = %stream,
                     entry = %id,
                     deliveries = n,
                     "malformed entry parked in the poison stream after too many deliveries"
@@ -463,47 +607,31 @@ impl RedisQueue {
             }
         }
         let mut out = Vec::with_capacity(claimed.len());
-        for (id, fields, n) in claimed {
-            match decode(
-                fields
-                    .chunks_exact(2)
-                    .map(|p| (p[0].as_str(), p[1].as_str())),
-            ) {
+        for (stream, id, fields, n) in claimed {
+            let p = if stream == self.keys.high {
+                Priority::High
+            } else {
+                Priority::Normal
+            };
+            match decode(fields_of(&fields)) {
                 Some(job) => out.push(Lease {
                     job,
-                    receipt: format!("{MAIN_STREAM}/{id}"),
+                    receipt: receipt(p, &id),
                     deliveries: n,
                 }),
-                None => self.park_malformed(&self.keys.stream, &id).await?,
+                None => self.park_malformed(self.keys.stream_for(p), &id).await?,
             }
         }
         Ok(out)
     }
 
-    async fn reclaim(
-        &self,
-        cursor: &str,
-        max: usize,
-    ) -> Result<(String, Vec<Claimed>, Vec<Claimed>), RedisError> {
-        RECLAIM
-            .key(&self.keys.stream)
-            .key(&self.keys.poison)
-            .arg(GROUP)
-            .arg(&self.cfg.consumer)
-            .arg(ms(self.cfg.visibility_timeout))
-            .arg(cursor)
-            .arg(max)
-            .arg(self.cfg.max_deliveries)
-            .arg(POISON_MAXLEN)
-            .invoke_async(&mut self.conn.clone())
-            .await
-    }
-
-    /// Removes consumers of the group idle for longer than `idle` that hold
-    /// nothing (each process start adds one; a consumer holding entries is
-    /// kept, or its entries could not be reclaimed). Returns how many.
+    /// Removes consumers of the groups idle for longer than `idle` that
+    /// hold nothing in that group (each process start adds one; a consumer
+    /// holding entries is kept, or its entries could not be reclaimed).
+    /// Returns how many were removed, a consumer counting once per stream.
     async fn prune_consumers(&self, idle: Duration) -> Result<u64, QueueError> {
         PRUNE
+            .key(&self.keys.high)
             .key(&self.keys.stream)
             .arg(GROUP)
             .arg(ms(idle))
@@ -568,28 +696,32 @@ impl RedisQueue {
         }
     }
 
-    /// `XREADGROUP … COUNT count [BLOCK block] STREAMS stream >`.
-    async fn read_new(
+    /// `XREADGROUP … COUNT want BLOCK block STREAMS high normal > >`: waits
+    /// for an entry in either stream. Should entries come from both and
+    /// number more than `want`, the excess beyond the weighted split is
+    /// given back.
+    async fn read_blocking(
         &self,
-        count: usize,
-        block: Option<Duration>,
+        want: usize,
+        quota: usize,
+        block: Duration,
     ) -> Result<Vec<Lease>, QueueError> {
         // Taken out of the pool for the read: if this future is dropped
         // mid-read, the connection goes with it instead of coming back with
         // a read still blocking on it.
         let mut conn = self.reader().await?;
-        let mut opts = StreamReadOptions::default()
+        // BLOCK 0 would mean "forever".
+        let opts = StreamReadOptions::default()
             .group(GROUP, &self.cfg.consumer)
-            .count(count);
-        if let Some(b) = block {
-            // BLOCK 0 would mean "forever".
-            opts = opts.block(usize::try_from(ms(b).max(1)).unwrap_or(usize::MAX));
-        }
+            .count(want)
+            .block(usize::try_from(ms(block).max(1)).unwrap_or(usize::MAX));
         let read = |conn: &mut MultiplexedConnection| {
             let cmd = redis::cmd("XREADGROUP")
                 .arg(&opts)
                 .arg("STREAMS")
+                .arg(&self.keys.high)
                 .arg(&self.keys.stream)
+                .arg(">")
                 .arg(">")
                 .to_owned();
             let mut conn = conn.clone();
@@ -610,20 +742,72 @@ impl RedisQueue {
             // The connection may be broken: do not reuse it.
             Err(e) => return Err(backend("XREADGROUP", e)),
         };
-        let mut out = Vec::new();
+        let (mut high, mut normal) = (Vec::new(), Vec::new());
         for key in reply.map(|r| r.keys).unwrap_or_default() {
+            let p = if key.key == self.keys.high {
+                Priority::High
+            } else {
+                Priority::Normal
+            };
             for entry in key.ids {
                 match decode_entry(&entry) {
-                    Some(job) => out.push(Lease {
-                        job,
-                        receipt: format!("{MAIN_STREAM}/{}", entry.id),
-                        deliveries: 1,
-                    }),
-                    None => self.park_malformed(&self.keys.stream, &entry.id).await?,
+                    Some(job) => {
+                        let lease = Lease {
+                            job,
+                            receipt: receipt(p, &entry.id),
+                            deliveries: 1,
+                        };
+                        match p {
+                            Priority::High => high.push(lease),
+                            Priority::Normal => normal.push(lease),
+                        }
+                    }
+                    None => {
+                        self.park_malformed(self.keys.stream_for(p), &entry.id)
+                            .await?
+                    }
                 }
             }
         }
-        Ok(out)
+        if high.len() + normal.len() > want {
+            let (h, n) = split(want, quota, high.len(), normal.len());
+            let excess: Vec<Lease> = high
+                .split_off(h)
+                .into_iter()
+                .chain(normal.split_off(n))
+                .collect();
+            self.give_back(&excess).await?;
+        }
+        high.append(&mut normal);
+        Ok(high)
+    }
+
+    /// Puts taken entries back, as new entries at the end of their streams,
+    /// in one `MULTI`. Only a blocking read that was served from both
+    /// streams at once needs it (see the module docs).
+    async fn give_back(&self, leases: &[Lease]) -> Result<(), QueueError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for lease in leases {
+            let (stream, id) = self.locate(&lease.receipt)?;
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg(&encode(&lease.job)[..])
+                .ignore()
+                .cmd("XACK")
+                .arg(stream)
+                .arg(GROUP)
+                .arg(id)
+                .ignore()
+                .cmd("XDEL")
+                .arg(stream)
+                .arg(id)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(|e| backend("giving entries back", e))
     }
 
     /// The stream key and entry id a receipt names.
@@ -655,15 +839,27 @@ fn validate(cfg: &RedisQueueConfig) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// A reclaimed entry: id, flat field/value list, delivery count.
-type Claimed = (String, Vec<String>, u32);
+/// A new entry: id, flat field/value list.
+type Entry = (String, Vec<String>);
+
+/// A reclaimed entry: stream name, id, flat field/value list, delivery
+/// count.
+type Claimed = (String, String, Vec<String>, u32);
+
+/// A flat field/value list as pairs.
+fn fields_of(flat: &[String]) -> impl Iterator<Item = (&str, &str)> {
+    flat.chunks_exact(2).map(|p| (p[0].as_str(), p[1].as_str()))
+}
 
 /// The stream fields of a job, in order; also the delayed set's member (as
-/// a JSON array), which is why it must be deterministic.
-fn encode(job: &Job) -> [&str; 8] {
+/// a JSON array), which is why it must be deterministic. `TAKE` reads the
+/// `priority` field of a member to pick its stream.
+fn encode(job: &Job) -> [&str; 10] {
     [
         "kind",
         job.kind.as_str(),
+        "priority",
+        job.priority.as_str(),
         "tenant",
         job.tenant.as_str(),
         "webhook",
@@ -676,8 +872,13 @@ fn encode(job: &Job) -> [&str; 8] {
     ]
 }
 
+/// A job from its fields; `None` when one it cannot do without is missing.
+/// The priority is not one of those: an entry without it (written before
+/// there were priorities), or with a value this version does not know, is
+/// normal work.
 fn decode<'a>(fields: impl Iterator<Item = (&'a str, &'a str)>) -> Option<Job> {
     let (mut kind, mut tenant, mut webhook) = (None, None, None);
+    let mut priority = Priority::Normal;
     for (k, v) in fields {
         match k {
             "kind" => {
@@ -687,6 +888,7 @@ fn decode<'a>(fields: impl Iterator<Item = (&'a str, &'a str)>) -> Option<Job> {
                     _ => None,
                 }
             }
+            "priority" => priority = Priority::parse(v).unwrap_or_default(),
             "tenant" if !v.is_empty() => tenant = Some(TenantId::from_trusted(v.to_string())),
             "webhook" if !v.is_empty() => webhook = Some(WebhookId::from_trusted(v.to_string())),
             _ => {}
@@ -694,7 +896,7 @@ fn decode<'a>(fields: impl Iterator<Item = (&'a str, &'a str)>) -> Option<Job> {
     }
     Some(Job {
         kind: kind?,
-        priority: Default::default(),
+        priority,
         tenant: tenant?,
         webhook: webhook?,
     })
@@ -734,7 +936,7 @@ impl Queue for RedisQueue {
                     .map_err(|e| backend("ZADD", e))
             }
             _ => redis::cmd("XADD")
-                .arg(&self.keys.stream)
+                .arg(self.keys.stream_for(job.priority))
                 .arg("*")
                 .arg(&fields[..])
                 .query_async::<()>(&mut self.conn.clone())
@@ -747,31 +949,35 @@ impl Queue for RedisQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
+        let turn = self.single_turn.load(Ordering::Relaxed);
         let deadline = Instant::now() + wait;
-        loop {
-            let next_due = self.move_due().await?;
+        let leases = loop {
             let mut leases = self.reclaim_if_due(max).await?;
             let want = max - leases.len();
             if want == 0 {
-                return Ok(leases);
+                break leases;
             }
+            let quota = self.cfg.high_share.high_quota(want, turn);
+            let (taken, next_due) = self.take_due(want, quota).await?;
+            leases.extend(taken);
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let block = if !leases.is_empty() || remaining.is_zero() {
-                None
-            } else {
-                let mut b = remaining.min(self.cfg.block);
-                if let Some(due) = next_due {
-                    let until =
-                        u64::try_from(due - self.clock.now().timestamp_millis()).unwrap_or(0);
-                    b = b.min(Duration::from_millis(until).max(MIN_BLOCK));
-                }
-                Some(b)
-            };
-            leases.extend(self.read_new(want, block).await?);
-            if !leases.is_empty() || Instant::now() >= deadline {
-                return Ok(leases);
+            if !leases.is_empty() || remaining.is_zero() {
+                break leases;
             }
+            let mut block = remaining.min(self.cfg.block);
+            if let Some(due) = next_due {
+                let until = u64::try_from(due - self.clock.now().timestamp_millis()).unwrap_or(0);
+                block = block.min(Duration::from_millis(until).max(MIN_BLOCK));
+            }
+            let leases = self.read_blocking(want, quota, block).await?;
+            if !leases.is_empty() || Instant::now() >= deadline {
+                break leases;
+            }
+        };
+        if max == 1 && !leases.is_empty() {
+            self.single_turn.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(leases)
     }
 
     async fn ack(&self, lease: &Lease) -> Result<(), QueueError> {
@@ -830,84 +1036,137 @@ impl Queue for RedisQueue {
     }
 }
 
-/// KEYS: delayed, stream, poison. ARGV: now (unix ms), batch, poison maxlen.
-/// Moves due members to the stream (a member that does not decode goes to
-/// the poison stream); returns {moved, next due score or nil}.
-static MOVE_DUE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+/// KEYS: delayed, high stream, normal stream, poison. ARGV: now (unix ms),
+/// move batch, poison maxlen, group, consumer, want, high quota.
+///
+/// First moves due members to the stream of their `priority` field (a
+/// member that does not decode goes to the poison stream). Then reads new
+/// entries as [`split`] says: high up to the quota, normal up to what that
+/// leaves, high again up to what is left. A stream without the group
+/// (`NOGROUP`) reads as empty and sets the flag, so that entries read from
+/// the other are not lost with an error. Returns {next due score or nil,
+/// high entries, normal entries, nogroup}, each entry {id, {field, value,
+/// …}}.
+static TAKE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
     Script::new(
         r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(due) do
   local ok, fields = pcall(cjson.decode, member)
   if ok and type(fields) == 'table' and #fields > 0 and #fields % 2 == 0 then
-    redis.call('XADD', KEYS[2], '*', unpack(fields))
+    local stream = KEYS[3]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'priority' and fields[i + 1] == 'high' then stream = KEYS[2] end
+    end
+    redis.call('XADD', stream, '*', unpack(fields))
   else
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'delayed', member)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'delayed', member)
   end
   redis.call('ZREM', KEYS[1], member)
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local score = false
 if nxt[2] then score = tonumber(nxt[2]) end
-return {#due, score}
+
+local nogroup = 0
+local function read(stream, count, into)
+  if count <= 0 then return 0 end
+  local r = redis.pcall('XREADGROUP', 'GROUP', ARGV[4], ARGV[5], 'COUNT', count, 'STREAMS', stream, '>')
+  if type(r) == 'table' and r.err then
+    if string.sub(r.err, 1, 7) == 'NOGROUP' then
+      nogroup = 1
+      return 0
+    end
+    error(r)
+  end
+  if not r then return 0 end
+  for _, e in ipairs(r[1][2]) do into[#into + 1] = e end
+  return #r[1][2]
+end
+local want, quota = tonumber(ARGV[6]), math.min(tonumber(ARGV[7]), tonumber(ARGV[6]))
+local high, normal = {}, {}
+local h = read(KEYS[2], quota, high)
+local n = read(KEYS[3], want - h, normal)
+if h == quota then read(KEYS[2], want - h - n, high) end
+return {score, high, normal, nogroup}
 "#,
     )
 });
 
-/// KEYS: stream, poison. ARGV: group, consumer, min idle (ms), cursor,
-/// count, max deliveries, poison maxlen. Claims idle entries; parks those
-/// handed out more than max deliveries times. Returns {next cursor,
-/// claimed, parked}, each entry {id, {field, value, …}, deliveries}.
+/// KEYS: high stream, normal stream, poison. ARGV: group, consumer, min
+/// idle (ms), high cursor, normal cursor, count, max deliveries, poison
+/// maxlen. Claims up to count idle entries, from the high stream first;
+/// parks those handed out more than max deliveries times. A stream without
+/// the group is skipped and sets the flag. Returns {next high cursor, next
+/// normal cursor, claimed, parked, nogroup}, each entry {stream key, id,
+/// {field, value, …}, deliveries}.
 static RECLAIM: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
     Script::new(
         r#"
-local r = redis.pcall('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-if r.err then return redis.error_reply(r.err) end
-local max = tonumber(ARGV[6])
+local max = tonumber(ARGV[7])
+local left = tonumber(ARGV[6])
+local cursors = {ARGV[4], ARGV[5]}
 local claimed, parked = {}, {}
-for _, e in ipairs(r[2]) do
-  -- Redis 6.2 reports entries deleted meanwhile as nil.
-  if e then
-    local id, fields = e[1], e[2] or {}
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-    local n = 1
-    if p[1] then n = p[1][4] end
-    if n > max then
-      local rec = {'stream', KEYS[1], 'entry', id, 'deliveries', tostring(n)}
-      for _, f in ipairs(fields) do rec[#rec + 1] = f end
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(rec))
-      redis.call('XACK', KEYS[1], ARGV[1], id)
-      redis.call('XDEL', KEYS[1], id)
-      parked[#parked + 1] = {id, fields, n}
+local nogroup = 0
+for i = 1, 2 do
+  if left > 0 then
+    local r = redis.pcall('XAUTOCLAIM', KEYS[i], ARGV[1], ARGV[2], ARGV[3], cursors[i], 'COUNT', left)
+    if r.err then
+      if string.sub(r.err, 1, 7) ~= 'NOGROUP' then return redis.error_reply(r.err) end
+      nogroup = 1
     else
-      claimed[#claimed + 1] = {id, fields, n}
+      cursors[i] = r[1]
+      for _, e in ipairs(r[2]) do
+        -- Redis 6.2 reports entries deleted meanwhile as nil.
+        if e then
+          local id, fields = e[1], e[2] or {}
+          local p = redis.call('XPENDING', KEYS[i], ARGV[1], id, id, 1)
+          local n = 1
+          if p[1] then n = p[1][4] end
+          if n > max then
+            local rec = {'stream', KEYS[i], 'entry', id, 'deliveries', tostring(n)}
+            for _, f in ipairs(fields) do rec[#rec + 1] = f end
+            redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', unpack(rec))
+            redis.call('XACK', KEYS[i], ARGV[1], id)
+            redis.call('XDEL', KEYS[i], id)
+            parked[#parked + 1] = {KEYS[i], id, fields, n}
+          else
+            claimed[#claimed + 1] = {KEYS[i], id, fields, n}
+            left = left - 1
+          end
+        end
+      end
     end
   end
 end
-return {r[1], claimed, parked}
+return {cursors[1], cursors[2], claimed, parked, nogroup}
 "#,
     )
 });
 
-/// KEYS: stream. ARGV: group, min idle (ms), own consumer name. Deletes
-/// consumers that hold nothing and were idle that long; returns how many.
+/// KEYS: the streams. ARGV: group, min idle (ms), own consumer name.
+/// Deletes, from each stream's group, consumers that hold nothing there and
+/// were idle that long; returns how many it deleted.
 static PRUNE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
     Script::new(
         r#"
-local list = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
-if list.err then return 0 end
 local min_idle = tonumber(ARGV[2])
 local n = 0
-for _, c in ipairs(list) do
-  local name, pending, idle
-  for i = 1, #c, 2 do
-    if c[i] == 'name' then name = c[i + 1]
-    elseif c[i] == 'pending' then pending = c[i + 1]
-    elseif c[i] == 'idle' then idle = c[i + 1] end
-  end
-  if name and name ~= ARGV[3] and pending == 0 and idle and idle > min_idle then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
-    n = n + 1
+for _, key in ipairs(KEYS) do
+  local list = redis.pcall('XINFO', 'CONSUMERS', key, ARGV[1])
+  if not list.err then
+    for _, c in ipairs(list) do
+      local name, pending, idle
+      for i = 1, #c, 2 do
+        if c[i] == 'name' then name = c[i + 1]
+        elseif c[i] == 'pending' then pending = c[i + 1]
+        elseif c[i] == 'idle' then idle = c[i + 1] end
+      end
+      if name and name ~= ARGV[3] and pending == 0 and idle and idle > min_idle then
+        redis.call('XGROUP', 'DELCONSUMER', key, ARGV[1], name)
+        n = n + 1
+      end
+    end
   end
 end
 return n
@@ -915,15 +1174,19 @@ return n
     )
 });
 
-/// KEYS: stream, delayed, poison. ARGV: group. Returns {stream length,
-/// pending, delayed, poison length}.
+/// KEYS: high stream, normal stream, delayed, poison. ARGV: group. Returns
+/// {length of both streams, of the high one, pending in both, delayed,
+/// poison length}.
 static STATS: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
     Script::new(
         r#"
 local pending = 0
-local p = redis.pcall('XPENDING', KEYS[1], ARGV[1])
-if not p.err then pending = p[1] end
-return {redis.call('XLEN', KEYS[1]), pending, redis.call('ZCARD', KEYS[2]), redis.call('XLEN', KEYS[3])}
+for i = 1, 2 do
+  local p = redis.pcall('XPENDING', KEYS[i], ARGV[1])
+  if not p.err then pending = pending + p[1] end
+end
+local high = redis.call('XLEN', KEYS[1])
+return {high + redis.call('XLEN', KEYS[2]), high, pending, redis.call('ZCARD', KEYS[3]), redis.call('XLEN', KEYS[4])}
 "#,
     )
 });
@@ -931,7 +1194,10 @@ return {redis.call('XLEN', KEYS[1]), pending, redis.call('ZCARD', KEYS[2]), redi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::{
+        clock::ManualClock,
+        pipeline::queue::suite::{Backend, Counts, queue_suite},
+    };
 
     /// The Redis to test against, or `None` (skip) when not configured.
     fn redis_url() -> Option<String> {
@@ -971,6 +1237,7 @@ mod tests {
                 visibility_timeout: Duration::from_secs(60),
                 max_deliveries: 10,
                 block: Duration::from_millis(200),
+                high_share: HighShare::DEFAULT,
             }
         }
 
@@ -1001,6 +1268,7 @@ mod tests {
             {
                 let _: Result<(), _> = redis::cmd("DEL")
                     .arg(&k.stream)
+                    .arg(&k.high)
                     .arg(&k.delayed)
                     .arg(&k.poison)
                     .query(&mut c);
@@ -1008,89 +1276,195 @@ mod tests {
         }
     }
 
+    /// The Redis queue under the shared suite: each consumer is a
+    /// connection of its own with a consumer name of its own, as another
+    /// process would be, on the test's key prefix.
+    struct Redis {
+        space: Space,
+        consumers: Mutex<Vec<Arc<RedisQueue>>>,
+    }
+
+    #[async_trait]
+    impl Backend for Redis {
+        async fn setup() -> Option<Self> {
+            Some(Self {
+                space: Space::new()?,
+                consumers: Mutex::new(Vec::new()),
+            })
+        }
+
+        async fn consumer(&self, clock: Arc<dyn Clock>) -> Arc<dyn Queue> {
+            let name = format!("c{}", self.consumers.lock().expect("lock").len());
+            let q = Arc::new(
+                RedisQueue::connect_with_clock(&self.space.url, self.space.cfg(&name), clock)
+                    .await
+                    .unwrap(),
+            );
+            self.consumers.lock().expect("lock").push(q.clone());
+            q
+        }
+
+        async fn counts(&self) -> Counts {
+            let q = self.consumers.lock().expect("lock")[0].clone();
+            let st = q.stats().await.unwrap();
+            let n = |v: u64| usize::try_from(v).unwrap();
+            Counts {
+                ready: n(st.stream - st.pending),
+                delayed: n(st.delayed),
+                taken: n(st.pending),
+            }
+        }
+    }
+
+    queue_suite!(Redis);
+
     fn job() -> Job {
+        job_of(Priority::Normal)
+    }
+
+    fn job_of(priority: Priority) -> Job {
         Job {
             kind: JobKind::Deliver,
-            priority: Default::default(),
+            priority,
             tenant: TenantId::generate(),
             webhook: WebhookId::generate(),
         }
     }
 
+    fn stats(stream: u64, high: u64, pending: u64, delayed: u64, poison: u64) -> QueueStats {
+        QueueStats {
+            stream,
+            high,
+            pending,
+            delayed,
+            poison,
+        }
+    }
+
     #[tokio::test]
-    async fn due_jobs_come_out_in_order_and_ack_removes() {
+    async fn each_priority_has_its_stream_named_by_its_receipts() {
         let Some(s) = Space::new() else { return };
         let q = s.queue("a").await;
-        let (a, b) = (job(), job());
-        q.enqueue(a.clone(), None).await.unwrap();
-        q.enqueue(b.clone(), None).await.unwrap();
-        let got = q.take(10, Duration::from_millis(10)).await.unwrap();
-        assert_eq!(
-            got.iter().map(|l| l.job.clone()).collect::<Vec<_>>(),
-            vec![a, b]
+        let (normal, high) = (job(), job_of(Priority::High));
+        q.enqueue(normal.clone(), None).await.unwrap();
+        q.enqueue(high.clone(), None).await.unwrap();
+        assert_eq!(q.stats().await.unwrap(), stats(2, 1, 0, 0, 0));
+        let got = q.take(10, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].job, high);
+        assert!(
+            got[0].receipt.starts_with("stream:high/"),
+            "{}",
+            got[0].receipt
         );
-        assert!(got.iter().all(|l| l.deliveries == 1));
-        assert!(got.iter().all(|l| l.receipt.starts_with("stream/")));
-        let st = q.stats().await.unwrap();
-        assert_eq!((st.stream, st.pending), (2, 2));
+        assert_eq!(got[1].job, normal);
+        assert!(got[1].receipt.starts_with("stream/"), "{}", got[1].receipt);
+        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg(&s.keys().high)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut s.raw().await)
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(got[0].receipt, format!("stream:high/{}", entries[0].0));
+        assert!(entries[0].1.windows(2).any(|p| p == ["priority", "high"]));
+        assert_eq!(q.stats().await.unwrap(), stats(2, 1, 2, 0, 0));
         for l in &got {
             q.ack(l).await.unwrap();
         }
-        assert_eq!(
-            q.stats().await.unwrap(),
-            QueueStats {
-                stream: 0,
-                pending: 0,
-                delayed: 0,
-                poison: 0
-            }
+        assert_eq!(q.stats().await.unwrap(), stats(0, 0, 0, 0, 0));
+        assert!(
+            q.ack(&Lease {
+                receipt: "elsewhere/1-0".into(),
+                ..got[0].clone()
+            })
+            .await
+            .is_err()
         );
-        q.ping().await.unwrap();
     }
 
     #[tokio::test]
-    async fn take_respects_max() {
+    async fn entries_and_members_without_a_priority_are_normal() {
         let Some(s) = Space::new() else { return };
         let q = s.queue("a").await;
-        for _ in 0..5 {
-            q.enqueue(job(), None).await.unwrap();
-        }
-        assert_eq!(q.take(3, Duration::ZERO).await.unwrap().len(), 3);
-        assert_eq!(q.take(3, Duration::ZERO).await.unwrap().len(), 2);
-        assert!(q.take(3, Duration::ZERO).await.unwrap().is_empty());
+        let (old, old_delayed) = (job(), job());
+        let mut raw = s.raw().await;
+        // As written before there were priorities.
+        let _: () = redis::cmd("XADD")
+            .arg(&s.keys().stream)
+            .arg("*")
+            .arg("kind")
+            .arg("deliver")
+            .arg("tenant")
+            .arg(old.tenant.as_str())
+            .arg("webhook")
+            .arg(old.webhook.as_str())
+            .arg("traceparent")
+            .arg("")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let member = serde_json::to_string(&[
+            "kind",
+            "deliver",
+            "tenant",
+            old_delayed.tenant.as_str(),
+            "webhook",
+            old_delayed.webhook.as_str(),
+            "traceparent",
+            "",
+        ])
+        .unwrap();
+        let _: () = redis::cmd("ZADD")
+            .arg(&s.keys().delayed)
+            .arg(0)
+            .arg(member)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let got = q.take(10, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            got.iter().map(|l| l.job.clone()).collect::<Vec<_>>(),
+            [old, old_delayed]
+        );
+        assert!(got.iter().all(|l| l.receipt.starts_with("stream/")));
+        assert_eq!(q.stats().await.unwrap(), stats(2, 0, 2, 0, 0));
     }
 
     #[tokio::test]
-    async fn delayed_jobs_wait_for_their_time() {
+    async fn a_read_served_from_both_streams_gives_the_excess_back() {
         let Some(s) = Space::new() else { return };
-        let clock = ManualClock::new(Utc::now());
-        let q = RedisQueue::connect_with_clock(&s.url, s.cfg("a"), Arc::new(clock.clone()))
+        let q = s.queue("a").await;
+        let (normal, high) = (job(), job_of(Priority::High));
+        q.enqueue(normal.clone(), None).await.unwrap();
+        q.enqueue(high.clone(), None).await.unwrap();
+        // As when entries arrive in both streams between the script and the
+        // blocking read: it is answered from both at once.
+        let got = q
+            .read_blocking(1, 1, Duration::from_millis(10))
             .await
             .unwrap();
-        let j = job();
-        q.enqueue(j.clone(), Some(clock.now() + chrono::Duration::seconds(60)))
-            .await
-            .unwrap();
-        // A due time in the past is due now.
-        let k = job();
-        q.enqueue(k.clone(), Some(clock.now() - chrono::Duration::seconds(1)))
-            .await
-            .unwrap();
-        let got = q.take(10, Duration::from_millis(20)).await.unwrap();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].job, k);
-        clock.advance(chrono::Duration::seconds(59));
-        assert!(
-            q.take(10, Duration::from_millis(20))
-                .await
-                .unwrap()
-                .is_empty()
+        assert_eq!(got[0].job, high);
+        assert_eq!(q.stats().await.unwrap(), stats(2, 1, 1, 0, 0));
+        let back = q.take(1, Duration::ZERO).await.unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].job, normal);
+        assert_eq!(back[0].deliveries, 1);
+        // With room for both, nothing goes back.
+        let (n2, h2) = (job(), job_of(Priority::High));
+        q.enqueue(n2.clone(), None).await.unwrap();
+        q.enqueue(h2.clone(), None).await.unwrap();
+        let got = q
+            .read_blocking(2, 1, Duration::from_millis(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.iter().map(|l| l.job.clone()).collect::<Vec<_>>(),
+            [h2, n2]
         );
-        clock.advance(chrono::Duration::seconds(1));
-        let got = q.take(10, Duration::from_millis(20)).await.unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].job, j);
-        assert_eq!(q.stats().await.unwrap().delayed, 0);
+        assert_eq!(q.stats().await.unwrap(), stats(4, 2, 4, 0, 0));
     }
 
     #[tokio::test]
@@ -1134,120 +1508,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn retry_later_moves_the_job_to_delayed() {
-        let Some(s) = Space::new() else { return };
-        let clock = ManualClock::new(Utc::now());
-        let q = RedisQueue::connect_with_clock(&s.url, s.cfg("a"), Arc::new(clock.clone()))
-            .await
-            .unwrap();
-        let j = job();
-        q.enqueue(j.clone(), None).await.unwrap();
-        let l = q.take(1, Duration::ZERO).await.unwrap().pop().unwrap();
-        q.retry_later(&l, clock.now() + chrono::Duration::seconds(5))
-            .await
-            .unwrap();
-        assert_eq!(
-            q.stats().await.unwrap(),
-            QueueStats {
-                stream: 0,
-                pending: 0,
-                delayed: 1,
-                poison: 0
-            }
-        );
-        assert!(q.take(1, Duration::ZERO).await.unwrap().is_empty());
-        clock.advance(chrono::Duration::seconds(5));
-        let got = q.take(1, Duration::ZERO).await.unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].job, j);
-        assert_eq!(got[0].deliveries, 1, "a retry is a new entry");
-    }
-
-    #[tokio::test]
-    async fn a_waiting_taker_wakes_on_enqueue() {
-        let Some(s) = Space::new() else { return };
-        let q = Arc::new(s.queue("a").await);
-        let producer = s.queue("producer").await;
-        let q2 = q.clone();
-        let taker = tokio::spawn(async move { q2.take(1, Duration::from_secs(30)).await });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // Commands on the shared connection are not stuck behind the read.
-        q.ping().await.unwrap();
-        producer.enqueue(job(), None).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), taker)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.len(), 1);
-    }
-
-    #[tokio::test]
-    async fn two_consumers_never_get_the_same_entry() {
-        let Some(s) = Space::new() else { return };
-        let a = Arc::new(s.queue("a").await);
-        let b = Arc::new(s.queue("b").await);
-        let n = 60;
-        for _ in 0..n {
-            a.enqueue(job(), None).await.unwrap();
-        }
-        let drain = |q: Arc<RedisQueue>| {
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                loop {
-                    let batch = q.take(7, Duration::from_millis(20)).await.unwrap();
-                    if batch.is_empty() {
-                        return got;
-                    }
-                    got.extend(batch);
-                }
-            })
-        };
-        let (ga, gb) = tokio::join!(drain(a), drain(b));
-        let (ga, gb) = (ga.unwrap(), gb.unwrap());
-        let mut all: Vec<String> = ga.iter().chain(&gb).map(|l| l.receipt.clone()).collect();
-        assert_eq!(all.len(), n);
-        all.sort();
-        all.dedup();
-        assert_eq!(all.len(), n, "an entry went to both consumers");
-        let mut hooks: Vec<_> = ga
-            .iter()
-            .chain(&gb)
-            .map(|l| l.job.webhook.clone())
-            .collect();
-        hooks.sort();
-        hooks.dedup();
-        assert_eq!(hooks.len(), n);
-    }
-
-    #[tokio::test]
     async fn an_entry_of_a_dead_consumer_is_reclaimed_after_the_visibility_timeout() {
         let Some(s) = Space::new() else { return };
         let mut cfg = s.cfg("dies");
         cfg.visibility_timeout = Duration::from_millis(200);
         let dies = RedisQueue::connect(&s.url, cfg.clone()).await.unwrap();
-        let j = job();
-        dies.enqueue(j.clone(), None).await.unwrap();
-        let taken = dies.take(1, Duration::ZERO).await.unwrap().pop().unwrap();
+        let (normal, high) = (job(), job_of(Priority::High));
+        dies.enqueue(normal.clone(), None).await.unwrap();
+        dies.enqueue(high.clone(), None).await.unwrap();
+        let taken = dies.take(2, Duration::ZERO).await.unwrap();
+        assert_eq!(taken.len(), 2);
         drop(dies);
 
         cfg.consumer = "lives".to_string();
         let lives = RedisQueue::connect(&s.url, cfg).await.unwrap();
         assert!(
-            lives.take(1, Duration::ZERO).await.unwrap().is_empty(),
+            lives.take(2, Duration::ZERO).await.unwrap().is_empty(),
             "not before the visibility timeout"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let got = lives.take(1, Duration::from_millis(100)).await.unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].job, j);
-        assert_eq!(got[0].receipt, taken.receipt);
-        assert_eq!(got[0].deliveries, 2);
-        lives.ack(&got[0]).await.unwrap();
-        // The dead consumer's late ack is harmless.
-        lives.ack(&taken).await.unwrap();
-        let st = lives.stats().await.unwrap();
-        assert_eq!((st.stream, st.pending), (0, 0));
+        // From both streams, high priority first.
+        let got = lives.take(2, Duration::from_millis(100)).await.unwrap();
+        assert_eq!(
+            got.iter().map(|l| l.job.clone()).collect::<Vec<_>>(),
+            [high, normal]
+        );
+        for (got, taken) in got.iter().zip(&taken) {
+            assert_eq!(got.receipt, taken.receipt);
+            assert_eq!(got.deliveries, 2);
+            lives.ack(got).await.unwrap();
+            // The dead consumer's late ack is harmless.
+            lives.ack(taken).await.unwrap();
+        }
+        assert_eq!(lives.stats().await.unwrap(), stats(0, 0, 0, 0, 0));
     }
 
     #[tokio::test]
@@ -1257,7 +1550,7 @@ mod tests {
         cfg.visibility_timeout = Duration::from_millis(100);
         cfg.max_deliveries = 2;
         let q = RedisQueue::connect(&s.url, cfg).await.unwrap();
-        let j = job();
+        let j = job_of(Priority::High);
         q.enqueue(j.clone(), None).await.unwrap();
         let first = q.take(1, Duration::ZERO).await.unwrap();
         assert_eq!(first[0].deliveries, 1);
@@ -1266,15 +1559,7 @@ mod tests {
         assert_eq!(second[0].deliveries, 2);
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(q.take(1, Duration::ZERO).await.unwrap().is_empty());
-        assert_eq!(
-            q.stats().await.unwrap(),
-            QueueStats {
-                stream: 0,
-                pending: 0,
-                delayed: 0,
-                poison: 1
-            }
-        );
+        assert_eq!(q.stats().await.unwrap(), stats(0, 0, 0, 0, 1));
         let parked: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
             .arg(&s.keys().poison)
             .arg("-")
@@ -1290,10 +1575,12 @@ mod tests {
                 .map(|p| p[1].clone())
         };
         assert_eq!(get("webhook").as_deref(), Some(j.webhook.as_str()));
+        assert_eq!(get("priority").as_deref(), Some("high"));
         assert_eq!(get("deliveries").as_deref(), Some("3"));
+        assert_eq!(get("stream"), Some(s.keys().high));
         assert_eq!(
             get("entry"),
-            Some(first[0].receipt["stream/".len()..].to_string())
+            Some(first[0].receipt["stream:high/".len()..].to_string())
         );
     }
 
@@ -1333,7 +1620,25 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(*recreations.borrow(), 2);
+        assert_eq!(*recreations.borrow_and_update(), 2);
+        // The high-priority stream alone is lost: the normal one is still
+        // read, and the group of the other recreated.
+        let _: () = redis::cmd("DEL")
+            .arg(&s.keys().high)
+            .query_async(&mut s.raw().await)
+            .await
+            .unwrap();
+        let j = job();
+        q.enqueue(j.clone(), None).await.unwrap();
+        let got = q.take(10, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].job, j);
+        assert_eq!(*recreations.borrow_and_update(), 3);
+        let h = job_of(Priority::High);
+        q.enqueue(h.clone(), None).await.unwrap();
+        let got = q.take(10, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].job, h);
     }
 
     #[tokio::test]
@@ -1349,6 +1654,14 @@ mod tests {
             .query_async(&mut raw)
             .await
             .unwrap();
+        let _: () = redis::cmd("XADD")
+            .arg(&s.keys().high)
+            .arg("*")
+            .arg("priority")
+            .arg("high")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         let _: () = redis::cmd("ZADD")
             .arg(&s.keys().delayed)
             .arg(0)
@@ -1359,8 +1672,7 @@ mod tests {
         q.enqueue(job(), None).await.unwrap();
         let got = q.take(10, Duration::ZERO).await.unwrap();
         assert_eq!(got.len(), 1);
-        let st = q.stats().await.unwrap();
-        assert_eq!((st.stream, st.delayed, st.poison), (1, 0, 2));
+        assert_eq!(q.stats().await.unwrap(), stats(1, 0, 1, 0, 3));
     }
 
     #[tokio::test]
@@ -1369,26 +1681,40 @@ mod tests {
         let gone = s.queue("gone").await;
         let holds = s.queue("holds").await;
         let me = s.queue("me").await;
+        // A consumer joins a stream's group when it first gets an entry
+        // from it.
+        gone.enqueue(job_of(Priority::High), None).await.unwrap();
         gone.enqueue(job(), None).await.unwrap();
+        for l in gone.take(2, Duration::ZERO).await.unwrap() {
+            gone.ack(&l).await.unwrap();
+        }
+        gone.enqueue(job_of(Priority::High), None).await.unwrap();
         gone.enqueue(job(), None).await.unwrap();
-        let done = gone.take(1, Duration::ZERO).await.unwrap().pop().unwrap();
-        gone.ack(&done).await.unwrap();
-        assert_eq!(holds.take(1, Duration::ZERO).await.unwrap().len(), 1);
+        let held = holds.take(2, Duration::ZERO).await.unwrap();
+        assert_eq!(held.len(), 2);
+        holds.ack(&held[1]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert_eq!(me.prune_consumers(Duration::ZERO).await.unwrap(), 1);
-        let consumers: Vec<std::collections::HashMap<String, Value>> = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(&s.keys().stream)
-            .arg(GROUP)
-            .query_async(&mut s.raw().await)
-            .await
-            .unwrap();
-        let names: Vec<String> = consumers
-            .iter()
-            .filter_map(|c| redis::from_redis_value_ref(c.get("name")?).ok())
-            .collect();
-        assert!(!names.contains(&"gone".to_string()), "{names:?}");
-        assert!(names.contains(&"holds".to_string()), "{names:?}");
+        // "gone" goes from both groups; "holds" only from the normal
+        // stream's, where it holds nothing.
+        assert_eq!(me.prune_consumers(Duration::ZERO).await.unwrap(), 3);
+        let names = |stream: String| {
+            let s = &s;
+            async move {
+                let consumers: Vec<std::collections::HashMap<String, Value>> = redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(stream)
+                    .arg(GROUP)
+                    .query_async(&mut s.raw().await)
+                    .await
+                    .unwrap();
+                consumers
+                    .iter()
+                    .filter_map(|c| redis::from_redis_value_ref(c.get("name")?).ok())
+                    .collect::<Vec<String>>()
+            }
+        };
+        assert!(names(s.keys().stream).await.is_empty());
+        assert_eq!(names(s.keys().high).await, ["holds"]);
     }
 
     #[tokio::test]
@@ -1415,10 +1741,15 @@ mod tests {
     fn keys_share_one_hash_tag() {
         let k = Keys::new("uploadhook");
         assert_eq!(k.stream, "{uploadhook:jobs}:stream");
+        assert_eq!(k.high, "{uploadhook:jobs}:stream:high");
         assert_eq!(k.delayed, "{uploadhook:jobs}:delayed");
         assert_eq!(k.poison, "{uploadhook:jobs}:poison");
         assert_eq!(k.stream_of("stream"), Some(k.stream.as_str()));
+        assert_eq!(k.stream_of("stream:high"), Some(k.high.as_str()));
         assert_eq!(k.stream_of("other"), None);
+        assert_eq!(k.stream_for(Priority::High), k.high);
+        assert_eq!(receipt(Priority::High, "1-0"), "stream:high/1-0");
+        assert_eq!(receipt(Priority::Normal, "1-0"), "stream/1-0");
     }
 
     #[test]
@@ -1445,12 +1776,22 @@ mod tests {
 
     #[test]
     fn fields_round_trip() {
-        let j = job();
-        let f = encode(&j);
-        assert_eq!(
-            decode(f.chunks_exact(2).map(|p| (p[0], p[1]))),
-            Some(j.clone())
-        );
+        for j in [job(), job_of(Priority::High)] {
+            let f = encode(&j);
+            assert_eq!(decode(f.chunks_exact(2).map(|p| (p[0], p[1]))), Some(j));
+        }
         assert_eq!(decode([("kind", "deliver")].into_iter()), None);
+        // Without a priority, or with one this version does not know:
+        // normal work.
+        let j = job();
+        for p in [None, Some("urgent")] {
+            let mut f = vec![
+                ("kind", "deliver"),
+                ("tenant", j.tenant.as_str()),
+                ("webhook", j.webhook.as_str()),
+            ];
+            f.extend(p.map(|p| ("priority", p)));
+            assert_eq!(decode(f.into_iter()), Some(j.clone()));
+        }
     }
 }
