@@ -58,7 +58,17 @@ impl fmt::Display for StatusReport {
         match (&self.backend, &self.queue) {
             (QueueBackend::Redis, Some(q)) => {
                 writeln!(f, "queue (redis)")?;
-                writeln!(f, "  due now (in the streams):   {}", q.stream)?;
+                writeln!(
+                    f,
+                    "  in the streams:             {} ({} high priority)",
+                    q.stream, q.high
+                )?;
+                match q.oldest_age {
+                    Some(age) => {
+                        writeln!(f, "  oldest unfinished entry:    {:.1}s", age.as_secs_f64())?
+                    }
+                    None => writeln!(f, "  oldest unfinished entry:    -")?,
+                }
                 writeln!(f, "  taken, not yet acked:       {}", q.pending)?;
                 writeln!(f, "  delayed (retries):          {}", q.delayed)?;
                 writeln!(f, "  poison (parked):            {}", q.poison)?;

@@ -328,6 +328,9 @@ pub struct QueueStats {
     pub delayed: u64,
     /// Parked entries.
     pub poison: u64,
+    /// Age of the oldest unfinished entry (waiting or taken) in either
+    /// stream, by its entry id's time; None when both are empty.
+    pub oldest_age: Option<Duration>,
 }
 
 struct ReclaimState {
@@ -437,12 +440,36 @@ impl RedisQueue {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| backend("stats", e))?;
+        // Acked entries are deleted, so the first entry of a stream is its
+        // oldest unfinished one; its id starts with its unix milliseconds.
+        let mut oldest_ms: Option<u64> = None;
+        for key in [&self.keys.high, &self.keys.stream] {
+            let first: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(key)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(|e| backend("XRANGE", e))?;
+            if let Some(ms) = first
+                .ids
+                .first()
+                .and_then(|e| e.id.split('-').next())
+                .and_then(|ms| ms.parse::<u64>().ok())
+            {
+                oldest_ms = Some(oldest_ms.map_or(ms, |o| o.min(ms)));
+            }
+        }
+        let now_ms = self.clock.now().timestamp_millis().max(0) as u64;
         Ok(QueueStats {
             stream,
             high,
             pending,
             delayed,
             poison,
+            oldest_age: oldest_ms.map(|ms| Duration::from_millis(now_ms.saturating_sub(ms))),
         })
     }
 
