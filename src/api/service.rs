@@ -180,21 +180,20 @@ impl WebhookApi {
         match status_of(&w).map_err(db)? {
             Status::Pending if now >= w.expires_at => {
                 self.store
-                    .transition(Transition {
-                        tenant,
-                        id,
-                        from: &[Status::Pending],
-                        to: Status::Expired,
-                        event: event_type::EXPIRED,
-                        changes: Changes::new().set(
+                    .transition(
+                        Transition::new(
+                            tenant,
+                            id,
+                            &[Status::Pending],
+                            Status::Expired,
+                            event_type::EXPIRED,
+                            now,
+                        )
+                        .changes(Changes::new().set(
                             C::LastError,
                             Some("not confirmed before expires_at".to_string()),
-                        ),
-                        attempt: None,
-                        dead_letter: None,
-                        now,
-                        unchanged_since: None,
-                    })
+                        )),
+                    )
                     .await
                     .map_err(db)?;
                 Err(expired(id, w.expires_at))
@@ -202,20 +201,21 @@ impl WebhookApi {
             Status::Pending => {
                 let moved = self
                     .store
-                    .transition(Transition {
-                        tenant,
-                        id,
-                        from: &[Status::Pending],
-                        to: Status::Verifying,
-                        event: event_type::CONFIRMED,
-                        changes: Changes::new()
-                            .set(C::ClientEtag, etag)
-                            .set(C::VerifyAttempts, 0),
-                        attempt: None,
-                        dead_letter: None,
-                        now,
-                        unchanged_since: None,
-                    })
+                    .transition(
+                        Transition::new(
+                            tenant,
+                            id,
+                            &[Status::Pending],
+                            Status::Verifying,
+                            event_type::CONFIRMED,
+                            now,
+                        )
+                        .changes(
+                            Changes::new()
+                                .set(C::ClientEtag, etag)
+                                .set(C::VerifyAttempts, 0),
+                        ),
+                    )
                     .await
                     .map_err(db)?;
                 match moved {
@@ -302,18 +302,17 @@ impl WebhookApi {
         }
         let moved = self
             .store
-            .transition(Transition {
-                tenant,
-                id,
-                from: &cancellable,
-                to: Status::Cancelled,
-                event: event_type::CANCELLED,
-                changes: Changes::new().set(C::NextAttemptAt, None::<DateTime<Utc>>),
-                attempt: None,
-                dead_letter: None,
-                now: self.clock.now(),
-                unchanged_since: None,
-            })
+            .transition(
+                Transition::new(
+                    tenant,
+                    id,
+                    &cancellable,
+                    Status::Cancelled,
+                    event_type::CANCELLED,
+                    self.clock.now(),
+                )
+                .changes(Changes::new().set(C::NextAttemptAt, None::<DateTime<Utc>>)),
+            )
             .await
             .map_err(db)?;
         match moved {
@@ -353,18 +352,10 @@ impl WebhookApi {
         };
         let moved = self
             .store
-            .transition(Transition {
-                tenant,
-                id,
-                from: &[status],
-                to,
-                event: event_type::REDELIVER,
-                changes,
-                attempt: None,
-                dead_letter: None,
-                now,
-                unchanged_since: None,
-            })
+            .transition(
+                Transition::new(tenant, id, &[status], to, event_type::REDELIVER, now)
+                    .changes(changes),
+            )
             .await
             .map_err(db)?
             .ok_or_else(|| {

@@ -113,6 +113,9 @@ impl HostLimits {
     }
 }
 
+/// `last_error` of an attempt handed back after its process stopped.
+const INTERRUPTED: &str =
+    "attempt interrupted (process stopped or outcome not stored); sending again";
 /// Delay between HEADs while the storage answers with errors.
 const STORAGE_ERROR_RETRY: Duration = Duration::from_secs(10);
 
@@ -241,21 +244,22 @@ impl Pipeline {
         let id = WebhookId::from_trusted(w.id.clone());
         let moved = self
             .store
-            .transition(Transition {
-                tenant: &tenant,
-                id: &id,
-                from: &[Status::Delivering],
-                to: Status::Retrying,
-                event: event_type::RETRYING,
-                changes: Changes::new().set(C::NextAttemptAt, Some(now)).set(
-                    C::LastError,
-                    Some("attempt interrupted (process stopped or outcome not stored); sending again".to_string()),
-                ),
-                attempt: None,
-                dead_letter: None,
-                now,
-                unchanged_since: Some(w.updated_at),
-            })
+            .transition(
+                Transition::new(
+                    &tenant,
+                    &id,
+                    &[Status::Delivering],
+                    Status::Retrying,
+                    event_type::RETRYING,
+                    now,
+                )
+                .changes(
+                    Changes::new()
+                        .set(C::NextAttemptAt, Some(now))
+                        .set(C::LastError, Some(INTERRUPTED.to_string())),
+                )
+                .unchanged_since(Some(w.updated_at)),
+            )
             .await?;
         if moved.is_none() {
             return Ok(false);
@@ -390,17 +394,16 @@ impl Pipeline {
             return Ok(Step::Ack);
         }
         let now = self.clock.now();
-        let fail = |reason: String| Transition {
-            tenant: &job.tenant,
-            id: &job.webhook,
-            from: &[Status::Verifying],
-            to: Status::Failed,
-            event: event_type::VERIFICATION_FAILED,
-            changes: Changes::new().set(C::LastError, Some(reason)),
-            attempt: None,
-            dead_letter: None,
-            now,
-            unchanged_since: None,
+        let fail = |reason: String| {
+            Transition::new(
+                &job.tenant,
+                &job.webhook,
+                &[Status::Verifying],
+                Status::Failed,
+                event_type::VERIFICATION_FAILED,
+                now,
+            )
+            .changes(Changes::new().set(C::LastError, Some(reason)))
         };
         let storage = match self.storages.resolve(&w.storage) {
             Ok(s) => s,
@@ -443,18 +446,17 @@ impl Pipeline {
                             .set(C::LastError, None::<String>);
                         let moved = self
                             .store
-                            .transition(Transition {
-                                tenant: &job.tenant,
-                                id: &job.webhook,
-                                from: &[Status::Verifying],
-                                to: Status::Verified,
-                                event: event_type::VERIFIED,
-                                changes,
-                                attempt: None,
-                                dead_letter: None,
-                                now,
-                                unchanged_since: None,
-                            })
+                            .transition(
+                                Transition::new(
+                                    &job.tenant,
+                                    &job.webhook,
+                                    &[Status::Verifying],
+                                    Status::Verified,
+                                    event_type::VERIFIED,
+                                    now,
+                                )
+                                .changes(changes),
+                            )
                             .await?;
                         if moved.is_some() {
                             let deliver = Job {
@@ -488,18 +490,17 @@ impl Pipeline {
                 if w.last_error.as_deref() != Some(reason.as_str()) {
                     warn!(error = %reason, "storage error during verification; retrying");
                     self.store
-                        .transition(Transition {
-                            tenant: &job.tenant,
-                            id: &job.webhook,
-                            from: &[Status::Verifying],
-                            to: Status::Verifying,
-                            event: event_type::VERIFY_RETRY,
-                            changes: Changes::new().set(C::LastError, Some(reason)),
-                            attempt: None,
-                            dead_letter: None,
-                            now,
-                            unchanged_since: None,
-                        })
+                        .transition(
+                            Transition::new(
+                                &job.tenant,
+                                &job.webhook,
+                                &[Status::Verifying],
+                                Status::Verifying,
+                                event_type::VERIFY_RETRY,
+                                now,
+                            )
+                            .changes(Changes::new().set(C::LastError, Some(reason))),
+                        )
                         .await?;
                 }
                 return Ok(Step::Later(
@@ -513,20 +514,21 @@ impl Pipeline {
         if let Some(delay) = self.verify_delays.get(done) {
             let moved = self
                 .store
-                .transition(Transition {
-                    tenant: &job.tenant,
-                    id: &job.webhook,
-                    from: &[Status::Verifying],
-                    to: Status::Verifying,
-                    event: event_type::VERIFY_RETRY,
-                    changes: Changes::new()
-                        .set(C::VerifyAttempts, w.verify_attempts + 1)
-                        .set(C::LastError, Some(missing_reason)),
-                    attempt: None,
-                    dead_letter: None,
-                    now,
-                    unchanged_since: None,
-                })
+                .transition(
+                    Transition::new(
+                        &job.tenant,
+                        &job.webhook,
+                        &[Status::Verifying],
+                        Status::Verifying,
+                        event_type::VERIFY_RETRY,
+                        now,
+                    )
+                    .changes(
+                        Changes::new()
+                            .set(C::VerifyAttempts, w.verify_attempts + 1)
+                            .set(C::LastError, Some(missing_reason)),
+                    ),
+                )
                 .await?;
             if moved.is_some() {
                 return Ok(Step::Later(
@@ -571,18 +573,17 @@ impl Pipeline {
         // Claim the attempt: only one worker moves it to DELIVERING.
         let Some(w) = self
             .store
-            .transition(Transition {
-                tenant: &job.tenant,
-                id: &job.webhook,
-                from: &[status],
-                to: Status::Delivering,
-                event: event_type::DELIVERING,
-                changes: Changes::new(),
-                attempt: None,
-                dead_letter: None,
-                now,
-                unchanged_since: taken_over.then_some(w.updated_at),
-            })
+            .transition(
+                Transition::new(
+                    &job.tenant,
+                    &job.webhook,
+                    &[status],
+                    Status::Delivering,
+                    event_type::DELIVERING,
+                    now,
+                )
+                .unchanged_since(taken_over.then_some(w.updated_at)),
+            )
             .await?
         else {
             return Ok(Step::Ack);
@@ -670,18 +671,19 @@ impl Pipeline {
         let moved = loop {
             let res = self
                 .store
-                .transition(Transition {
-                    tenant: &job.tenant,
-                    id: &job.webhook,
-                    from: &[Status::Delivering],
-                    to,
-                    event,
-                    changes: Changes(changes.clone()),
-                    attempt: Some(record.clone()),
-                    dead_letter: dead_letter.clone(),
-                    now,
-                    unchanged_since: None,
-                })
+                .transition(
+                    Transition::new(
+                        &job.tenant,
+                        &job.webhook,
+                        &[Status::Delivering],
+                        to,
+                        event,
+                        now,
+                    )
+                    .changes(Changes(changes.clone()))
+                    .attempt(record.clone())
+                    .dead_letter_opt(dead_letter.clone()),
+                )
                 .await;
             match res {
                 Ok(m) => break m,

@@ -106,6 +106,52 @@ pub struct Transition<'a> {
     pub unchanged_since: Option<DateTime<Utc>>,
 }
 
+impl<'a> Transition<'a> {
+    /// A move from one of `from` to `to`, with its event; nothing else
+    /// changes until the builder methods say so.
+    pub fn new(
+        tenant: &'a TenantId,
+        id: &'a WebhookId,
+        from: &'a [Status],
+        to: Status,
+        event: &'static str,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            tenant,
+            id,
+            from,
+            to,
+            event,
+            changes: Changes::new(),
+            attempt: None,
+            dead_letter: None,
+            now,
+            unchanged_since: None,
+        }
+    }
+
+    pub fn changes(mut self, changes: Changes) -> Self {
+        self.changes = changes;
+        self
+    }
+
+    pub fn attempt(mut self, attempt: NewAttempt) -> Self {
+        self.attempt = Some(attempt);
+        self
+    }
+
+    pub fn dead_letter_opt(mut self, reason: Option<String>) -> Self {
+        self.dead_letter = reason;
+        self
+    }
+
+    pub fn unchanged_since(mut self, at: Option<DateTime<Utc>>) -> Self {
+        self.unchanged_since = at;
+        self
+    }
+}
+
 /// A freshly created API key; `plaintext` is shown once and never stored.
 pub struct NewApiKey {
     pub id: ApiKeyId,
