@@ -138,17 +138,23 @@
 //!
 //! # Connections
 //!
-//! Commands go through one [`ConnectionManager`], a multiplexed connection
-//! that reconnects by itself with backoff. The blocking `XREADGROUP` must
-//! not: Redis answers one connection's commands in order, so while a read
-//! blocks, every command pipelined behind it on that connection waits too,
-//! and the redis crate's default response timeout (500 ms) would fail them.
-//! Blocking reads use their own connections from a small pool instead, with
-//! a response timeout longer than the longest block; a connection that
-//! failed, or whose read was cancelled, is dropped rather than reused.
-//! Dropping it closes the socket at once, and Redis forgets a blocked read
-//! of a closed client, so a `take` cancelled mid-read (the worker loop does
-//! that at shutdown) swallows no entry.
+//! Commands go through one shared [`Conn`] (see [`super::redis_conn`]): on
+//! one Redis a `ConnectionManager`, a multiplexed connection that reconnects
+//! by itself with backoff; on a Redis Cluster (`redis+cluster://…`) a
+//! `ClusterConnection`, which keeps one such connection per primary, routes
+//! each command by its first key and follows `MOVED`/`ASK`. The blocking
+//! `XREADGROUP` must not share it: Redis answers one connection's commands
+//! in order, so while a read blocks, every command pipelined behind it on
+//! that connection waits too, and the command timeout would fail them.
+//! Blocking reads use connections of their own from a small pool instead
+//! (a plain multiplexed connection, or on a cluster a `ClusterConnection`
+//! of its own, built by a client whose response timeout, which there is
+//! also the overall bound of a request, is longer than the longest block);
+//! a connection that failed, or whose read was cancelled, is dropped rather
+//! than reused. Dropping it closes its sockets at once (a cluster
+//! connection's background task is aborted with it), and Redis forgets a
+//! blocked read of a closed client, so a `take` cancelled mid-read (the
+//! worker loop does that at shutdown) swallows no entry.
 //!
 //! Due times are compared with the caller's [`Clock`] (the workers'
 //! clocks, passed to the mover), not Redis's: a worker whose clock runs
@@ -157,10 +163,26 @@
 //!
 //! # Cluster
 //!
-//! The hash tag keeps one queue in one slot, but a [`ConnectionManager`]
-//! talks to a single node (or a proxy). Pointing at Redis Cluster needs the
-//! crate's `cluster-async` feature and its `ClusterConnection`, which routes
-//! by key; the scripts already declare every key they touch in `KEYS`.
+//! `queue.redis_url = "redis+cluster://host:port"` runs the queue on a Redis
+//! Cluster, found through that node (the scheme, not the number of hosts,
+//! decides; see [`super::redis_conn`]). Nothing else changes, because the
+//! queue was built for it:
+//!
+//! - Every key of one queue carries the hash tag `{<prefix>:jobs}`, so one
+//!   queue lives in one slot, on one primary: a queue is not spread over
+//!   the cluster (several prefixes are, one slot each).
+//! - Each script (`TAKE`, `RECLAIM`, `PRUNE`, `STATS`, and the leader's
+//!   lease) names every key it touches in `KEYS`, all of that one tag, and
+//!   builds no key names of its own; the client routes it by its first key.
+//!   `SCRIPT LOAD` after a `NOSCRIPT` goes to every node.
+//! - Each `MULTI` block (ack, `retry_later`, parking, giving back) and each
+//!   `XREADGROUP … STREAMS high normal` touches only keys of the tag, so
+//!   Redis never answers `CROSSSLOT`.
+//!
+//! A failover of the queue's primary can lose its latest writes (Redis
+//! replication is asynchronous), as a restart without persistence does;
+//! the same recovery covers it (see *Data loss*).
+//!
 //! Needs Redis 6.2 or later (`XAUTOCLAIM`, `ZADD LT`).
 
 use std::{
