@@ -174,7 +174,8 @@ async fn open_queue(
             // Connected on first use and retried while Redis is down, so
             // that the API answers (and records Confirms) without it.
             let url = cfg.queue.redis_url.expose_secret();
-            redis::Client::open(url).context("config key `queue.redis_url`")?;
+            pipeline::redis_conn::RedisTarget::parse(url)
+                .context("config key `queue.redis_url`")?;
             let queue = LazyRedisQueue::new(
                 url,
                 RedisQueueConfig {

@@ -4,10 +4,21 @@
 //! work; several running at once would only waste queries (workers' status
 //! checks make duplicates harmless), so a lease in Redis is enough: `SET NX
 //! PX`, renewed by its holder, expiring by itself when the holder dies.
+//!
+//! The lease's key carries the queue's hash tag (`{<prefix>:jobs}:lock:…`),
+//! and its script names it in `KEYS`, so on a Redis Cluster (see
+//! [`super::redis_conn`]) it is routed like any other command. A failover
+//! that loses the key's latest write may let two processes lead for up to
+//! one `ttl`, which is harmless here.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+
+use super::{
+    redis_conn::{Conn, RedisTarget},
+    redis_queue::COMMAND_TIMEOUTS,
+};
 
 #[async_trait]
 pub trait Leader: Send + Sync + 'static {
@@ -27,7 +38,7 @@ impl Leader for Alone {
 
 /// A lease on one Redis key, holding this process's random token.
 pub struct RedisLeader {
-    conn: redis::aio::ConnectionManager,
+    conn: Conn,
     key: String,
     token: String,
 }
@@ -45,8 +56,7 @@ return 0
 
 impl RedisLeader {
     pub async fn connect(url: &str, prefix: &str, name: &str) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let conn = client.get_connection_manager().await?;
+        let conn = RedisTarget::parse(url)?.connect(COMMAND_TIMEOUTS).await?;
         let mut raw = [0u8; 16];
         rand::fill(&mut raw);
         Ok(Self {
@@ -80,6 +90,7 @@ impl Leader for RedisLeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::test_cluster::TestCluster;
 
     #[tokio::test]
     async fn one_holder_at_a_time_and_expiry_hands_over() {
@@ -92,11 +103,23 @@ mod tests {
             eprintln!("skipping: UPLOADHOOK_TEST_REDIS_URL is not set");
             return;
         };
+        one_holder_at_a_time(&url).await;
+    }
+
+    #[tokio::test]
+    async fn one_holder_at_a_time_on_a_cluster() {
+        let Some(cluster) = TestCluster::get() else {
+            return;
+        };
+        one_holder_at_a_time(&cluster.url()).await;
+    }
+
+    async fn one_holder_at_a_time(url: &str) {
         let prefix = format!("uh-test-{}", uuid::Uuid::new_v4().simple());
-        let a = RedisLeader::connect(&url, &prefix, "reconciler")
+        let a = RedisLeader::connect(url, &prefix, "reconciler")
             .await
             .unwrap();
-        let b = RedisLeader::connect(&url, &prefix, "reconciler")
+        let b = RedisLeader::connect(url, &prefix, "reconciler")
             .await
             .unwrap();
         assert!(a.try_lead(Duration::from_millis(300)).await);

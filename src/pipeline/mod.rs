@@ -20,8 +20,11 @@ pub mod lazy;
 pub mod leader;
 pub mod memory;
 pub mod queue;
+pub mod redis_conn;
 pub mod redis_queue;
 pub mod retry;
+#[cfg(test)]
+pub(crate) mod test_cluster;
 pub mod verify;
 
 use std::{sync::Arc, time::Duration};
