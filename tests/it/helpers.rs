@@ -322,6 +322,8 @@ struct ReceiverState {
     always: Mutex<Option<u16>>,
     /// Hold the next request this long before answering.
     hold_next: Mutex<Option<Duration>>,
+    /// Hold every request this long before answering (`hold_next` wins).
+    hold_every: Mutex<Option<Duration>>,
     notify: Notify,
 }
 
@@ -343,7 +345,12 @@ async fn receive(
         .collect();
     s.got.lock().unwrap().push(Received { headers, body });
     s.notify.notify_waiters();
-    let hold = s.hold_next.lock().unwrap().take();
+    let hold = s
+        .hold_next
+        .lock()
+        .unwrap()
+        .take()
+        .or(*s.hold_every.lock().unwrap());
     if let Some(d) = hold {
         tokio::time::sleep(d).await;
     }
@@ -385,6 +392,11 @@ impl Receiver {
 
     pub fn hold_next(&self, d: Duration) {
         *self.state.hold_next.lock().unwrap() = Some(d);
+    }
+
+    /// Answers every request only after `d` (a slow receiver).
+    pub fn hold_every(&self, d: Duration) {
+        *self.state.hold_every.lock().unwrap() = Some(d);
     }
 
     pub fn received(&self) -> Vec<Received> {

@@ -4,5 +4,6 @@ mod helpers;
 
 mod flow;
 mod ops;
+mod processes;
 mod rest;
 mod scale;
