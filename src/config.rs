@@ -222,8 +222,13 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        // `UPLOADHOOK_CONFIG` names the file; it is not a config key.
-        fig = fig.merge(env.ignore(&["CONFIG"]));
+        // Not config keys: `UPLOADHOOK_CONFIG` names the file,
+        // `UPLOADHOOK_LOG` is the log filter, and the test suite's
+        // `UPLOADHOOK_TEST_*` / `UPLOADHOOK_REQUIRE_SERVICES`.
+        fig = fig.merge(env.filter(|k| {
+            let k = k.as_str().to_ascii_lowercase();
+            !(k == "config" || k == "log" || k == "require_services" || k.starts_with("test_"))
+        }));
         Self::extract(fig)
     }
 

@@ -194,6 +194,17 @@ async fn open_queue(
     })
 }
 
+/// Refuses roles that the configuration cannot serve.
+pub fn check_roles(cfg: &Config, roles: Roles) -> anyhow::Result<()> {
+    if cfg.queue.backend == QueueBackend::Memory && roles != Roles::ALL {
+        anyhow::bail!(
+            "config key `queue.backend`: \"memory\" keeps the queue inside one process; \
+             run `uploadhook serve`, or set queue.backend = \"redis\" to run api and worker apart"
+        );
+    }
+    Ok(())
+}
+
 /// Starts the parts of `roles` on the given listeners and returns at once.
 pub async fn start(
     cfg: Config,
@@ -201,12 +212,7 @@ pub async fn start(
     clock: Arc<dyn Clock>,
     roles: Roles,
 ) -> anyhow::Result<Running> {
-    if cfg.queue.backend == QueueBackend::Memory && roles != Roles::ALL {
-        anyhow::bail!(
-            "config key `queue.backend`: \"memory\" keeps the queue inside one process; \
-             run `uploadhook serve`, or set queue.backend = \"redis\" to run api and worker apart"
-        );
-    }
+    check_roles(&cfg, roles)?;
     if roles.api != listeners.grpc.is_some() {
         anyhow::bail!("a gRPC listener is needed exactly when the process runs the API");
     }
@@ -362,6 +368,7 @@ pub async fn start(
 
 /// Starts, then runs until SIGTERM or SIGINT.
 pub async fn serve(cfg: Config, roles: Roles) -> anyhow::Result<()> {
+    check_roles(&cfg, roles)?;
     let listeners = Listeners::bind(&cfg, roles).await?;
     let running = start(cfg, listeners, Arc::new(SystemClock), roles).await?;
     let token = running.shutdown_token();

@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Keys { command } => keys(&cfg, command).await,
         Command::Status => {
+            uploadhook::migrate(&cfg).await?;
             print!("{}", uploadhook::ops::status(&cfg).await?);
             Ok(())
         }
