@@ -83,9 +83,9 @@
 //! A delayed member is the job's fields and nothing else (no nonce), so
 //! scheduling the same job twice keeps one member, and `ZADD LT` keeps the
 //! earlier of the two times. That is deliberate: the database holds one
-//! next-attempt time per webhook, `Pipeline::recover` re-enqueues every
-//! delayed webhook at each start, and a Redis that outlives the process
-//! would otherwise collect one more copy per restart. Keeping the earlier
+//! next-attempt time per webhook, the reconciler may re-enqueue a delayed
+//! webhook, and a Redis that outlives the process would otherwise collect
+//! more copies over time. Keeping the earlier
 //! time never loses a wake-up; a job that comes out early is harmless (a
 //! delivery that is not yet due schedules itself again, see
 //! `Pipeline::deliver`). (Members written before there were priorities
@@ -132,9 +132,10 @@
 //! would skip jobs `XADD`ed since the loss) and retries the command once.
 //! The scripts read a stream without its group as empty and say so, rather
 //! than fail after reading the other stream. Jobs queued before the loss
-//! are gone from Redis but not from the database:
-//! [`RedisQueue::group_recreations`] lets the caller run
-//! `Pipeline::recover` again.
+//! are gone from Redis but not from the database: the reconciler
+//! (`Pipeline::reconcile`) queues them again once they are overdue by the
+//! visibility timeout. [`RedisQueue::group_recreations`] counts the losses
+//! for operators and tests.
 //!
 //! # Connections
 //!
@@ -448,8 +449,8 @@ impl RedisQueue {
     }
 
     /// Counts the times a consumer group was found missing and recreated
-    /// (Redis lost its data): jobs queued before are gone from Redis, and
-    /// the caller may want to run `Pipeline::recover` again.
+    /// (Redis lost its data): jobs queued before are gone from Redis until
+    /// the reconciler queues them again.
     pub fn group_recreations(&self) -> watch::Receiver<u64> {
         self.recreated.subscribe()
     }
