@@ -11,6 +11,8 @@ use figment::{
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
 
+use crate::pipeline::ssrf::AllowList;
+
 /// The defaults file, compiled in so that the binary works anywhere.
 pub const DEFAULTS: &str = include_str!("../config.default.toml");
 
@@ -166,6 +168,11 @@ pub struct DeliveryConfig {
     #[serde(deserialize_with = "de_duration")]
     pub max_retry_after: Duration,
     pub max_response_bytes: usize,
+    /// Exceptions to the private-network (SSRF) block, as CIDRs. None
+    /// (unset): none, except loopback while the embedded S3 server runs;
+    /// see [`Config::delivery_allow_list`].
+    #[serde(default)]
+    pub allow_cidrs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,6 +280,11 @@ impl Config {
         if self.delivery.timeout.is_zero() {
             return invalid("delivery.timeout", "must be positive");
         }
+        if let Some(list) = &self.delivery.allow_cidrs
+            && let Err(e) = AllowList::parse(list)
+        {
+            return invalid("delivery.allow_cidrs", &e);
+        }
         if self.webhooks.default_expires_in > self.webhooks.max_expires_in {
             return invalid(
                 "webhooks.default_expires_in",
@@ -348,6 +360,26 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Whether loopback is allowed as a webhook target only because
+    /// `delivery.allow_cidrs` is unset and the embedded S3 server runs:
+    /// the development default, where the quick start's receiver is on
+    /// 127.0.0.1. Setting `allow_cidrs` (even to `[]`) turns it off.
+    pub fn dev_loopback_allowed(&self) -> bool {
+        self.delivery.allow_cidrs.is_none() && self.embedded_s3_enabled()
+    }
+
+    /// The exceptions to the private-network block that webhooks get:
+    /// `delivery.allow_cidrs` as set, or by default none, except 127.0.0.1
+    /// and ::1 while the embedded S3 server runs (development).
+    pub fn delivery_allow_list(&self) -> AllowList {
+        match &self.delivery.allow_cidrs {
+            // Validated at load.
+            Some(list) => AllowList::parse(list).unwrap_or_default(),
+            None if self.embedded_s3_enabled() => AllowList::loopback(),
+            None => AllowList::default(),
+        }
     }
 
     /// Whether the embedded S3-compatible server runs.
@@ -448,6 +480,43 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn allow_cidrs_are_validated_and_named() {
+        let err = Config::from_toml("[delivery]\nallow_cidrs = [\"10.0.0.0/8\", \"10.0.0.1/33\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("delivery.allow_cidrs"), "{err}");
+        assert!(err.contains("10.0.0.1/33"), "{err}");
+        let err = Config::from_toml("[delivery]\nallow_cidrs = \"10.0.0.0/8\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("delivery.allow_cidrs"), "{err}");
+        let cfg =
+            Config::from_toml("[delivery]\nallow_cidrs = [\"10.1.0.0/16\", \"::1/128\"]").unwrap();
+        assert_eq!(
+            cfg.delivery_allow_list().to_string(),
+            "[10.1.0.0/16, ::1/128]"
+        );
+        assert!(!cfg.dev_loopback_allowed());
+    }
+
+    #[test]
+    fn loopback_is_allowed_by_default_only_with_the_embedded_server() {
+        let dev = Config::from_toml("").unwrap();
+        assert!(dev.dev_loopback_allowed());
+        assert_eq!(dev.delivery_allow_list(), AllowList::loopback());
+        // Set explicitly, even to nothing, the list is exactly that.
+        let strict = Config::from_toml("[delivery]\nallow_cidrs = []").unwrap();
+        assert!(!strict.dev_loopback_allowed());
+        assert!(strict.delivery_allow_list().is_empty());
+        let prod = Config::from_toml(
+            "[storage.main]\nkind = \"s3\"\nbucket = \"b\"\nregion = \"eu-west-1\"",
+        )
+        .unwrap();
+        assert!(!prod.dev_loopback_allowed());
+        assert!(prod.delivery_allow_list().is_empty());
     }
 
     #[test]

@@ -264,9 +264,18 @@ pub async fn start(
     );
     let (queue, leader) = open_queue(&cfg, clock.clone()).await?;
 
+    let allow = cfg.delivery_allow_list();
+    if cfg.dev_loopback_allowed() {
+        warn!(
+            "webhooks may target loopback (127.0.0.1, ::1) because the embedded S3 server runs \
+             and delivery.allow_cidrs is unset; this is for development only"
+        );
+    } else if !allow.is_empty() {
+        info!(%allow, "webhooks may target these private networks (delivery.allow_cidrs)");
+    }
     if roles.worker {
-        let delivery =
-            DeliveryClient::new(&cfg.delivery).context("building the delivery HTTP client")?;
+        let delivery = DeliveryClient::new(&cfg.delivery, allow.clone())
+            .context("building the delivery HTTP client")?;
         let pipeline = Arc::new(Pipeline::new(
             &cfg,
             store.clone(),
@@ -307,6 +316,7 @@ pub async fn start(
             queue,
             clock,
             limits: cfg.webhooks.clone(),
+            allow: Arc::new(allow),
         });
         let grpc_service = WebhookServiceServer::new(GrpcApi::new(api));
 

@@ -106,7 +106,7 @@ impl WebhookService for GrpcApi {
         req: Request<proto::CreateUploadWebhookRequest>,
     ) -> Result<Response<proto::CreateUploadWebhookResponse>, GrpcStatus> {
         let tenant = self.tenant(&req).await?;
-        let input = validate::create(req.into_inner(), &self.api.limits)?;
+        let input = validate::create(req.into_inner(), &self.api.limits, &self.api.allow)?;
         let out = self.api.create(&tenant, input).await?;
         Ok(Response::new(proto::CreateUploadWebhookResponse {
             webhook: Some(webhook_view(&out.webhook, &[])),

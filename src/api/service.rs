@@ -12,7 +12,10 @@ use crate::{
     config::WebhooksConfig,
     domain::{Status, TenantId, WebhookId, event_type},
     error::ApiError,
-    pipeline::queue::{Job, JobKind, Queue},
+    pipeline::{
+        queue::{Job, JobKind, Queue},
+        ssrf::AllowList,
+    },
     signing::SigningKey,
     storage::{PresignedUpload, Storages},
     store::{
@@ -35,6 +38,9 @@ pub struct WebhookApi {
     pub queue: Arc<dyn Queue>,
     pub clock: Arc<dyn Clock>,
     pub limits: WebhooksConfig,
+    /// Private networks that webhook URLs may name anyway
+    /// (`Config::delivery_allow_list`).
+    pub allow: Arc<AllowList>,
 }
 
 fn db(e: StoreError) -> ApiError {

@@ -6,7 +6,7 @@ use crate::{
     config::WebhooksConfig,
     domain::{Trigger, WebhookId},
     error::ApiError,
-    pipeline::queue::Priority,
+    pipeline::{queue::Priority, ssrf},
     proto,
     signing::SigningKey,
 };
@@ -67,9 +67,12 @@ fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
 
+/// `allow` holds the private networks a URL may name anyway
+/// (`delivery.allow_cidrs`).
 pub fn create(
     req: proto::CreateUploadWebhookRequest,
     limits: &WebhooksConfig,
+    allow: &ssrf::AllowList,
 ) -> Result<CreateInput, ApiError> {
     let target = req.webhook.ok_or_else(|| {
         ApiError::invalid(
@@ -79,7 +82,7 @@ pub fn create(
     })?;
 
     let url = target.url.trim().to_string();
-    check_url(&url)?;
+    check_url(&url, allow)?;
 
     let secret = if target.secret.is_empty() {
         None
@@ -231,7 +234,11 @@ pub fn create(
     })
 }
 
-fn check_url(url: &str) -> Result<(), ApiError> {
+/// A webhook URL: http(s), with a host. A host that is a literal address
+/// in a blocked range (see `pipeline::ssrf`) is refused here, so that the
+/// client learns at once; a hostname can only be judged by what it
+/// resolves to, which the delivery client checks at every attempt.
+fn check_url(url: &str, allow: &ssrf::AllowList) -> Result<(), ApiError> {
     const F: &str = "webhook.url";
     if url.is_empty() {
         return Err(ApiError::invalid(F, "is required"));
@@ -252,6 +259,17 @@ fn check_url(url: &str) -> Result<(), ApiError> {
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(ApiError::invalid(F, "has no host"));
+    }
+    if let Some(ip) = ssrf::literal_host(&parsed)
+        && let Err(blocked) = allow.check(ip)
+    {
+        return Err(ApiError::invalid(
+            F,
+            format!(
+                "host {ip} is in a blocked range ({}): webhooks cannot target private networks",
+                blocked.range
+            ),
+        ));
     }
     Ok(())
 }
@@ -358,6 +376,10 @@ mod tests {
         Config::from_toml("").unwrap().webhooks
     }
 
+    fn no_allow() -> ssrf::AllowList {
+        ssrf::AllowList::default()
+    }
+
     fn valid() -> proto::CreateUploadWebhookRequest {
         proto::CreateUploadWebhookRequest {
             filename: "a.png".into(),
@@ -378,7 +400,7 @@ mod tests {
 
     #[test]
     fn valid_request_gets_defaults() {
-        let c = create(valid(), &limits()).unwrap();
+        let c = create(valid(), &limits(), &no_allow()).unwrap();
         assert_eq!(c.content_type, "application/octet-stream");
         assert_eq!(c.expires_in, Duration::from_secs(86400));
         assert_eq!(c.trigger, Trigger::Manual);
@@ -389,20 +411,20 @@ mod tests {
     fn bad_input_names_the_field() {
         let mut r = valid();
         r.webhook = None;
-        assert_eq!(field_of(create(r, &limits())), "webhook");
+        assert_eq!(field_of(create(r, &limits(), &no_allow())), "webhook");
         let mut r = valid();
         r.webhook.as_mut().unwrap().url = String::new();
-        assert_eq!(field_of(create(r, &limits())), "webhook.url");
+        assert_eq!(field_of(create(r, &limits(), &no_allow())), "webhook.url");
         let mut r = valid();
         r.webhook.as_mut().unwrap().url = "ftp://example.com/x".into();
-        assert_eq!(field_of(create(r, &limits())), "webhook.url");
+        assert_eq!(field_of(create(r, &limits(), &no_allow())), "webhook.url");
         let mut r = valid();
         r.filename = String::new();
-        assert_eq!(field_of(create(r, &limits())), "filename");
+        assert_eq!(field_of(create(r, &limits(), &no_allow())), "filename");
         for key in ["/abs", "a/../b", "..", "a//b", "a\\b"] {
             let mut r = valid();
             r.key = key.into();
-            assert_eq!(field_of(create(r, &limits())), "key", "{key}");
+            assert_eq!(field_of(create(r, &limits(), &no_allow())), "key", "{key}");
         }
         let mut r = valid();
         r.webhook
@@ -410,22 +432,87 @@ mod tests {
             .unwrap()
             .metadata
             .insert("big".into(), "x".repeat(5000));
-        assert_eq!(field_of(create(r, &limits())), "webhook.metadata");
+        assert_eq!(
+            field_of(create(r, &limits(), &no_allow())),
+            "webhook.metadata"
+        );
         let mut r = valid();
         r.webhook.as_mut().unwrap().secret = "nope".into();
-        assert_eq!(field_of(create(r, &limits())), "webhook.secret");
+        assert_eq!(
+            field_of(create(r, &limits(), &no_allow())),
+            "webhook.secret"
+        );
         let mut r = valid();
         r.content_type = "not a type".into();
-        assert_eq!(field_of(create(r, &limits())), "content_type");
+        assert_eq!(field_of(create(r, &limits(), &no_allow())), "content_type");
         let mut r = valid();
         r.content_length = Some(-1);
-        assert_eq!(field_of(create(r, &limits())), "content_length");
+        assert_eq!(
+            field_of(create(r, &limits(), &no_allow())),
+            "content_length"
+        );
         let mut r = valid();
         r.expires_in = Some(prost_types::Duration {
             seconds: 30 * 86400,
             nanos: 0,
         });
-        assert_eq!(field_of(create(r, &limits())), "expires_in");
+        assert_eq!(field_of(create(r, &limits(), &no_allow())), "expires_in");
+    }
+
+    fn with_url(url: &str) -> proto::CreateUploadWebhookRequest {
+        let mut r = valid();
+        r.webhook.as_mut().unwrap().url = url.into();
+        r
+    }
+
+    #[test]
+    fn literal_private_addresses_are_refused_naming_the_range() {
+        for (url, range) in [
+            ("http://127.0.0.1:9999/hook", "loopback"),
+            ("http://2130706433/hook", "loopback"),
+            ("http://[::1]/hook", "loopback"),
+            ("http://169.254.169.254/latest/meta-data", "link-local"),
+            ("https://10.0.0.1/", "private (RFC 1918)"),
+            ("http://[::ffff:192.168.1.1]/", "private (RFC 1918)"),
+            ("http://100.64.0.1/", "shared (CGNAT)"),
+            ("http://0.0.0.0:80/", "unspecified"),
+            ("http://[fd00::1]/", "unique-local"),
+        ] {
+            match create(with_url(url), &limits(), &no_allow()).err() {
+                Some(ApiError::InvalidArgument { field, message }) => {
+                    assert_eq!(field, "webhook.url", "{url}");
+                    assert!(message.contains(range), "{url}: {message}");
+                }
+                other => panic!("{url}: {:?}", other.map(|e| e.to_string())),
+            }
+        }
+        // Public literals, and hostnames (judged at delivery), pass.
+        for url in [
+            "http://8.8.8.8/hook",
+            "http://[2606:4700:4700::1111]/",
+            "http://localhost:9999/hook",
+            "http://internal.example/hook",
+        ] {
+            assert!(
+                create(with_url(url), &limits(), &no_allow()).is_ok(),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn allow_list_opens_literal_addresses() {
+        let allow = ssrf::AllowList::parse(&["127.0.0.1/32", "10.1.0.0/16"]).unwrap();
+        assert!(create(with_url("http://127.0.0.1:9999/hook"), &limits(), &allow).is_ok());
+        assert!(create(with_url("http://10.1.2.3/hook"), &limits(), &allow).is_ok());
+        assert_eq!(
+            field_of(create(with_url("http://10.2.0.1/hook"), &limits(), &allow)),
+            "webhook.url"
+        );
+        assert_eq!(
+            field_of(create(with_url("http://127.0.0.2/hook"), &limits(), &allow)),
+            "webhook.url"
+        );
     }
 
     #[test]

@@ -2,15 +2,27 @@
 //!
 //! Redirects are never followed (a 3xx is a failed attempt), each attempt
 //! has a timeout, and at most `max_response_bytes` of a response are read.
-//! Private-network (SSRF) checks at connect time belong here too, as a
-//! resolver of this client, so that no other client can deliver.
+//! Private-network (SSRF) checks happen here, on the addresses connected
+//! to (see `ssrf`): hostnames through this client's resolver, IP-literal
+//! hosts (which reqwest never resolves) in [`DeliveryClient::post`]. No
+//! proxy is used, because through a proxy the target is never resolved
+//! here.
+//!
+//! A blocked target is an ordinary failed attempt: the error is stored as
+//! the attempt's error and retries follow the schedule, then the webhook is
+//! dead-lettered. It is not dead-lettered at once because a hostname's
+//! addresses change (a receiver moving hosts, a DNS mistake being fixed),
+//! and a literal address can be opened later by `delivery.allow_cidrs`. A
+//! refused attempt never opens a connection, so retrying it costs only a
+//! DNS lookup, and the bounded schedule ends it.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
+use super::ssrf::{self, AllowList, GuardedResolver};
 use crate::{config::DeliveryConfig, signing::SigningKey};
 
 pub const USER_AGENT: &str = concat!("uploadhook/", env!("CARGO_PKG_VERSION"));
@@ -87,13 +99,19 @@ pub struct Response {
 pub struct DeliveryClient {
     http: reqwest::Client,
     max_response_bytes: usize,
+    allow: Arc<AllowList>,
 }
 
 impl DeliveryClient {
-    pub fn new(cfg: &DeliveryConfig) -> Result<Self, reqwest::Error> {
+    /// `allow` lists the private networks webhooks may reach anyway
+    /// (`Config::delivery_allow_list`).
+    pub fn new(cfg: &DeliveryConfig, allow: AllowList) -> Result<Self, reqwest::Error> {
+        let allow = Arc::new(allow);
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(GuardedResolver::new(allow.clone()))
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(90))
@@ -101,7 +119,23 @@ impl DeliveryClient {
         Ok(Self {
             http,
             max_response_bytes: cfg.max_response_bytes,
+            allow,
         })
+    }
+
+    /// Refuses a URL whose host is an IP literal in a blocked range.
+    /// reqwest connects to such a host without asking the resolver, so
+    /// this is its connect-time check. Hostnames pass: the resolver
+    /// checks the addresses they resolve to.
+    fn check_literal_host(&self, url: &str) -> Result<(), String> {
+        let Ok(parsed) = reqwest::Url::parse(url) else {
+            // reqwest refuses it too, with its own error.
+            return Ok(());
+        };
+        let Some(ip) = ssrf::literal_host(&parsed) else {
+            return Ok(());
+        };
+        self.allow.check(ip).map_err(|b| format!("blocked: {b}"))
     }
 
     /// POSTs `body` with `headers`; never fails, the outcome is in Response.
@@ -112,6 +146,13 @@ impl DeliveryClient {
         body: Bytes,
     ) -> Response {
         let started = std::time::Instant::now();
+        if let Err(error) = self.check_literal_host(url) {
+            return Response {
+                error: Some(error),
+                duration: started.elapsed(),
+                ..Default::default()
+            };
+        }
         let mut req = self.http.post(url).body(body);
         for (name, value) in headers {
             req = req.header(*name, value);
@@ -188,7 +229,89 @@ fn describe(e: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+    use crate::config::Config;
+
+    /// A bare HTTP server on 127.0.0.1 that counts the connections it gets
+    /// and answers each with 204.
+    async fn counting_server() -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = sock.read(&mut buf).await;
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        (port, count)
+    }
+
+    fn client(allow: &[&str]) -> DeliveryClient {
+        let cfg = Config::from_toml("").unwrap();
+        DeliveryClient::new(&cfg.delivery, AllowList::parse(allow).unwrap()).unwrap()
+    }
+
+    // Every connection these tests make or refuse is to 127.0.0.1:
+    // `localhost` is 127.0.0.1 in /etc/hosts here, and with "127.0.0.1/32"
+    // as the only exception no other address would be connected to.
+    #[tokio::test]
+    async fn loopback_is_refused_before_connecting_by_literal_and_by_name() {
+        let (port, count) = counting_server().await;
+        let strict = client(&[]);
+        for url in [
+            format!("http://127.0.0.1:{port}/hook"),
+            format!("http://2130706433:{port}/hook"),
+            format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+        ] {
+            let r = strict.post(&url, &[], Bytes::new()).await;
+            assert_eq!(r.status, None, "{url}");
+            let err = r.error.unwrap();
+            assert!(
+                err.starts_with("blocked: ") && err.ends_with("127.0.0.1 is a loopback address"),
+                "{url}: {err}"
+            );
+        }
+        let r = strict
+            .post(&format!("http://localhost:{port}/hook"), &[], Bytes::new())
+            .await;
+        assert_eq!(r.status, None);
+        let err = r.error.unwrap();
+        assert!(
+            err.ends_with("blocked: localhost resolves only to loopback addresses"),
+            "{err}"
+        );
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            0,
+            "nothing reached the server"
+        );
+    }
+
+    #[tokio::test]
+    async fn allowed_loopback_is_delivered_by_literal_and_by_name() {
+        let (port, count) = counting_server().await;
+        let open = client(&["127.0.0.1/32"]);
+        for url in [
+            format!("http://127.0.0.1:{port}/hook"),
+            format!("http://localhost:{port}/hook"),
+        ] {
+            let r = open.post(&url, &[], Bytes::new()).await;
+            assert_eq!(r.status, Some(204), "{url}: {:?}", r.error);
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn payload_has_the_documented_fields() {

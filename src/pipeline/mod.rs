@@ -23,6 +23,7 @@ pub mod queue;
 pub mod redis_conn;
 pub mod redis_queue;
 pub mod retry;
+pub mod ssrf;
 #[cfg(test)]
 pub(crate) mod test_cluster;
 pub mod verify;

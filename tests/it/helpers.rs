@@ -154,6 +154,7 @@ retry_schedule = ["100ms", "200ms"]
 jitter = 0.0
 timeout = "5s"
 min_retry_after = "10ms"
+allow_cidrs = ["127.0.0.1/32"]
 [verify]
 missing_retry_delays = ["50ms", "100ms"]
 [bootstrap]

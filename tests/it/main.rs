@@ -7,3 +7,4 @@ mod ops;
 mod processes;
 mod rest;
 mod scale;
+mod ssrf;
