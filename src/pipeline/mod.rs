@@ -506,6 +506,13 @@ impl Pipeline {
                             .changes(Changes::new().set(C::LastError, Some(reason))),
                         )
                         .await?;
+                } else {
+                    // Same error again: no new event, but show that the
+                    // webhook is being worked on, so that the reconciler
+                    // does not queue another copy of this job.
+                    self.store
+                        .touch(&job.tenant, &job.webhook, Status::Verifying, now)
+                        .await?;
                 }
                 return Ok(Step::Later(
                     now + chrono::Duration::from_std(STORAGE_ERROR_RETRY).unwrap_or_default(),
@@ -572,6 +579,13 @@ impl Pipeline {
         }
         let Some(_host_permit) = self.per_host.try_acquire(&w.url) else {
             // This receiver already has its share of attempts in flight.
+            // A job waiting this way for long is still being worked on:
+            // say so now and then, or the reconciler would queue copies.
+            if now - w.updated_at > chrono::Duration::from_std(self.lease / 2).unwrap_or_default() {
+                self.store
+                    .touch(&job.tenant, &job.webhook, status, now)
+                    .await?;
+            }
             return Ok(Step::Later(now + chrono::Duration::milliseconds(200)));
         };
         // Claim the attempt: only one worker moves it to DELIVERING.

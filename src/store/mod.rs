@@ -539,7 +539,8 @@ impl Store {
     }
 
     /// Queued webhooks whose job is overdue: VERIFYING or VERIFIED and
-    /// unchanged since `before`, or RETRYING and due before `before`.
+    /// untouched since `before`, or RETRYING, due before `before` and
+    /// untouched since (a job waiting for its host's turn touches its row).
     pub async fn overdue_queued(&self, before: DateTime<Utc>, limit: u64) -> Result<Vec<Webhook>> {
         use sea_orm::Condition;
         Ok(webhooks::Entity::find()
@@ -556,7 +557,8 @@ impl Store {
                     .add(
                         Condition::all()
                             .add(webhooks::Column::Status.eq(Status::Retrying.as_str()))
-                            .add(webhooks::Column::NextAttemptAt.lt(before)),
+                            .add(webhooks::Column::NextAttemptAt.lt(before))
+                            .add(webhooks::Column::UpdatedAt.lt(before)),
                     ),
             )
             .limit(limit)
@@ -583,6 +585,25 @@ impl Store {
             .filter(dead_letters::Column::RedrivenAt.is_null())
             .count(&self.db)
             .await?)
+    }
+
+    /// Marks a webhook as worked on (`updated_at`) without changing its
+    /// status or writing an event; only while it is in `status`.
+    pub async fn touch(
+        &self,
+        tenant: &TenantId,
+        id: &WebhookId,
+        status: Status,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        webhooks::Entity::update_many()
+            .col_expr(webhooks::Column::UpdatedAt, Expr::value(now))
+            .filter(webhooks::Column::Id.eq(id.as_str()))
+            .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
+            .filter(webhooks::Column::Status.eq(status.as_str()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
     }
 
     /// Every webhook in one status (used for the few in DELIVERING).
