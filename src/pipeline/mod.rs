@@ -409,6 +409,19 @@ impl Pipeline {
             )
             .changes(Changes::new().set(C::LastError, Some(reason)))
         };
+        // Still VERIFYING, with a visible step: the object will be looked
+        // at again.
+        let look_again = |changes: Changes| {
+            Transition::new(
+                &job.tenant,
+                &job.webhook,
+                &[Status::Verifying],
+                Status::Verifying,
+                event_type::VERIFY_RETRY,
+                now,
+            )
+            .changes(changes)
+        };
         let storage = match self.storages.resolve(&w.storage) {
             Ok(s) => s,
             Err(e) => {
@@ -494,17 +507,7 @@ impl Pipeline {
                 if w.last_error.as_deref() != Some(reason.as_str()) {
                     warn!(error = %reason, "storage error during verification; retrying");
                     self.store
-                        .transition(
-                            Transition::new(
-                                &job.tenant,
-                                &job.webhook,
-                                &[Status::Verifying],
-                                Status::Verifying,
-                                event_type::VERIFY_RETRY,
-                                now,
-                            )
-                            .changes(Changes::new().set(C::LastError, Some(reason))),
-                        )
+                        .transition(look_again(Changes::new().set(C::LastError, Some(reason))))
                         .await?;
                 } else {
                     // Same error again: no new event, but show that the
@@ -525,21 +528,11 @@ impl Pipeline {
         if let Some(delay) = self.verify_delays.get(done) {
             let moved = self
                 .store
-                .transition(
-                    Transition::new(
-                        &job.tenant,
-                        &job.webhook,
-                        &[Status::Verifying],
-                        Status::Verifying,
-                        event_type::VERIFY_RETRY,
-                        now,
-                    )
-                    .changes(
-                        Changes::new()
-                            .set(C::VerifyAttempts, w.verify_attempts + 1)
-                            .set(C::LastError, Some(missing_reason)),
-                    ),
-                )
+                .transition(look_again(
+                    Changes::new()
+                        .set(C::VerifyAttempts, w.verify_attempts + 1)
+                        .set(C::LastError, Some(missing_reason)),
+                ))
                 .await?;
             if moved.is_some() {
                 return Ok(Step::Later(

@@ -303,6 +303,26 @@ struct Keys {
     poison: String,
 }
 
+/// Acking and deleting an entry always go together: acked entries are
+/// deleted so that a stream only holds unfinished work.
+trait AckAndDelete {
+    fn ack_and_delete(&mut self, stream: &str, id: &str) -> &mut Self;
+}
+
+impl AckAndDelete for redis::Pipeline {
+    fn ack_and_delete(&mut self, stream: &str, id: &str) -> &mut Self {
+        self.cmd("XACK")
+            .arg(stream)
+            .arg(GROUP)
+            .arg(id)
+            .ignore()
+            .cmd("XDEL")
+            .arg(stream)
+            .arg(id)
+            .ignore()
+    }
+}
+
 /// The name of a class's stream, as in its key and in receipts.
 fn stream_name(p: Priority) -> &'static str {
     match p {
@@ -714,15 +734,7 @@ impl RedisQueue {
             .arg("malformed")
             .arg("1")
             .ignore()
-            .cmd("XACK")
-            .arg(stream)
-            .arg(GROUP)
-            .arg(id)
-            .ignore()
-            .cmd("XDEL")
-            .arg(stream)
-            .arg(id)
-            .ignore()
+            .ack_and_delete(stream, id)
             .query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(|e| backend("parking an entry", e))
@@ -849,15 +861,7 @@ impl RedisQueue {
                 .arg("*")
                 .arg(&encode(&lease.job)[..])
                 .ignore()
-                .cmd("XACK")
-                .arg(stream)
-                .arg(GROUP)
-                .arg(id)
-                .ignore()
-                .cmd("XDEL")
-                .arg(stream)
-                .arg(id)
-                .ignore();
+                .ack_and_delete(stream, id);
         }
         pipe.query_async::<()>(&mut self.conn.clone())
             .await
@@ -1040,15 +1044,7 @@ impl Queue for RedisQueue {
         // loss there is nothing to ack, and nothing fails.
         redis::pipe()
             .atomic()
-            .cmd("XACK")
-            .arg(stream)
-            .arg(GROUP)
-            .arg(id)
-            .ignore()
-            .cmd("XDEL")
-            .arg(stream)
-            .arg(id)
-            .ignore()
+            .ack_and_delete(stream, id)
             .query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(|e| backend("XACK", e))
@@ -1068,15 +1064,7 @@ impl Queue for RedisQueue {
             .arg(due.timestamp_millis())
             .arg(member)
             .ignore()
-            .cmd("XACK")
-            .arg(stream)
-            .arg(GROUP)
-            .arg(id)
-            .ignore()
-            .cmd("XDEL")
-            .arg(stream)
-            .arg(id)
-            .ignore()
+            .ack_and_delete(stream, id)
             .query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(|e| backend("retry_later", e))
