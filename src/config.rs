@@ -173,6 +173,10 @@ pub struct DeliveryConfig {
     /// see [`Config::delivery_allow_list`].
     #[serde(default)]
     pub allow_cidrs: Option<Vec<String>>,
+    /// A dead-lettered webhook is redriven once by itself after this long;
+    /// `None` (`"off"`): only by hand.
+    #[serde(deserialize_with = "de_duration_or_off")]
+    pub auto_redrive_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -428,6 +432,16 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+fn de_duration_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "off" {
+        return Ok(None);
+    }
+    parse_duration(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{e} (or \"off\")")))
+}
+
 fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
     let v = Vec::<String>::deserialize(d)?;
     v.iter()
@@ -446,6 +460,22 @@ mod tests {
         assert_eq!(cfg.delivery.retry_schedule.len(), 7);
         assert_eq!(cfg.delivery.retry_schedule[1], Duration::from_secs(300));
         assert!(cfg.embedded_s3_enabled());
+    }
+
+    #[test]
+    fn auto_redrive_is_a_day_by_default_and_can_be_off() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(
+            cfg.delivery.auto_redrive_after,
+            Some(Duration::from_secs(86400))
+        );
+        let cfg = Config::from_toml("[delivery]\nauto_redrive_after = \"off\"").unwrap();
+        assert_eq!(cfg.delivery.auto_redrive_after, None);
+        let err = Config::from_toml("[delivery]\nauto_redrive_after = \"soon\"").unwrap_err();
+        assert!(
+            err.to_string().contains("delivery.auto_redrive_after"),
+            "{err}"
+        );
     }
 
     #[test]

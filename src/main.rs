@@ -36,6 +36,30 @@ enum Command {
     /// Prints queue depth, delayed and poison counts, dead letters and
     /// webhooks by status.
     Status,
+    /// Redrives webhooks in bulk (operators): dead letters by default.
+    /// Attempts restart; the history is kept.
+    Redrive {
+        /// Only this tenant's webhooks (by name).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Statuses to redrive, comma-separated: dead_letter, failed,
+        /// completed.
+        #[arg(long, value_delimiter = ',', default_value = "dead_letter")]
+        status: Vec<String>,
+        /// Only webhooks that entered their status at or after this time:
+        /// RFC 3339, or a duration ago such as `24h`.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only webhooks that entered their status before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many webhooks.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Counts what would be redriven; changes nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Manages API keys.
     Keys {
         #[command(subcommand)]
@@ -79,12 +103,67 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { command } => keys(&cfg, command).await,
+        Command::Redrive {
+            tenant,
+            status,
+            since,
+            until,
+            limit,
+            dry_run,
+        } => {
+            uploadhook::migrate(&cfg).await?;
+            let now = uploadhook::clock::SystemClock.now();
+            let tenant = match tenant {
+                None => None,
+                Some(name) => Some(
+                    uploadhook::open_store(&cfg)
+                        .await?
+                        .tenant_by_name(&name)
+                        .await?
+                        .with_context(|| format!("--tenant: no tenant named {name:?}"))?,
+                ),
+            };
+            let filter = uploadhook::store::RedriveFilter {
+                tenant,
+                statuses: status
+                    .iter()
+                    .map(|s| parse_redrivable(s))
+                    .collect::<anyhow::Result<_>>()?,
+                since: since.map(|s| parse_time("--since", &s, now)).transpose()?,
+                until: until.map(|s| parse_time("--until", &s, now)).transpose()?,
+            };
+            let report = uploadhook::ops::bulk_redrive(&cfg, &filter, limit, dry_run).await?;
+            print!("{report}");
+            Ok(())
+        }
         Command::Status => {
             uploadhook::migrate(&cfg).await?;
             print!("{}", uploadhook::ops::status(&cfg).await?);
             Ok(())
         }
     }
+}
+
+fn parse_redrivable(s: &str) -> anyhow::Result<uploadhook::domain::Status> {
+    use uploadhook::domain::Status;
+    match Status::parse(s.trim()) {
+        Some(st @ (Status::DeadLetter | Status::Failed | Status::Completed)) => Ok(st),
+        _ => anyhow::bail!("--status: {s:?} is not one of dead_letter, failed, completed"),
+    }
+}
+
+/// RFC 3339, or a duration before `now` (`24h`, `30m`).
+fn parse_time(
+    flag: &str,
+    s: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_utc());
+    }
+    let ago = uploadhook::config::parse_duration(s)
+        .map_err(|e| anyhow::anyhow!("{flag}: not an RFC 3339 time nor a duration ago ({e})"))?;
+    Ok(now - chrono::Duration::from_std(ago)?)
 }
 
 async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<()> {

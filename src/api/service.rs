@@ -13,13 +13,15 @@ use crate::{
     domain::{Status, TenantId, WebhookId, event_type},
     error::ApiError,
     pipeline::{
-        queue::{Job, JobKind, Queue},
+        queue::{Job, JobKind, Queue, enqueue_logged},
+        redrive,
         ssrf::AllowList,
     },
     signing::SigningKey,
     storage::{PresignedUpload, Storages},
     store::{
-        Changes, Created, Store, StoreError, Transition, Webhook, attempts, priority_of, status_of,
+        Changes, Created, RedriveSource, Store, StoreError, Transition, Webhook, attempts,
+        priority_of, status_of,
         webhooks::{Column as C, StoredSecret},
     },
 };
@@ -242,19 +244,13 @@ impl WebhookApi {
     }
 
     async fn enqueue(&self, w: &Webhook, kind: JobKind) {
-        let tenant = TenantId::from_trusted(w.tenant_id.clone());
-        let id = WebhookId::from_trusted(w.id.clone());
-        let priority = priority_of(w);
         let job = Job {
             kind,
-            priority,
-            tenant,
-            webhook: id.clone(),
+            priority: priority_of(w),
+            tenant: TenantId::from_trusted(w.tenant_id.clone()),
+            webhook: WebhookId::from_trusted(w.id.clone()),
         };
-        if let Err(e) = self.queue.enqueue(job, None).await {
-            // The status is stored: recovery re-enqueues it.
-            tracing::warn!(error = %e, webhook_id = %id, "enqueue failed; the webhook is recovered from the database");
-        }
+        enqueue_logged(&*self.queue, job).await;
     }
 
     pub async fn get(
@@ -333,42 +329,22 @@ impl WebhookApi {
     /// webhook, or a new verification for one that failed verification.
     pub async fn redeliver(&self, tenant: &TenantId, id: &WebhookId) -> Result<Webhook, ApiError> {
         let w = self.find(tenant, id).await?;
-        let now = self.clock.now();
-        let status = status_of(&w).map_err(db)?;
-        let (to, kind, changes) = match status {
-            Status::Completed | Status::DeadLetter => (
-                Status::Retrying,
-                JobKind::Deliver,
-                Changes::new()
-                    .set(C::AttemptBase, w.attempt_count)
-                    .set(C::NextAttemptAt, Some(now))
-                    .set(C::CompletedAt, None::<DateTime<Utc>>),
-            ),
-            Status::Failed => (
-                Status::Verifying,
-                JobKind::Verify,
-                Changes::new().set(C::VerifyAttempts, 0),
-            ),
-            other => {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "webhook {id} is {}; only completed, dead-lettered or failed webhooks can be redelivered",
-                    other.as_str()
-                )));
-            }
-        };
-        let moved = self
-            .store
-            .transition(
-                Transition::new(tenant, id, &[status], to, event_type::REDELIVER, now)
-                    .changes(changes),
-            )
+        match redrive::redrive(&self.store, &w, RedriveSource::Api, self.clock.now())
             .await
             .map_err(db)?
-            .ok_or_else(|| {
-                ApiError::FailedPrecondition(format!("webhook {id} moved on; try again"))
-            })?;
-        self.enqueue(&moved, kind).await;
-        Ok(moved)
+        {
+            redrive::Outcome::Redriven(moved, job) => {
+                enqueue_logged(&*self.queue, job).await;
+                Ok(*moved)
+            }
+            redrive::Outcome::NotRedrivable(other) => Err(ApiError::FailedPrecondition(format!(
+                "webhook {id} is {}; only completed, dead-lettered or failed webhooks can be redelivered",
+                other.as_str()
+            ))),
+            redrive::Outcome::MovedOn => Err(ApiError::FailedPrecondition(format!(
+                "webhook {id} moved on; try again"
+            ))),
+        }
     }
 }
 

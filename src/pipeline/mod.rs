@@ -22,6 +22,7 @@ pub mod memory;
 pub mod queue;
 pub mod redis_conn;
 pub mod redis_queue;
+pub mod redrive;
 pub mod retry;
 pub mod ssrf;
 #[cfg(test)]
@@ -40,7 +41,7 @@ use self::{
     delivery::{
         DeliveryClient, EVENT_UPLOAD_COMPLETED, FileInfo, Payload, rfc3339, signed_headers,
     },
-    queue::{Job, JobKind, Lease, Queue},
+    queue::{Job, JobKind, Lease, Queue, enqueue_logged},
     retry::{Decision, RetryPolicy, classify, decide},
 };
 use crate::{
@@ -50,8 +51,8 @@ use crate::{
     signing::SigningKey,
     storage::Storages,
     store::{
-        Changes, NewAttempt, Store, StoreError, Transition, Webhook, metadata_of, priority_of,
-        status_of, webhooks::Column as C,
+        Changes, NewAttempt, RedriveSource, Store, StoreError, Transition, Webhook, metadata_of,
+        priority_of, status_of, webhooks::Column as C,
     },
 };
 
@@ -81,6 +82,7 @@ pub struct Pipeline {
     lease: Duration,
     reconcile_every: Duration,
     leader: Arc<dyn leader::Leader>,
+    auto_redrive_after: Option<Duration>,
 }
 
 /// In-flight deliveries per target host. A host at its limit does not hold
@@ -158,6 +160,7 @@ impl Pipeline {
             lease: cfg.queue.visibility_timeout,
             reconcile_every: cfg.queue.reconcile_every,
             leader,
+            auto_redrive_after: cfg.delivery.auto_redrive_after,
         }
     }
 
@@ -232,6 +235,28 @@ impl Pipeline {
                 webhook: WebhookId::from_trusted(w.id.clone()),
             };
             if self.queue.enqueue(job, None).await.is_ok() {
+                n += 1;
+            }
+        }
+        n += self.auto_redrive().await?;
+        Ok(n)
+    }
+
+    /// Redrives, once per webhook, dead letters older than
+    /// `delivery.auto_redrive_after`. Returns how many were.
+    pub async fn auto_redrive(&self) -> Result<usize, StoreError> {
+        let Some(after) = self.auto_redrive_after else {
+            return Ok(0);
+        };
+        let now = self.clock.now();
+        let before = now - chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+        let mut n = 0;
+        for w in self.store.auto_redrive_due(before, 500).await? {
+            if let redrive::Outcome::Redriven(_, job) =
+                redrive::redrive(&self.store, &w, RedriveSource::Auto, now).await?
+            {
+                info!(webhook_id = %w.id, tenant_id = %w.tenant_id, "dead letter redriven automatically");
+                enqueue_logged(&*self.queue, job).await;
                 n += 1;
             }
         }

@@ -177,6 +177,16 @@ pub trait Queue: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), QueueError>;
 }
 
+/// Enqueues a job whose status is already stored, due now. A failure
+/// loses nothing: the row says the work is owed, and the reconciler (or
+/// the next start, on the in-process queue) puts it back.
+pub async fn enqueue_logged(queue: &dyn Queue, job: Job) {
+    let id = job.webhook.clone();
+    if let Err(e) = queue.enqueue(job, None).await {
+        tracing::warn!(error = %e, webhook_id = %id, "enqueue failed; the webhook is recovered from the database");
+    }
+}
+
 // The suite every implementation runs; declared here rather than in
 // `mod.rs` so that it sits next to the trait it tests.
 #[cfg(test)]

@@ -136,6 +136,8 @@ pub mod dead_letters {
         pub reason: String,
         pub created_at: DateTimeUtc,
         pub redriven_at: Option<DateTimeUtc>,
+        /// `auto`, `api` or `cli` once redriven.
+        pub redriven_by: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -104,6 +104,27 @@ pub struct Transition<'a> {
     /// Also require that the row has not changed since this time (a
     /// takeover of a stale attempt must not race another takeover).
     pub unchanged_since: Option<DateTime<Utc>>,
+    /// Who moved it out of DEAD_LETTER, recorded on its dead letters.
+    pub redriven_by: Option<RedriveSource>,
+}
+
+/// Who redrove a dead letter. A webhook is redriven automatically at most
+/// once; after that only a person (the API or the CLI) redrives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedriveSource {
+    Auto,
+    Api,
+    Cli,
+}
+
+impl RedriveSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedriveSource::Auto => "auto",
+            RedriveSource::Api => "api",
+            RedriveSource::Cli => "cli",
+        }
+    }
 }
 
 impl<'a> Transition<'a> {
@@ -128,6 +149,7 @@ impl<'a> Transition<'a> {
             dead_letter: None,
             now,
             unchanged_since: None,
+            redriven_by: None,
         }
     }
 
@@ -150,6 +172,22 @@ impl<'a> Transition<'a> {
         self.unchanged_since = at;
         self
     }
+
+    pub fn redriven_by(mut self, by: RedriveSource) -> Self {
+        self.redriven_by = Some(by);
+        self
+    }
+}
+
+/// Which webhooks a bulk redrive takes: in one of `statuses`, of one
+/// tenant or all, that entered their status (`updated_at`) in
+/// `[since, until)`.
+#[derive(Debug, Clone)]
+pub struct RedriveFilter {
+    pub tenant: Option<TenantId>,
+    pub statuses: Vec<Status>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// A freshly created API key; `plaintext` is shown once and never stored.
@@ -238,14 +276,19 @@ impl Store {
         Ok(tenants::Entity::find().count(&self.db).await?)
     }
 
-    /// The tenant of this name, created when missing.
-    pub async fn ensure_tenant(&self, name: &str, now: DateTime<Utc>) -> Result<TenantId> {
-        if let Some(t) = tenants::Entity::find()
+    /// The tenant of this name, if it exists.
+    pub async fn tenant_by_name(&self, name: &str) -> Result<Option<TenantId>> {
+        Ok(tenants::Entity::find()
             .filter(tenants::Column::Name.eq(name))
             .one(&self.db)
             .await?
-        {
-            return Ok(TenantId::from_trusted(t.id));
+            .map(|t| TenantId::from_trusted(t.id)))
+    }
+
+    /// The tenant of this name, created when missing.
+    pub async fn ensure_tenant(&self, name: &str, now: DateTime<Utc>) -> Result<TenantId> {
+        if let Some(t) = self.tenant_by_name(name).await? {
+            return Ok(t);
         }
         let id = TenantId::generate();
         tenants::ActiveModel {
@@ -456,14 +499,20 @@ impl Store {
                 reason: Set(reason),
                 created_at: Set(t.now),
                 redriven_at: Set(None),
+                redriven_by: Set(None),
             }
             .insert(&txn)
             .await?;
         }
         if t.from.contains(&Status::DeadLetter) && t.to != Status::DeadLetter {
-            // A redrive: mark the open dead-letter rows as redriven.
+            // Leaving DEAD_LETTER (a redrive, or a cancel): close the open
+            // dead-letter rows, saying who redrove them.
             dead_letters::Entity::update_many()
                 .col_expr(dead_letters::Column::RedrivenAt, Expr::value(t.now))
+                .col_expr(
+                    dead_letters::Column::RedrivenBy,
+                    Expr::value(t.redriven_by.map(|b| b.as_str().to_string())),
+                )
                 .filter(dead_letters::Column::WebhookId.eq(row.id.clone()))
                 .filter(dead_letters::Column::RedrivenAt.is_null())
                 .exec(&txn)
@@ -584,6 +633,73 @@ impl Store {
         Ok(dead_letters::Entity::find()
             .filter(dead_letters::Column::RedrivenAt.is_null())
             .count(&self.db)
+            .await?)
+    }
+
+    /// Dead-lettered webhooks whose open dead letter is older than
+    /// `before` and that were never redriven automatically, oldest first.
+    pub async fn auto_redrive_due(
+        &self,
+        before: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<Webhook>> {
+        use sea_orm::sea_query::Query;
+        let ids: Vec<String> = dead_letters::Entity::find()
+            .select_only()
+            .column(dead_letters::Column::WebhookId)
+            .filter(dead_letters::Column::RedrivenAt.is_null())
+            .filter(dead_letters::Column::CreatedAt.lt(before))
+            .filter(
+                dead_letters::Column::WebhookId.not_in_subquery(
+                    Query::select()
+                        .column(dead_letters::Column::WebhookId)
+                        .from(dead_letters::Entity)
+                        .and_where(
+                            dead_letters::Column::RedrivenBy.eq(RedriveSource::Auto.as_str()),
+                        )
+                        .to_owned(),
+                ),
+            )
+            .order_by_asc(dead_letters::Column::CreatedAt)
+            .limit(limit)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(webhooks::Entity::find()
+            .filter(webhooks::Column::Id.is_in(ids))
+            .filter(webhooks::Column::Status.eq(Status::DeadLetter.as_str()))
+            .all(&self.db)
+            .await?)
+    }
+
+    /// A page of webhooks for a bulk redrive (operators only: every tenant
+    /// unless `filter.tenant` says one), by id after `after`.
+    pub async fn redrive_page(
+        &self,
+        filter: &RedriveFilter,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<Webhook>> {
+        let mut q = webhooks::Entity::find()
+            .filter(webhooks::Column::Status.is_in(filter.statuses.iter().map(|s| s.as_str())));
+        if let Some(t) = &filter.tenant {
+            q = q.filter(webhooks::Column::TenantId.eq(t.as_str()));
+        }
+        if let Some(since) = filter.since {
+            q = q.filter(webhooks::Column::UpdatedAt.gte(since));
+        }
+        if let Some(until) = filter.until {
+            q = q.filter(webhooks::Column::UpdatedAt.lt(until));
+        }
+        if let Some(after) = after {
+            q = q.filter(webhooks::Column::Id.gt(after));
+        }
+        Ok(q.order_by_asc(webhooks::Column::Id)
+            .limit(limit)
+            .all(&self.db)
             .await?)
     }
 

@@ -150,7 +150,7 @@ async fn full_flow_delivers_a_signed_webhook(db: &TestDb) {
     app.stop().await;
 }
 
-async fn create_and_upload(
+pub(crate) async fn create_and_upload(
     app: &TestApp,
     url: &str,
     body: Option<&[u8]>,
@@ -171,7 +171,11 @@ async fn create_and_upload(
     created
 }
 
-async fn confirm(app: &TestApp, id: &str, etag: &str) -> Result<proto::Webhook, tonic::Status> {
+pub(crate) async fn confirm(
+    app: &TestApp,
+    id: &str,
+    etag: &str,
+) -> Result<proto::Webhook, tonic::Status> {
     app.client()
         .await
         .confirm(authed(

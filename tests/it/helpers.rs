@@ -146,6 +146,8 @@ pub struct TestApp {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub s3_root: Arc<tempfile::TempDir>,
+    /// The configuration it runs with (for operator commands in tests).
+    pub config: Config,
 }
 
 pub const FAST: &str = r#"
@@ -186,9 +188,14 @@ impl TestApp {
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             s3: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
         };
-        let running = uploadhook::start(config, listeners, clock.clone(), uploadhook::Roles::ALL)
-            .await
-            .unwrap();
+        let running = uploadhook::start(
+            config.clone(),
+            listeners,
+            clock.clone(),
+            uploadhook::Roles::ALL,
+        )
+        .await
+        .unwrap();
         let now = clock.now();
         let key_a = running
             .store
@@ -209,6 +216,7 @@ impl TestApp {
             key_a,
             key_b,
             s3_root,
+            config,
         }
     }
 

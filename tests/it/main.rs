@@ -5,6 +5,7 @@ mod helpers;
 mod flow;
 mod ops;
 mod processes;
+mod redrive;
 mod rest;
 mod scale;
 mod ssrf;
