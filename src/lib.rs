@@ -9,6 +9,8 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod health;
+pub mod metrics;
 pub mod ops;
 pub mod pipeline;
 pub mod proto;
@@ -19,7 +21,6 @@ pub mod store;
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use axum::{Router, extract::State, http::StatusCode, routing::get};
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -300,13 +301,8 @@ pub async fn start(
         tasks.spawn(pipeline.run(shutdown.clone(), cfg.server.shutdown_grace));
     }
 
-    let health = HealthState {
-        store: store.clone(),
-        queue: queue.clone(),
-    };
-    let mut http = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz).with_state(health));
+    let health = health::Health::new(store.clone(), queue.clone(), roles);
+    let mut http = health.clone().router();
 
     let mut grpc_addr = None;
     if let Some(grpc_listener) = listeners.grpc {
@@ -322,16 +318,25 @@ pub async fn start(
 
         // gRPC: the service, health and reflection.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<WebhookServiceServer<GrpcApi>>()
-            .await;
+        tasks.spawn(
+            health
+                .grpc_reporter(
+                    health_reporter,
+                    proto::SERVICE_NAME,
+                    std::time::Duration::from_secs(5),
+                    shutdown.clone(),
+                )
+                .await,
+        );
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("building gRPC reflection")?;
         grpc_addr = Some(grpc_listener.local_addr()?);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let methods = metrics::served_methods();
         let grpc_router = tonic::transport::Server::builder()
+            .layer(metrics::RpcMetricsLayer::new("grpc", methods.clone()))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(grpc_service.clone());
@@ -348,6 +353,10 @@ pub async fn start(
         let gateway = Arc::new(
             Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
                 .context("building the REST gateway")?,
+        );
+        let grpc_service = tower::Layer::layer(
+            &metrics::RpcMetricsLayer::new("http", methods),
+            grpc_service,
         );
         http = http.merge(api::gateway::router(gateway, grpc_service));
     }
@@ -407,28 +416,4 @@ async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
-}
-
-#[derive(Clone)]
-struct HealthState {
-    store: Store,
-    queue: Arc<dyn Queue>,
-}
-
-/// Ready when the database and the queue answer (migrations run before
-/// the listeners serve, so a serving process has them applied).
-async fn readyz(State(h): State<HealthState>) -> (StatusCode, String) {
-    // Details go to the log, not to an unauthenticated caller.
-    if let Err(e) = h.store.ping().await {
-        warn!(error = %e, "readiness: database unreachable");
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database unreachable".into(),
-        );
-    }
-    if let Err(e) = h.queue.ping().await {
-        warn!(error = %e, "readiness: queue unreachable");
-        return (StatusCode::SERVICE_UNAVAILABLE, "queue unreachable".into());
-    }
-    (StatusCode::OK, "ready".into())
 }

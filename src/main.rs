@@ -17,8 +17,18 @@ struct Cli {
     /// UPLOADHOOK_<SECTION>__<KEY> override both.
     #[arg(long, global = true, env = "UPLOADHOOK_CONFIG")]
     config: Option<PathBuf>,
+    /// Log lines as human-readable text or as one JSON object per line.
+    /// The level filter is UPLOADHOOK_LOG (default "info").
+    #[arg(long, global = true, env = "UPLOADHOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -82,16 +92,22 @@ enum KeysCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UPLOADHOOK_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,sqlx=warn,sea_orm=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UPLOADHOOK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        // Span fields (webhook_id, tenant_id, attempt) ride on every line.
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+
     let cfg = Config::load(cli.config.as_deref()).context("loading configuration")?;
     match cli.command {
         Command::Serve => uploadhook::serve(cfg, uploadhook::Roles::ALL).await,

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use super::{
     leader::{Leader, RedisLeader},
     queue::{Job, Lease, Queue, QueueError},
-    redis_queue::{RedisQueue, RedisQueueConfig},
+    redis_queue::{QueueStats, RedisQueue, RedisQueueConfig},
 };
 use crate::clock::Clock;
 
@@ -133,6 +133,10 @@ impl Queue for LazyRedisQueue {
 
     async fn ping(&self) -> Result<(), QueueError> {
         self.get()?.ping().await
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        self.get()?.stats().await
     }
 }
 

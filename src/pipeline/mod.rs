@@ -48,6 +48,7 @@ use crate::{
     clock::Clock,
     config::Config,
     domain::{Status, TenantId, WebhookId, event_type},
+    metrics::METRICS,
     signing::SigningKey,
     storage::Storages,
     store::{
@@ -476,6 +477,7 @@ impl Pipeline {
                     info.size,
                 ) {
                     Ok(()) => {
+                        METRICS.verification("verified");
                         let changes = Changes::new()
                             .set(C::Size, Some(info.size))
                             .set(C::Etag, Some(verify::normalize_etag(&info.etag)))
@@ -511,13 +513,18 @@ impl Pipeline {
                         }
                     }
                     Err(reason) => {
+                        METRICS.verification("mismatch");
                         self.store.transition(fail(reason)).await?;
                     }
                 }
                 return Ok(Step::Ack);
             }
-            Ok(None) => format!("object {}/{} not found", w.bucket, w.object_key),
+            Ok(None) => {
+                METRICS.verification("missing");
+                format!("object {}/{} not found", w.bucket, w.object_key)
+            }
             Err(e) => {
+                METRICS.verification("storage_error");
                 // The storage did not answer properly: that says nothing
                 // about the object. Look again every few seconds, without
                 // using up the missing-object checks, until the webhook's
@@ -661,6 +668,22 @@ impl Pipeline {
             error: error.clone(),
         };
         info!(attempt, status = ?response.status, ?decision, "delivery attempt");
+        match &decision {
+            Decision::Complete => {
+                METRICS.delivery("completed", response.duration);
+                METRICS.finished("completed", attempt - w.attempt_base);
+                if let Some(verified) = w.verified_at {
+                    METRICS
+                        .delivery_lag
+                        .observe((now - verified).to_std().unwrap_or_default().as_secs_f64());
+                }
+            }
+            Decision::Retry { .. } => METRICS.delivery("retry", response.duration),
+            Decision::DeadLetter { .. } => {
+                METRICS.delivery("dead_letter", response.duration);
+                METRICS.finished("dead_letter", attempt - w.attempt_base);
+            }
+        }
         let base = Changes::new().set(C::AttemptCount, attempt);
         let (to, event, changes, dead_letter, step) = match decision {
             Decision::Complete => (

@@ -175,6 +175,9 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Whether the backend answers (readiness).
     async fn ping(&self) -> Result<(), QueueError>;
+
+    /// Depth figures for `uploadhook status` and `/metrics`.
+    async fn stats(&self) -> Result<super::redis_queue::QueueStats, QueueError>;
 }
 
 /// Enqueues a job whose status is already stored, due now. A failure

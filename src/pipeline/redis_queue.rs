@@ -1070,6 +1070,10 @@ impl Queue for RedisQueue {
             .map_err(|e| backend("retry_later", e))
     }
 
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        RedisQueue::stats(self).await
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
         redis::cmd("PING")
             .query_async::<()>(&mut self.conn.clone())

@@ -270,6 +270,14 @@ impl Store {
         Ok(())
     }
 
+    /// How many migrations this binary knows that the database lacks.
+    pub async fn pending_migrations(&self) -> Result<usize> {
+        use migration::MigratorTrait;
+        Ok(migration::Migrator::get_pending_migrations(&self.db)
+            .await?
+            .len())
+    }
+
     // ---- tenants and API keys -------------------------------------------
 
     pub async fn tenant_count(&self) -> Result<u64> {

@@ -17,12 +17,14 @@ use uploadhook::{
 
 use crate::{
     backend_tests,
-    helpers::{TestApp, TestDb, authed, create_request, get},
+    flow::{confirm, create_and_upload},
+    helpers::{Receiver, TestApp, TestDb, authed, create_request, get, wait_for},
 };
 
 backend_tests!(
     health_and_reflection_answer,
-    confirm_after_expiry_fails_and_expires
+    confirm_after_expiry_fails_and_expires,
+    metrics_count_what_happened,
 );
 
 async fn health_and_reflection_answer(db: &TestDb) {
@@ -121,5 +123,88 @@ async fn confirm_after_expiry_fails_and_expires(db: &TestDb) {
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("expired"), "{}", err.message());
     assert_eq!(get(&app, &app.key_a, &b.id).await.status(), Status::Expired);
+    app.stop().await;
+}
+
+/// The value of the first sample line that starts with `prefix` and
+/// contains every one of `having`.
+fn sample(text: &str, prefix: &str, having: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && having.iter().all(|h| l.contains(h)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+async fn metrics_count_what_happened(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    let created = create_and_upload(&app, &rx.url, Some(b"hello"), None).await;
+    let id = created.webhook.unwrap().id;
+    confirm(&app, &id, "").await.unwrap();
+    wait_for(&app, &app.key_a, &id, Status::Completed).await;
+    // One call over REST as well.
+    let http = reqwest::Client::new();
+    let r = http
+        .get(app.http_url(&format!("/v1/webhooks/{id}")))
+        .header("authorization", format!("Bearer {}", app.key_a))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let r = http.get(app.http_url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = r.text().await.unwrap();
+    // Counters are per process and the tests share one: at least ours.
+    let at_least_one = |prefix: &str, having: &[&str]| {
+        let v = sample(&text, prefix, having);
+        assert!(
+            v.unwrap_or(0.0) >= 1.0,
+            "{prefix} {having:?}: {v:?}\n{text}"
+        );
+    };
+    at_least_one("uploadhook_deliveries_total", &["outcome=\"completed\""]);
+    at_least_one("uploadhook_verifications_total", &["outcome=\"verified\""]);
+    at_least_one(
+        "uploadhook_rpc_server_duration_seconds_count",
+        &[
+            "rpc_method=\"Confirm\"",
+            "rpc_grpc_status_code=\"OK\"",
+            "transport=\"grpc\"",
+        ],
+    );
+    at_least_one(
+        "uploadhook_rpc_server_duration_seconds_count",
+        &["rpc_method=\"GetStatus\"", "transport=\"http\""],
+    );
+    at_least_one("uploadhook_delivery_lag_seconds_count", &[]);
+    // Gauges read from this deployment's database and queue.
+    at_least_one("uploadhook_webhooks", &["status=\"completed\""]);
+    assert!(
+        sample(&text, "uploadhook_queue_delayed", &[]).is_some(),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "uploadhook_dead_letters", &[]).is_some(),
+        "{text}"
+    );
+    // Bounded labels: no webhook id, no URL.
+    assert!(!text.contains(&id), "a webhook id leaked into a label");
+    assert!(!text.contains("127.0.0.1"), "a URL leaked into a label");
+
+    let readyz = http.get(app.http_url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 200);
+    let body = readyz.text().await.unwrap();
+    assert!(
+        body.contains("database: ok")
+            && body.contains("migrations: ok")
+            && body.contains("queue: ok"),
+        "{body}"
+    );
     app.stop().await;
 }

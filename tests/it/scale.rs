@@ -322,6 +322,16 @@ async fn redis_down_at_start_then_back_loses_nothing() {
         return;
     };
     let worker = d.worker(&queue).await;
+    // Without Redis the API stays ready (it records work), a worker not.
+    let ready = |addr: std::net::SocketAddr| async move {
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ready(d.api.as_ref().unwrap().http_addr).await, 200);
+    assert_eq!(ready(worker.http_addr).await, 503);
     let rx = Receiver::start().await;
     // The API answers and records the Confirm without Redis.
     let id = d.create_confirmed(&rx.url, proto::Priority::Normal).await;
@@ -333,6 +343,7 @@ async fn redis_down_at_start_then_back_loses_nothing() {
     d.wait_for(&id, Status::Completed, Duration::from_secs(30))
         .await;
     assert_eq!(rx.received().len(), 1);
+    assert_eq!(ready(worker.http_addr).await, 200);
     worker.stop().await;
     d.stop().await;
 }
