@@ -30,6 +30,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub worker: WorkerConfig,
     pub bootstrap: BootstrapConfig,
+    pub detect: DetectConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +184,35 @@ pub struct WorkerConfig {
     pub per_host_concurrency: usize,
 }
 
+/// Detection without Confirm: AUTO checks, expiry, the HEAD budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectConfig {
+    /// Delay before an AUTO webhook's first HEAD; each later one doubles,
+    /// up to `max_check_interval`.
+    #[serde(deserialize_with = "de_duration")]
+    pub first_check: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub max_check_interval: Duration,
+    /// Each check delay gets +-jitter (fraction), so that webhooks created
+    /// together are not checked together.
+    pub jitter: f64,
+    /// An object last modified longer ago than this is complete at first
+    /// sight; a younger one must look the same on two checks in a row.
+    #[serde(deserialize_with = "de_duration")]
+    pub settle: Duration,
+    /// How often PENDING webhooks past `expires_at` become EXPIRED.
+    #[serde(deserialize_with = "de_duration")]
+    pub expiry_sweep_every: Duration,
+    /// Rows read and expired per batch.
+    pub expiry_batch: u64,
+    /// HEAD requests per second per storage connection, per worker process
+    /// (AUTO checks and verification share it); 0: no limit.
+    pub head_rate: f64,
+    /// HEADs that may go at once before the rate applies.
+    pub head_burst: u32,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapConfig {
@@ -316,6 +346,34 @@ impl Config {
             if self.queue.max_deliveries == 0 {
                 return invalid("queue.max_deliveries", "must be at least 1");
             }
+        }
+        let d = &self.detect;
+        if d.first_check.is_zero() {
+            return invalid("detect.first_check", "must be positive");
+        }
+        if d.max_check_interval < d.first_check {
+            return invalid(
+                "detect.max_check_interval",
+                "must not be shorter than detect.first_check",
+            );
+        }
+        if !(0.0..1.0).contains(&d.jitter) {
+            return invalid("detect.jitter", "must be in [0, 1)");
+        }
+        if d.expiry_sweep_every.is_zero() {
+            return invalid("detect.expiry_sweep_every", "must be positive");
+        }
+        if d.expiry_batch == 0 {
+            return invalid("detect.expiry_batch", "must be at least 1");
+        }
+        if !d.head_rate.is_finite() || d.head_rate < 0.0 {
+            return invalid(
+                "detect.head_rate",
+                "must be 0 (no limit) or a positive number",
+            );
+        }
+        if d.head_burst == 0 {
+            return invalid("detect.head_burst", "must be at least 1");
         }
         if self.queue.reconcile_every.is_zero() {
             return invalid("queue.reconcile_every", "must be positive");

@@ -113,6 +113,8 @@ pub struct Running {
     /// The development key, when this start created it.
     pub bootstrap_key: Option<String>,
     pub store: Store,
+    /// The storage connections (their HEAD counts, for tests and figures).
+    pub storages: Arc<Storages>,
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -312,11 +314,12 @@ pub async fn start(
     if let Some(grpc_listener) = listeners.grpc {
         let api = Arc::new(WebhookApi {
             store: store.clone(),
-            storages,
+            storages: storages.clone(),
             queue,
             clock,
             limits: cfg.webhooks.clone(),
             allow: Arc::new(allow),
+            detect: cfg.detect.clone(),
         });
         let grpc_service = WebhookServiceServer::new(GrpcApi::new(api));
 
@@ -371,6 +374,7 @@ pub async fn start(
         s3_endpoint,
         bootstrap_key,
         store,
+        storages,
         shutdown,
         tasks,
     })

@@ -16,6 +16,7 @@
 //! is acked without effect: duplicates and stale jobs are harmless.
 
 pub mod delivery;
+pub mod detect;
 pub mod lazy;
 pub mod leader;
 pub mod memory;
@@ -81,6 +82,9 @@ pub struct Pipeline {
     lease: Duration,
     reconcile_every: Duration,
     leader: Arc<dyn leader::Leader>,
+    detect: crate::config::DetectConfig,
+    /// The HEAD budget of each storage connection (checks and verification).
+    head_limits: detect::HeadLimits,
 }
 
 /// In-flight deliveries per target host. A host at its limit does not hold
@@ -158,6 +162,8 @@ impl Pipeline {
             lease: cfg.queue.visibility_timeout,
             reconcile_every: cfg.queue.reconcile_every,
             leader,
+            detect: cfg.detect.clone(),
+            head_limits: detect::HeadLimits::new(&cfg.detect),
         }
     }
 
@@ -197,6 +203,7 @@ impl Pipeline {
                 n += 1;
             }
         }
+        n += self.recover_checks().await?;
         Ok(n)
     }
 
@@ -235,6 +242,7 @@ impl Pipeline {
                 n += 1;
             }
         }
+        n += self.reconcile_checks().await?;
         Ok(n)
     }
 
@@ -292,12 +300,27 @@ impl Pipeline {
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(this.reconcile_every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut expiry = tokio::time::interval(this.detect.expiry_sweep_every);
+                expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tokio::select! {
+                    // The expiry sweep runs under the reconciler's lease:
+                    // one process at a time (a second would find nothing
+                    // to move, since expiry is a compare-and-set).
+                    let sweep_expiry = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tick.tick() => {}
+                        _ = tick.tick() => false,
+                        _ = expiry.tick() => true,
+                    };
+                    let ttl = (this.reconcile_every * 2).max(this.detect.expiry_sweep_every * 2);
+                    if !this.leader.try_lead(ttl).await {
+                        continue;
                     }
-                    if !this.leader.try_lead(this.reconcile_every * 2).await {
+                    if sweep_expiry {
+                        match this.sweep_expired().await {
+                            Ok(0) => {}
+                            Ok(n) => info!(expired = n, "expiry sweep"),
+                            Err(e) => warn!(error = %e, "expiry sweep failed"),
+                        }
                         continue;
                     }
                     match this.reconcile().await {
@@ -366,6 +389,7 @@ impl Pipeline {
             let step = match lease.job.kind {
                 JobKind::Verify => self.verify(&lease.job).await,
                 JobKind::Deliver => self.deliver(&lease.job, lease.deliveries).await,
+                JobKind::Check => self.check(&lease.job).await,
             };
             let res = match step {
                 Ok(Step::Ack) => self.queue.ack(&lease).await,
@@ -434,6 +458,7 @@ impl Pipeline {
                 return Ok(Step::Ack);
             }
         };
+        self.head_limits.acquire(&w.storage).await;
         let head = tokio::time::timeout(self.head_timeout, storage.head(&w.object_key))
             .await
             .unwrap_or_else(|_| {

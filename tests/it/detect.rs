@@ -1,0 +1,277 @@
+//! Detection without Confirm: expiry, AUTO checks, the HEAD budget.
+
+use std::{sync::Arc, time::Duration};
+
+use tonic::Code;
+use uploadhook::{
+    clock::ManualClock,
+    proto::{self, Status},
+};
+
+use crate::{
+    backend_tests,
+    helpers::{Receiver, TestApp, TestDb, authed, create_request, get, upload, wait_for},
+};
+
+backend_tests!(
+    pending_webhooks_expire_at_expires_at,
+    auto_webhook_is_delivered_without_confirm,
+    auto_upload_that_never_happens_expires_and_stops_checking,
+    confirm_racing_auto_detection_delivers_once,
+    lost_check_jobs_come_back_from_the_database,
+);
+
+/// Checks every 100-200 ms; expiry swept every 50 ms.
+const QUICK: &str = r#"
+[detect]
+first_check = "100ms"
+max_check_interval = "200ms"
+jitter = 0.0
+expiry_sweep_every = "50ms"
+"#;
+
+fn auto_request(url: &str, name: &str, expires_secs: i64) -> proto::CreateUploadWebhookRequest {
+    let mut req = create_request(url, name);
+    req.webhook.as_mut().unwrap().trigger = proto::Trigger::Auto as i32;
+    req.expires_in = Some(prost_types::Duration {
+        seconds: expires_secs,
+        nanos: 0,
+    });
+    req
+}
+
+async fn create(
+    app: &TestApp,
+    req: proto::CreateUploadWebhookRequest,
+) -> proto::CreateUploadWebhookResponse {
+    app.client()
+        .await
+        .create_upload_webhook(authed(&app.key_a, req))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn confirm(app: &TestApp, id: &str) -> Result<proto::Webhook, tonic::Status> {
+    app.client()
+        .await
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: id.into(),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .map(|r| r.into_inner().webhook.unwrap())
+}
+
+async fn pending_webhooks_expire_at_expires_at(db: &TestDb) {
+    let clock = ManualClock::new(chrono::Utc::now());
+    let mut app = TestApp::start_with(db, QUICK, Arc::new(clock.clone()), None).await;
+    let mut req = create_request("http://127.0.0.1:1/hook", "a.txt");
+    req.expires_in = Some(prost_types::Duration {
+        seconds: 60,
+        nanos: 0,
+    });
+    let manual = create(&app, req).await.webhook.unwrap();
+    let auto = create(&app, auto_request("http://127.0.0.1:1/hook", "b.txt", 60))
+        .await
+        .webhook
+        .unwrap();
+
+    // One second before expiry: many sweeps later, still PENDING.
+    clock.advance(chrono::Duration::seconds(59));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        get(&app, &app.key_a, &manual.id).await.status(),
+        Status::Pending
+    );
+    assert_eq!(
+        get(&app, &app.key_a, &auto.id).await.status(),
+        Status::Pending
+    );
+
+    // One second after: the sweep expires both, without any Confirm.
+    clock.advance(chrono::Duration::seconds(2));
+    let m = wait_for(&app, &app.key_a, &manual.id, Status::Expired).await;
+    assert_eq!(m.last_error, "not confirmed before expires_at");
+    let a = wait_for(&app, &app.key_a, &auto.id, Status::Expired).await;
+    assert_eq!(a.last_error, "upload not detected before expires_at");
+
+    // Confirm after expiry is refused.
+    let err = confirm(&app, &manual.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("expired"), "{}", err.message());
+    let err = confirm(&app, &auto.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // The event log has one expiry each.
+    for id in [&manual.id, &auto.id] {
+        let kinds = event_kinds(&app, id).await;
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "webhook.expired").count(),
+            1,
+            "{kinds:?}"
+        );
+    }
+    app.stop().await;
+}
+
+/// The event types of a webhook of tenant A, oldest first.
+async fn event_kinds(app: &TestApp, id: &str) -> Vec<String> {
+    let tenant = app
+        .store()
+        .authenticate(&app.key_a, chrono::Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let id = uploadhook::domain::WebhookId::parse(id).unwrap();
+    app.store()
+        .events_after(&tenant, Some(&id), 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+async fn auto_webhook_is_delivered_without_confirm(db: &TestDb) {
+    let mut app = TestApp::start(db, QUICK).await;
+    let rx = Receiver::start().await;
+    let created = create(&app, auto_request(&rx.url, "auto.txt", 600)).await;
+    let w = created.webhook.clone().unwrap();
+    assert_eq!(w.trigger(), proto::Trigger::Auto);
+    assert_eq!(w.status(), Status::Pending);
+    // Not there yet: checks find nothing, and the webhook waits.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(get(&app, &app.key_a, &w.id).await.status(), Status::Pending);
+    assert!(app.heads() >= 1, "the object was checked while missing");
+
+    upload(&created, b"landed by itself").await;
+    let done = wait_for(&app, &app.key_a, &w.id, Status::Completed).await;
+    assert_eq!(done.size, 16);
+    let got = rx.received();
+    assert_eq!(got.len(), 1);
+    let p: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(p["event"], "upload.completed");
+    assert_eq!(p["file"]["size"], 16);
+    let kinds = event_kinds(&app, &w.id).await;
+    assert!(kinds.contains(&"upload.detected".to_string()), "{kinds:?}");
+    assert!(
+        !kinds.contains(&"upload.confirmed".to_string()),
+        "{kinds:?}"
+    );
+    // Confirm afterwards answers the current state.
+    assert_eq!(
+        confirm(&app, &w.id).await.unwrap().status(),
+        Status::Completed
+    );
+    app.stop().await;
+}
+
+async fn auto_upload_that_never_happens_expires_and_stops_checking(db: &TestDb) {
+    let mut app = TestApp::start(db, QUICK).await;
+    let rx = Receiver::start().await;
+    let w = create(&app, auto_request(&rx.url, "never.txt", 2))
+        .await
+        .webhook
+        .unwrap();
+    let before = app.heads();
+    let expired = wait_for(&app, &app.key_a, &w.id, Status::Expired).await;
+    assert_eq!(expired.last_error, "upload not detected before expires_at");
+    let checked = app.heads();
+    assert!(checked > before, "checked while pending");
+    // No further HEAD, no delivery, nothing owed in the row.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(app.heads(), checked, "no HEAD after expiry");
+    assert!(rx.received().is_empty());
+    let tenant = app
+        .store()
+        .authenticate(&app.key_a, chrono::Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let id = uploadhook::domain::WebhookId::parse(&w.id).unwrap();
+    let row = app
+        .store()
+        .find_webhook(&tenant, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.next_check_at, None);
+    assert_eq!(
+        row.check_count as u64,
+        checked - before,
+        "one HEAD per check"
+    );
+    app.stop().await;
+}
+
+async fn confirm_racing_auto_detection_delivers_once(db: &TestDb) {
+    // settle = 0: the first check that sees the object detects it, so the
+    // check and Confirm race for PENDING → VERIFYING.
+    let cfg =
+        format!("{QUICK}settle = \"0s\"\nfirst_check = \"20ms\"\nmax_check_interval = \"20ms\"\n");
+    let cfg = cfg.replace(
+        "first_check = \"100ms\"\nmax_check_interval = \"200ms\"\n",
+        "",
+    );
+    let mut app = TestApp::start(db, &cfg).await;
+    let rx = Receiver::start().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let created = create(&app, auto_request(&rx.url, &format!("race{i}.txt"), 600)).await;
+        upload(&created, b"race").await;
+        let id = created.webhook.unwrap().id;
+        // Confirm at about the time the check runs.
+        tokio::time::sleep(Duration::from_millis(5 * i)).await;
+        let c = confirm(&app, &id).await.unwrap();
+        assert_ne!(c.status(), Status::Pending);
+        ids.push(id);
+    }
+    for id in &ids {
+        wait_for(&app, &app.key_a, id, Status::Completed).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = rx.received();
+    for id in &ids {
+        let n = got
+            .iter()
+            .filter(|r| &r.headers["webhook-id"] == id)
+            .count();
+        assert_eq!(n, 1, "{id} delivered {n} times");
+        let kinds = event_kinds(&app, id).await;
+        let moved = kinds
+            .iter()
+            .filter(|k| *k == "upload.detected" || *k == "upload.confirmed")
+            .count();
+        assert_eq!(moved, 1, "one of Confirm and detection wins: {kinds:?}");
+    }
+    app.stop().await;
+}
+
+async fn lost_check_jobs_come_back_from_the_database(db: &TestDb) {
+    // Checks every 10 min: the only way the webhook is seen soon is the
+    // database bringing its lost check job back.
+    let slow = "[detect]\nfirst_check = \"1m\"\nmax_check_interval = \"10m\"\njitter = 0.0\nsettle = \"1s\"\n";
+    let mut app = TestApp::start(db, slow).await;
+    let root = app.s3_root.clone();
+    let rx = Receiver::start().await;
+    let created = create(&app, auto_request(&rx.url, "lost.txt", 3600)).await;
+    upload(&created, b"x").await;
+    let id = created.webhook.unwrap().id;
+    let key_a = app.key_a.clone();
+    app.stop().await;
+    // The queue loses the job (Redis data loss; the in-process queue is
+    // empty after a restart anyway).
+    db.flush_queue().await;
+    // Restarted two minutes later: the check is overdue by more than the
+    // visibility timeout, so the reconciler (Redis) or start-up recovery
+    // (in-process) queues it again.
+    let later = ManualClock::new(chrono::Utc::now() + chrono::Duration::minutes(2));
+    let mut app2 = TestApp::start_with(db, slow, Arc::new(later), Some(root)).await;
+    wait_for(&app2, &key_a, &id, Status::Completed).await;
+    assert_eq!(rx.received().len(), 1);
+    app2.stop().await;
+}
