@@ -275,3 +275,53 @@ async fn lost_check_jobs_come_back_from_the_database(db: &TestDb) {
     assert_eq!(rx.received().len(), 1);
     app2.stop().await;
 }
+
+/// A thousand pending AUTO webhooks with the HEAD budget set: over a
+/// window, the HEADs sent stay within what the budget allows (the burst,
+/// plus the rate times the window, plus the checks already holding a token
+/// when the window opened: at most the worker concurrency). An upper bound
+/// only, so a slow machine cannot make it fail. (Without the budget, this
+/// machine sent 583 HEADs in 3 s where the budget allows 82.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_pending_auto_webhooks_stay_within_the_head_budget() {
+    let db = TestDb::new(crate::helpers::Backend::Sqlite).await.unwrap();
+    let (rate, burst, concurrency) = (20.0, 5u64, 16u64);
+    let cfg = format!(
+        "[detect]\nfirst_check = \"100ms\"\nmax_check_interval = \"200ms\"\nhead_rate = {rate}\n\
+         head_burst = {burst}\n[worker]\nconcurrency = {concurrency}\n"
+    );
+    let mut app = TestApp::start(&db, &cfg).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..4 {
+        let (addr, key) = (app.grpc_addr, app.key_a.clone());
+        tasks.spawn(async move {
+            let mut client = proto::webhook_service_client::WebhookServiceClient::connect(format!(
+                "http://{addr}"
+            ))
+            .await
+            .unwrap();
+            for i in 0..250 {
+                let req = auto_request("http://127.0.0.1:1/hook", &format!("f{t}-{i}.txt"), 3600);
+                client
+                    .create_upload_webhook(authed(&key, req))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let (t0, h0) = (std::time::Instant::now(), app.heads());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (h1, window) = (app.heads(), t0.elapsed());
+    let sent = h1 - h0;
+    let allowed = burst + (rate * window.as_secs_f64()).ceil() as u64 + concurrency;
+    assert!(sent > 0, "checks go on under the budget");
+    assert!(
+        sent <= allowed,
+        "{sent} HEADs in {window:?}, budget allows {allowed}"
+    );
+    app.stop().await;
+    db.cleanup().await;
+}
