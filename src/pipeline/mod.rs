@@ -8,6 +8,9 @@
 //!                        |  ^ missing: retry         ^                |   |
 //!                        |  +----------              |                |   +--410 / last attempt--> DEAD_LETTER
 //!                        +--mismatch / gave up--> FAILED   RETRYING <-+ failed, attempts left
+//!
+//! PENDING --AUTO check or storage event finds the object--> VERIFYING   (see detect.rs)
+//! PENDING --past expires_at (sweep, or Confirm)--> EXPIRED
 //! ```
 //!
 //! The worker loop takes leases from the [`Queue`], runs each job under a
