@@ -31,6 +31,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub bootstrap: BootstrapConfig,
     pub detect: DetectConfig,
+    pub events: EventsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +214,18 @@ pub struct DetectConfig {
     pub head_burst: u32,
 }
 
+/// Storage event notifications (`POST /v1/storage-events/{storage}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// The shared secret senders present (`Authorization: Bearer`, or
+    /// `?token=` in an SNS subscription URL). Empty: the endpoint is off.
+    pub token: SecretString,
+    /// Hosts whose SNS `SubscribeURL` is fetched to confirm a
+    /// subscription; `*` stands for one DNS label.
+    pub sns_subscribe_hosts: Vec<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapConfig {
@@ -374,6 +387,16 @@ impl Config {
         }
         if d.head_burst == 0 {
             return invalid("detect.head_burst", "must be at least 1");
+        }
+        {
+            use secrecy::ExposeSecret;
+            let t = self.events.token.expose_secret();
+            if !t.is_empty() && t.len() < 16 {
+                return invalid(
+                    "events.token",
+                    "must be at least 16 characters (or empty to turn storage events off)",
+                );
+            }
         }
         if self.queue.reconcile_every.is_zero() {
             return invalid("queue.reconcile_every", "must be positive");

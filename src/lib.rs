@@ -312,6 +312,8 @@ pub async fn start(
 
     let mut grpc_addr = None;
     if let Some(grpc_listener) = listeners.grpc {
+        let (events_queue, events_storages, events_clock) =
+            (queue.clone(), storages.clone(), clock.clone());
         let api = Arc::new(WebhookApi {
             store: store.clone(),
             storages: storages.clone(),
@@ -353,6 +355,20 @@ pub async fn start(
                 .context("building the REST gateway")?,
         );
         http = http.merge(api::gateway::router(gateway, grpc_service));
+        if !cfg.events.token.expose_secret().is_empty() {
+            http = http.merge(api::storage_events::router(
+                api::storage_events::StorageEvents {
+                    store: store.clone(),
+                    queue: events_queue,
+                    storages: events_storages,
+                    clock: events_clock,
+                    token: cfg.events.token.clone(),
+                    sns_hosts: cfg.events.sns_subscribe_hosts.clone(),
+                    http: api::storage_events::StorageEvents::client()
+                        .context("building the SNS confirmation HTTP client")?,
+                },
+            ));
+        }
     }
 
     let http_addr = listeners.http.local_addr()?;

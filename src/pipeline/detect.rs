@@ -425,6 +425,50 @@ impl Pipeline {
     }
 }
 
+/// What a storage event says was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectCreated {
+    pub bucket: String,
+    pub key: String,
+    pub size: Option<i64>,
+    pub etag: Option<String>,
+}
+
+/// A storage event: every PENDING AUTO webhook of the object (on this
+/// storage connection and bucket) gets its check now. The check still
+/// HEADs the object before anything is delivered; the event only saves
+/// the wait. Duplicate and out-of-order events are harmless: a webhook
+/// that moved on is not PENDING any more, and a check compares what it
+/// sees now. Returns how many webhooks were triggered.
+pub async fn object_created(
+    store: &crate::store::Store,
+    queue: &dyn super::queue::Queue,
+    storage: &str,
+    ev: &ObjectCreated,
+    now: DateTime<Utc>,
+) -> Result<usize, StoreError> {
+    let etag = ev.etag.as_deref().map(crate::storage::normalize_etag);
+    let mut n = 0;
+    for w in store
+        .pending_auto_for_object(storage, &ev.bucket, &ev.key, 100)
+        .await?
+    {
+        let tenant = TenantId::from_trusted(w.tenant_id.clone());
+        let id = WebhookId::from_trusted(w.id.clone());
+        if !store
+            .check_now(&tenant, &id, etag.as_deref(), ev.size, now)
+            .await?
+        {
+            continue;
+        }
+        if let Err(e) = queue.enqueue(check_job(&w), None).await {
+            warn!(error = %e, webhook_id = %w.id, "enqueueing an event's check failed; the reconciler queues it");
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The check job of a webhook.
 pub fn check_job(w: &Webhook) -> Job {
     Job {

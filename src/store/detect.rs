@@ -4,7 +4,10 @@
 //! `idx_webhooks_object_key`).
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::Expr};
+use sea_orm::{
+    ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::{Expr, ExprTrait},
+};
 
 use super::{Result, Store, Webhook, webhooks};
 use crate::domain::{Status, TenantId, Trigger, WebhookId};
@@ -98,6 +101,39 @@ impl Store {
             .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
             .filter(webhooks::Column::Status.eq(Status::Pending.as_str()))
             .filter(webhooks::Column::CheckCount.eq(count))
+            .exec(self.db())
+            .await?;
+        Ok(res.rows_affected == 1)
+    }
+
+    /// A storage event saw the object of a PENDING AUTO webhook: its check
+    /// is due now, and what the event saw counts as the previous sight (so
+    /// that a HEAD showing the same ETag and size finds it stable at once).
+    /// False when the webhook is no longer PENDING.
+    pub async fn check_now(
+        &self,
+        tenant: &TenantId,
+        id: &WebhookId,
+        etag: Option<&str>,
+        size: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let res = webhooks::Entity::update_many()
+            .col_expr(webhooks::Column::NextCheckAt, Expr::value(Some(now)))
+            .col_expr(
+                webhooks::Column::SeenEtag,
+                Expr::value(etag.map(str::to_string)),
+            )
+            .col_expr(webhooks::Column::SeenSize, Expr::value(size))
+            // A check in flight must not overwrite this with its own next
+            // time: its compare-and-set on the count fails.
+            .col_expr(
+                webhooks::Column::CheckCount,
+                Expr::col(webhooks::Column::CheckCount).add(1),
+            )
+            .filter(webhooks::Column::Id.eq(id.as_str()))
+            .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
+            .filter(webhooks::Column::Status.eq(Status::Pending.as_str()))
             .exec(self.db())
             .await?;
         Ok(res.rows_affected == 1)

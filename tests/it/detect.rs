@@ -19,6 +19,9 @@ backend_tests!(
     auto_upload_that_never_happens_expires_and_stops_checking,
     confirm_racing_auto_detection_delivers_once,
     lost_check_jobs_come_back_from_the_database,
+    storage_event_starts_delivery_at_once,
+    bad_storage_events_are_refused_and_change_nothing,
+    sns_subscription_and_notification,
 );
 
 /// Checks every 100-200 ms; expiry swept every 50 ms.
@@ -324,4 +327,211 @@ async fn a_thousand_pending_auto_webhooks_stay_within_the_head_budget() {
     );
     app.stop().await;
     db.cleanup().await;
+}
+
+/// AUTO checks only once an hour, and storage events on.
+const EVENTS: &str = r#"
+[detect]
+first_check = "1h"
+max_check_interval = "1h"
+[events]
+token = "events-token-0123456789"
+sns_subscribe_hosts = ["127.0.0.1"]
+"#;
+const TOKEN: &str = "events-token-0123456789";
+
+fn s3_event(key: &str, etag: &str, size: i64) -> serde_json::Value {
+    // Keys are URL-encoded in events, with `+` for a space.
+    let encoded = percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC)
+        .to_string()
+        .replace("%20", "+")
+        .replace("%2F", "/");
+    serde_json::json!({"Records": [{
+        "eventVersion": "2.0",
+        "eventSource": "minio:s3",
+        "eventName": "s3:ObjectCreated:Put",
+        "s3": {
+            "bucket": {"name": "uploads"},
+            "object": {"key": encoded, "size": size, "eTag": etag, "sequencer": "17A9C1D8E2F0B3C4"}
+        }
+    }]})
+}
+
+async fn post_event(
+    app: &TestApp,
+    storage: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new()
+        .post(app.http_url(&format!("/v1/storage-events/{storage}")))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(t) = auth {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+async fn row(app: &TestApp, id: &str) -> uploadhook::store::Webhook {
+    let tenant = app
+        .store()
+        .authenticate(&app.key_a, chrono::Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let id = uploadhook::domain::WebhookId::parse(id).unwrap();
+    app.store()
+        .find_webhook(&tenant, &id)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn storage_event_starts_delivery_at_once(db: &TestDb) {
+    let mut app = TestApp::start(db, EVENTS).await;
+    let rx = Receiver::start().await;
+    let mut req = auto_request(&rx.url, "my file.txt", 3600);
+    req.key = "dir/my file+x.txt".into();
+    let created = create(&app, req).await;
+    let w = created.webhook.clone().unwrap();
+    let put = upload(&created, b"hello events").await;
+    let etag = put.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+
+    // Out of order: a stale event (an older version) first, then the real
+    // one; then the real one again (at-least-once senders).
+    let stale = s3_event(&w.key, "0123456789abcdef0123456789abcdef", 3).to_string();
+    let (code, body) = post_event(&app, "embedded", Some(TOKEN), &stale).await;
+    assert_eq!(code, 200, "{body}");
+    let good = s3_event(&w.key, &etag, 12).to_string();
+    let (code, body) = post_event(&app, "embedded", Some(TOKEN), &good).await;
+    assert_eq!(code, 200, "{body}");
+    // Delivered long before the hourly check.
+    wait_for(&app, &app.key_a, &w.id, Status::Completed).await;
+    let (code, body) = post_event(&app, "embedded", Some(TOKEN), &good).await;
+    assert_eq!((code, body["matched"].as_u64()), (200, Some(0)), "{body}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1, "delivered once");
+    let kinds = event_kinds(&app, &w.id).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "upload.detected").count(),
+        1,
+        "{kinds:?}"
+    );
+    app.stop().await;
+}
+
+async fn bad_storage_events_are_refused_and_change_nothing(db: &TestDb) {
+    let mut app = TestApp::start(db, EVENTS).await;
+    let created = create(&app, auto_request("http://127.0.0.1:1/hook", "x.txt", 3600)).await;
+    upload(&created, b"x").await;
+    let w = created.webhook.unwrap();
+    let before = row(&app, &w.id).await;
+    let good = s3_event(&w.key, "e", 1).to_string();
+
+    let (code, body) = post_event(&app, "embedded", None, &good).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, _) = post_event(&app, "embedded", Some("events-token-0123456788"), &good).await;
+    assert_eq!(code, 401);
+    let (code, body) = post_event(&app, "nope", Some(TOKEN), &good).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = post_event(&app, "embedded", Some(TOKEN), "{not json").await;
+    assert_eq!(code, 400);
+    assert!(
+        body["message"].as_str().unwrap().starts_with("body: "),
+        "{body}"
+    );
+    let missing_key = r#"{"Records":[{"eventName":"s3:ObjectCreated:Put","s3":{"bucket":{"name":"uploads"},"object":{}}}]}"#;
+    let (code, body) = post_event(&app, "embedded", Some(TOKEN), missing_key).await;
+    assert_eq!(code, 400);
+    assert_eq!(body["message"], "Records[0].s3.object.key: is required");
+    // Another bucket's object of the same key matches nothing.
+    let other = good.replace("\"uploads\"", "\"other\"");
+    let (code, body) = post_event(&app, "embedded", Some(TOKEN), &other).await;
+    assert_eq!((code, body["matched"].as_u64()), (200, Some(0)), "{body}");
+
+    let after = row(&app, &w.id).await;
+    assert_eq!(after.status, "pending");
+    assert_eq!(after.next_check_at, before.next_check_at);
+    assert_eq!(after.check_count, before.check_count);
+    assert_eq!(after.seen_etag, None);
+    app.stop().await;
+}
+
+async fn sns_subscription_and_notification(db: &TestDb) {
+    let mut app = TestApp::start(db, EVENTS).await;
+    let rx = Receiver::start().await;
+    // A local stand-in for SNS's SubscribeURL.
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sns_addr = listener.local_addr().unwrap();
+    let h = hits.clone();
+    let sns = axum::Router::new().route(
+        "/confirm",
+        axum::routing::get(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                "<ConfirmSubscriptionResponse/>"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, sns).await.ok() });
+    let url = app.http_url(&format!("/v1/storage-events/embedded?token={TOKEN}"));
+    let client = reqwest::Client::new();
+    let sns_post = |body: serde_json::Value, kind: &'static str| {
+        client
+            .post(&url)
+            .header("x-amz-sns-message-type", kind)
+            .header("content-type", "text/plain; charset=UTF-8")
+            .body(body.to_string())
+            .send()
+    };
+
+    // A SubscribeURL on a host not listed is not fetched.
+    let r = sns_post(
+        serde_json::json!({"Type": "SubscriptionConfirmation", "TopicArn": "arn:aws:sns:eu-west-1:1:t",
+            "SubscribeURL": format!("http://localhost:{}/confirm", sns_addr.port())}),
+        "SubscriptionConfirmation",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // A listed one is.
+    let r = sns_post(
+        serde_json::json!({"Type": "SubscriptionConfirmation", "TopicArn": "arn:aws:sns:eu-west-1:1:t",
+            "SubscribeURL": format!("http://{sns_addr}/confirm?Action=ConfirmSubscription")}),
+        "SubscriptionConfirmation",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let created = create(&app, auto_request(&rx.url, "sns.txt", 3600)).await;
+    let put = upload(&created, b"via sns").await;
+    let etag = put.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let w = created.webhook.unwrap();
+    let message = s3_event(&w.key, &etag, 7).to_string();
+    let r = sns_post(
+        serde_json::json!({"Type": "Notification", "MessageId": "m1", "Message": message}),
+        "Notification",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    wait_for(&app, &app.key_a, &w.id, Status::Completed).await;
+    assert_eq!(rx.received().len(), 1);
+    app.stop().await;
 }
