@@ -32,6 +32,7 @@ pub struct Config {
     pub bootstrap: BootstrapConfig,
     pub detect: DetectConfig,
     pub events: EventsConfig,
+    pub r2_events: R2EventsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +227,27 @@ pub struct EventsConfig {
     pub sns_subscribe_hosts: Vec<String>,
 }
 
+/// Cloudflare R2 event notifications, pulled from a Queue over HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct R2EventsConfig {
+    pub enabled: bool,
+    /// The Cloudflare API, up to `/accounts`.
+    pub api_base: String,
+    pub account_id: String,
+    pub queue_id: String,
+    /// A Cloudflare API token with Queues read and write.
+    pub api_token: SecretString,
+    /// The storage connection whose bucket sends these notifications.
+    pub storage: String,
+    pub batch_size: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub visibility_timeout: Duration,
+    /// Pause after an empty pull.
+    #[serde(deserialize_with = "de_duration")]
+    pub poll_every: Duration,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapConfig {
@@ -396,6 +418,27 @@ impl Config {
                     "events.token",
                     "must be at least 16 characters (or empty to turn storage events off)",
                 );
+            }
+        }
+        let r2 = &self.r2_events;
+        if r2.enabled {
+            use secrecy::ExposeSecret;
+            for (key, value) in [
+                ("r2_events.api_base", r2.api_base.as_str()),
+                ("r2_events.account_id", r2.account_id.as_str()),
+                ("r2_events.queue_id", r2.queue_id.as_str()),
+                ("r2_events.api_token", r2.api_token.expose_secret()),
+                ("r2_events.storage", r2.storage.as_str()),
+            ] {
+                if value.is_empty() {
+                    return invalid(key, "is required when r2_events.enabled = true");
+                }
+            }
+            if !(1..=100).contains(&r2.batch_size) {
+                return invalid("r2_events.batch_size", "must be between 1 and 100");
+            }
+            if r2.visibility_timeout < Duration::from_secs(1) {
+                return invalid("r2_events.visibility_timeout", "must be at least 1s");
             }
         }
         if self.queue.reconcile_every.is_zero() {

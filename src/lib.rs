@@ -300,6 +300,25 @@ pub async fn start(
             }
         }
         tasks.spawn(pipeline.run(shutdown.clone(), cfg.server.shutdown_grace));
+        if cfg.r2_events.enabled {
+            let storage = storages
+                .resolve(&cfg.r2_events.storage)
+                .map_err(|e| anyhow::anyhow!("config key `r2_events.storage`: {}", e.message()))?;
+            let consumer = pipeline::r2_events::R2Consumer {
+                cfg: cfg.r2_events.clone(),
+                http: reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .timeout(std::time::Duration::from_secs(30))
+                    .build()
+                    .context("building the R2 events HTTP client")?,
+                store: store.clone(),
+                queue: queue.clone(),
+                storage,
+                clock: clock.clone(),
+            };
+            info!(queue = %cfg.r2_events.queue_id, "pulling R2 event notifications");
+            tasks.spawn(consumer.run(shutdown.clone()));
+        }
     }
 
     let health = HealthState {

@@ -24,6 +24,7 @@ pub mod lazy;
 pub mod leader;
 pub mod memory;
 pub mod queue;
+pub mod r2_events;
 pub mod redis_conn;
 pub mod redis_queue;
 pub mod retry;

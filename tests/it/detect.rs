@@ -22,6 +22,7 @@ backend_tests!(
     storage_event_starts_delivery_at_once,
     bad_storage_events_are_refused_and_change_nothing,
     sns_subscription_and_notification,
+    r2_notifications_pulled_from_the_queue_deliver,
 );
 
 /// Checks every 100-200 ms; expiry swept every 50 ms.
@@ -533,5 +534,140 @@ async fn sns_subscription_and_notification(db: &TestDb) {
     assert_eq!(r.status().as_u16(), 200);
     wait_for(&app, &app.key_a, &w.id, Status::Completed).await;
     assert_eq!(rx.received().len(), 1);
+    app.stop().await;
+}
+
+/// A local stand-in for the Cloudflare Queues pull-consumer API.
+#[derive(Default)]
+struct FakeQueue {
+    /// (lease id, body, handed out)
+    messages: Vec<(String, serde_json::Value, bool)>,
+    acked: Vec<String>,
+    bad_auth: usize,
+}
+
+async fn fake_cloudflare() -> (String, Arc<std::sync::Mutex<FakeQueue>>) {
+    use axum::{Json, extract::State, http::HeaderMap, routing::post};
+    type S = Arc<std::sync::Mutex<FakeQueue>>;
+    async fn pull(
+        State(q): State<S>,
+        h: HeaderMap,
+        Json(req): Json<serde_json::Value>,
+    ) -> Json<serde_json::Value> {
+        let mut q = q.lock().unwrap();
+        if h.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer r2-api-token") {
+            q.bad_auth += 1;
+            return Json(
+                serde_json::json!({"success": false, "errors": [{"code": 10000, "message": "Authentication error"}]}),
+            );
+        }
+        assert!(req["visibility_timeout_ms"].as_u64().unwrap() > 0);
+        let max = req["batch_size"].as_u64().unwrap() as usize;
+        let out: Vec<serde_json::Value> = q
+            .messages
+            .iter_mut()
+            .filter(|m| !m.2)
+            .take(max)
+            .map(|m| {
+                m.2 = true;
+                serde_json::json!({"id": m.0, "lease_id": m.0, "attempts": 1,
+                    "timestamp_ms": 1_764_331_200_000u64, "body": m.1.to_string(),
+                    "metadata": {"CF-Content-Type": "json"}})
+            })
+            .collect();
+        Json(
+            serde_json::json!({"success": true, "errors": [], "messages": [],
+            "result": {"messages": out, "message_backlog_count": 0}}),
+        )
+    }
+    async fn ack(
+        State(q): State<S>,
+        Json(req): Json<serde_json::Value>,
+    ) -> Json<serde_json::Value> {
+        let mut q = q.lock().unwrap();
+        let ids: Vec<String> = req["acks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["lease_id"].as_str().unwrap().to_string())
+            .collect();
+        q.messages.retain(|m| !ids.contains(&m.0));
+        let n = ids.len();
+        q.acked.extend(ids);
+        Json(
+            serde_json::json!({"success": true, "errors": [], "result": {"ackCount": n, "retryCount": 0, "warnings": []}}),
+        )
+    }
+    let state: S = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/client/v4/accounts/acc123/queues/q456/messages/pull",
+            post(pull),
+        )
+        .route(
+            "/client/v4/accounts/acc123/queues/q456/messages/ack",
+            post(ack),
+        )
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/client/v4", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    (base, state)
+}
+
+async fn r2_notifications_pulled_from_the_queue_deliver(db: &TestDb) {
+    let (base, fake) = fake_cloudflare().await;
+    let cfg = format!(
+        "[detect]\nfirst_check = \"1h\"\nmax_check_interval = \"1h\"\n\
+         [r2_events]\nenabled = true\napi_base = \"{base}\"\naccount_id = \"acc123\"\n\
+         queue_id = \"q456\"\napi_token = \"r2-api-token\"\nstorage = \"embedded\"\n\
+         batch_size = 10\nvisibility_timeout = \"5s\"\npoll_every = \"50ms\"\n"
+    );
+    let mut app = TestApp::start(db, &cfg).await;
+    let rx = Receiver::start().await;
+    let mut req = auto_request(&rx.url, "r2.txt", 3600);
+    req.key = "r2 dir/r2.txt".into();
+    let created = create(&app, req).await;
+    let put = upload(&created, b"from r2").await;
+    let etag = put.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let w = created.webhook.unwrap();
+    let note = |action: &str, etag: &str| {
+        serde_json::json!({"account": "acc123", "action": action, "bucket": "uploads",
+            "object": {"key": w.key, "size": 7, "eTag": etag},
+            "eventTime": "2026-11-28T12:00:00.000Z"})
+    };
+    {
+        let mut q = fake.lock().unwrap();
+        // A removal (ignored), a malformed message (dropped), the upload,
+        // and the upload again (at least once).
+        q.messages.push(("l1".into(), serde_json::json!({"action": "DeleteObject", "bucket": "uploads", "object": {"key": "x"}}), false));
+        q.messages
+            .push(("l2".into(), serde_json::json!({"bucket": "uploads"}), false));
+        q.messages
+            .push(("l3".into(), note("PutObject", &etag), false));
+        q.messages
+            .push(("l4".into(), note("PutObject", &etag), false));
+    }
+    wait_for(&app, &app.key_a, &w.id, Status::Completed).await;
+    // Every message is acked once handled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fake.lock().unwrap().acked.len() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "messages not acked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1, "delivered once");
+    {
+        let q = fake.lock().unwrap();
+        let mut acked = q.acked.clone();
+        acked.sort();
+        assert_eq!(acked, ["l1", "l2", "l3", "l4"]);
+        assert!(q.messages.is_empty());
+        assert_eq!(q.bad_auth, 0);
+    }
     app.stop().await;
 }
