@@ -23,6 +23,7 @@ backend_tests!(
     bad_storage_events_are_refused_and_change_nothing,
     sns_subscription_and_notification,
     r2_notifications_pulled_from_the_queue_deliver,
+    multipart_etags_are_verified_and_reported_as_given,
 );
 
 /// Checks every 100-200 ms; expiry swept every 50 ms.
@@ -669,5 +670,129 @@ async fn r2_notifications_pulled_from_the_queue_deliver(db: &TestDb) {
         assert!(q.messages.is_empty());
         assert_eq!(q.bad_auth, 0);
     }
+    app.stop().await;
+}
+
+/// A multipart upload through the storage client: its ETag as completed
+/// (`"<hex>-<parts>"`).
+async fn multipart_put(app: &TestApp, key: &str, parts: &[&[u8]]) -> String {
+    let storage = app.running.as_ref().unwrap().storages.resolve("").unwrap();
+    let client = storage.client();
+    let up = client
+        .create_multipart_upload()
+        .bucket(storage.bucket())
+        .key(key)
+        .content_type("text/plain")
+        .send()
+        .await
+        .unwrap();
+    let upload_id = up.upload_id().unwrap();
+    let mut done = Vec::new();
+    for (i, body) in parts.iter().enumerate() {
+        let n = i as i32 + 1;
+        let part = client
+            .upload_part()
+            .bucket(storage.bucket())
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(n)
+            .body(body.to_vec().into())
+            .send()
+            .await
+            .unwrap();
+        done.push(
+            aws_sdk_s3::types::CompletedPart::builder()
+                .part_number(n)
+                .e_tag(part.e_tag().unwrap())
+                .build(),
+        );
+    }
+    let out = client
+        .complete_multipart_upload()
+        .bucket(storage.bucket())
+        .key(key)
+        .upload_id(upload_id)
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .set_parts(Some(done))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.e_tag().unwrap().to_string()
+}
+
+async fn multipart_etags_are_verified_and_reported_as_given(db: &TestDb) {
+    let mut app = TestApp::start(db, QUICK).await;
+    let rx = Receiver::start().await;
+    // MANUAL, confirmed with the multipart ETag (quoted, as storage gives it).
+    let manual = create(&app, create_request(&rx.url, "parts.txt")).await;
+    let m = manual.webhook.unwrap();
+    // Every part but the last is at least 5 MiB, as S3 requires.
+    let big = vec![b'p'; 5 * 1024 * 1024];
+    let etag = multipart_put(&app, &m.key, &[&big, b"second part"]).await;
+    assert!(etag.trim_matches('"').ends_with("-2"), "{etag}");
+    app.client()
+        .await
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: m.id.clone(),
+                etag: etag.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let done = wait_for(&app, &app.key_a, &m.id, Status::Completed).await;
+    assert_eq!(done.etag, etag.trim_matches('"'));
+    assert_eq!(done.size, 5 * 1024 * 1024 + 11);
+    // AUTO: detected and verified with the same opaque ETag.
+    let auto = create(&app, auto_request(&rx.url, "auto-parts.txt", 600)).await;
+    let a = auto.webhook.unwrap();
+    let etag_a = multipart_put(&app, &a.key, &[&big, &big, b"c"]).await;
+    assert!(etag_a.trim_matches('"').ends_with("-3"), "{etag_a}");
+    let done = wait_for(&app, &app.key_a, &a.id, Status::Completed).await;
+    assert_eq!(done.etag, etag_a.trim_matches('"'));
+    // The payloads report the ETags as given.
+    let got = rx.received();
+    assert_eq!(got.len(), 2);
+    let etags: Vec<String> = got
+        .iter()
+        .map(|r| {
+            let p: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            p["file"]["etag"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(
+        etags.contains(&etag.trim_matches('"').to_string()),
+        "{etags:?}"
+    );
+    assert!(
+        etags.contains(&etag_a.trim_matches('"').to_string()),
+        "{etags:?}"
+    );
+    // A wrong part count does not pass.
+    let wrong = create(&app, create_request(&rx.url, "wrong.txt")).await;
+    let w = wrong.webhook.unwrap();
+    let real = multipart_put(&app, &w.key, &[&big, b"y"]).await;
+    let forged = real.trim_matches('"').replace("-2", "-3");
+    app.client()
+        .await
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: w.id.clone(),
+                etag: forged,
+            },
+        ))
+        .await
+        .unwrap();
+    let failed = wait_for(&app, &app.key_a, &w.id, Status::Failed).await;
+    assert!(
+        failed.last_error.contains("etag mismatch"),
+        "{}",
+        failed.last_error
+    );
     app.stop().await;
 }
