@@ -311,7 +311,11 @@ impl Pipeline {
         let storage = match self.storages.resolve(&w.storage) {
             Ok(s) => s,
             Err(e) => {
+                // No check is owed any more: the webhook will expire.
                 warn!(error = %e, storage = %w.storage, "storage connection gone; the webhook will expire");
+                self.store
+                    .claim_check(&job.tenant, &job.webhook, w.check_count, None)
+                    .await?;
                 return Ok(Step::Ack);
             }
         };

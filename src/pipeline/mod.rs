@@ -315,8 +315,9 @@ impl Pipeline {
                         _ = tick.tick() => false,
                         _ = expiry.tick() => true,
                     };
-                    let ttl = (this.reconcile_every * 2).max(this.detect.expiry_sweep_every * 2);
-                    if !this.leader.try_lead(ttl).await {
+                    // Both ticks renew the lease; the reconciler's keeps it
+                    // alive however long the expiry interval is.
+                    if !this.leader.try_lead(this.reconcile_every * 2).await {
                         continue;
                     }
                     if sweep_expiry {
