@@ -30,6 +30,9 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub worker: WorkerConfig,
     pub bootstrap: BootstrapConfig,
+    pub detect: DetectConfig,
+    pub events: EventsConfig,
+    pub r2_events: R2EventsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -187,6 +190,68 @@ pub struct WorkerConfig {
     pub per_host_concurrency: usize,
 }
 
+/// Detection without Confirm: AUTO checks, expiry, the HEAD budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectConfig {
+    /// Delay before an AUTO webhook's first HEAD; each later one doubles,
+    /// up to `max_check_interval`.
+    #[serde(deserialize_with = "de_duration")]
+    pub first_check: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub max_check_interval: Duration,
+    /// Each check delay gets +-jitter (fraction), so that webhooks created
+    /// together are not checked together.
+    pub jitter: f64,
+    /// An object last modified longer ago than this is complete at first
+    /// sight; a younger one must look the same on two checks in a row.
+    #[serde(deserialize_with = "de_duration")]
+    pub settle: Duration,
+    /// How often PENDING webhooks past `expires_at` become EXPIRED.
+    #[serde(deserialize_with = "de_duration")]
+    pub expiry_sweep_every: Duration,
+    /// Rows read and expired per batch.
+    pub expiry_batch: u64,
+    /// HEAD requests per second per storage connection, per worker process
+    /// (AUTO checks and verification share it); 0: no limit.
+    pub head_rate: f64,
+    /// HEADs that may go at once before the rate applies.
+    pub head_burst: u32,
+}
+
+/// Storage event notifications (`POST /v1/storage-events/{storage}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// The shared secret senders present (`Authorization: Bearer`, or
+    /// `?token=` in an SNS subscription URL). Empty: the endpoint is off.
+    pub token: SecretString,
+    /// Hosts whose SNS `SubscribeURL` is fetched to confirm a
+    /// subscription; `*` stands for one DNS label.
+    pub sns_subscribe_hosts: Vec<String>,
+}
+
+/// Cloudflare R2 event notifications, pulled from a Queue over HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct R2EventsConfig {
+    pub enabled: bool,
+    /// The Cloudflare API, up to `/accounts`.
+    pub api_base: String,
+    pub account_id: String,
+    pub queue_id: String,
+    /// A Cloudflare API token with Queues read and write.
+    pub api_token: SecretString,
+    /// The storage connection whose bucket sends these notifications.
+    pub storage: String,
+    pub batch_size: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub visibility_timeout: Duration,
+    /// Pause after an empty pull.
+    #[serde(deserialize_with = "de_duration")]
+    pub poll_every: Duration,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapConfig {
@@ -319,6 +384,65 @@ impl Config {
             }
             if self.queue.max_deliveries == 0 {
                 return invalid("queue.max_deliveries", "must be at least 1");
+            }
+        }
+        let d = &self.detect;
+        if d.first_check.is_zero() {
+            return invalid("detect.first_check", "must be positive");
+        }
+        if d.max_check_interval < d.first_check {
+            return invalid(
+                "detect.max_check_interval",
+                "must not be shorter than detect.first_check",
+            );
+        }
+        if !(0.0..1.0).contains(&d.jitter) {
+            return invalid("detect.jitter", "must be in [0, 1)");
+        }
+        if d.expiry_sweep_every.is_zero() {
+            return invalid("detect.expiry_sweep_every", "must be positive");
+        }
+        if d.expiry_batch == 0 {
+            return invalid("detect.expiry_batch", "must be at least 1");
+        }
+        if !d.head_rate.is_finite() || d.head_rate < 0.0 {
+            return invalid(
+                "detect.head_rate",
+                "must be 0 (no limit) or a positive number",
+            );
+        }
+        if d.head_burst == 0 {
+            return invalid("detect.head_burst", "must be at least 1");
+        }
+        {
+            use secrecy::ExposeSecret;
+            let t = self.events.token.expose_secret();
+            if !t.is_empty() && t.len() < 16 {
+                return invalid(
+                    "events.token",
+                    "must be at least 16 characters (or empty to turn storage events off)",
+                );
+            }
+        }
+        let r2 = &self.r2_events;
+        if r2.enabled {
+            use secrecy::ExposeSecret;
+            for (key, value) in [
+                ("r2_events.api_base", r2.api_base.as_str()),
+                ("r2_events.account_id", r2.account_id.as_str()),
+                ("r2_events.queue_id", r2.queue_id.as_str()),
+                ("r2_events.api_token", r2.api_token.expose_secret()),
+                ("r2_events.storage", r2.storage.as_str()),
+            ] {
+                if value.is_empty() {
+                    return invalid(key, "is required when r2_events.enabled = true");
+                }
+            }
+            if !(1..=100).contains(&r2.batch_size) {
+                return invalid("r2_events.batch_size", "must be between 1 and 100");
+            }
+            if r2.visibility_timeout < Duration::from_secs(1) {
+                return invalid("r2_events.visibility_timeout", "must be at least 1s");
             }
         }
         if self.queue.reconcile_every.is_zero() {

@@ -205,6 +205,9 @@ impl Trigger {
 pub mod event_type {
     pub const CREATED: &str = "webhook.created";
     pub const CONFIRMED: &str = "upload.confirmed";
+    /// AUTO: the server found the object by itself (a check or a storage
+    /// event).
+    pub const DETECTED: &str = "upload.detected";
     pub const VERIFIED: &str = "upload.verified";
     pub const VERIFY_RETRY: &str = "upload.not_found_yet";
     pub const VERIFICATION_FAILED: &str = "upload.verification_failed";

@@ -114,6 +114,8 @@ pub struct Running {
     /// The development key, when this start created it.
     pub bootstrap_key: Option<String>,
     pub store: Store,
+    /// The storage connections (their HEAD counts, for tests and figures).
+    pub storages: Arc<Storages>,
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -299,6 +301,25 @@ pub async fn start(
             }
         }
         tasks.spawn(pipeline.run(shutdown.clone(), cfg.server.shutdown_grace));
+        if cfg.r2_events.enabled {
+            let storage = storages
+                .resolve(&cfg.r2_events.storage)
+                .map_err(|e| anyhow::anyhow!("config key `r2_events.storage`: {}", e.message()))?;
+            let consumer = pipeline::r2_events::R2Consumer {
+                cfg: cfg.r2_events.clone(),
+                http: reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .timeout(std::time::Duration::from_secs(30))
+                    .build()
+                    .context("building the R2 events HTTP client")?,
+                store: store.clone(),
+                queue: queue.clone(),
+                storage,
+                clock: clock.clone(),
+            };
+            info!(queue = %cfg.r2_events.queue_id, "pulling R2 event notifications");
+            tasks.spawn(consumer.run(shutdown.clone()));
+        }
     }
 
     let health = health::Health::new(store.clone(), queue.clone(), roles);
@@ -306,13 +327,16 @@ pub async fn start(
 
     let mut grpc_addr = None;
     if let Some(grpc_listener) = listeners.grpc {
+        let (events_queue, events_storages, events_clock) =
+            (queue.clone(), storages.clone(), clock.clone());
         let api = Arc::new(WebhookApi {
             store: store.clone(),
-            storages,
+            storages: storages.clone(),
             queue,
             clock,
             limits: cfg.webhooks.clone(),
             allow: Arc::new(allow),
+            detect: cfg.detect.clone(),
         });
         let grpc_service = WebhookServiceServer::new(GrpcApi::new(api));
 
@@ -359,6 +383,20 @@ pub async fn start(
             grpc_service,
         );
         http = http.merge(api::gateway::router(gateway, grpc_service));
+        if !cfg.events.token.expose_secret().is_empty() {
+            http = http.merge(api::storage_events::router(
+                api::storage_events::StorageEvents {
+                    store: store.clone(),
+                    queue: events_queue,
+                    storages: events_storages,
+                    clock: events_clock,
+                    token: cfg.events.token.clone(),
+                    sns_hosts: cfg.events.sns_subscribe_hosts.clone(),
+                    http: api::storage_events::StorageEvents::client()
+                        .context("building the SNS confirmation HTTP client")?,
+                },
+            ));
+        }
     }
 
     let http_addr = listeners.http.local_addr()?;
@@ -380,6 +418,7 @@ pub async fn start(
         s3_endpoint,
         bootstrap_key,
         store,
+        storages,
         shutdown,
         tasks,
     })

@@ -7,7 +7,8 @@ pub use sea_orm_migration::prelude::*;
 
 mod m0001_initial;
 mod m0002_priority;
-mod m0003_redrive;
+mod m0003_detection;
+mod m0004_redrive;
 
 pub struct Migrator;
 
@@ -17,7 +18,8 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m0001_initial::Migration),
             Box::new(m0002_priority::Migration),
-            Box::new(m0003_redrive::Migration),
+            Box::new(m0003_detection::Migration),
+            Box::new(m0004_redrive::Migration),
         ]
     }
 }

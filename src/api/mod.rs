@@ -6,4 +6,5 @@
 pub mod gateway;
 pub mod grpc;
 pub mod service;
+pub mod storage_events;
 pub mod validate;

@@ -10,7 +10,7 @@ use super::validate::{CreateInput, MAX_KEY_LEN, derive_key};
 use crate::{
     clock::Clock,
     config::WebhooksConfig,
-    domain::{Status, TenantId, WebhookId, event_type},
+    domain::{Status, TenantId, Trigger, WebhookId, event_type},
     error::ApiError,
     pipeline::{
         queue::{Job, JobKind, Queue, enqueue_logged},
@@ -43,6 +43,8 @@ pub struct WebhookApi {
     /// Private networks that webhook URLs may name anyway
     /// (`Config::delivery_allow_list`).
     pub allow: Arc<AllowList>,
+    /// AUTO checks: when the first one is due.
+    pub detect: crate::config::DetectConfig,
 }
 
 fn db(e: StoreError) -> ApiError {
@@ -91,6 +93,11 @@ impl WebhookApi {
         let expires_at = now
             + chrono::Duration::from_std(input.expires_in)
                 .map_err(|_| ApiError::invalid("expires_in", "is too long"))?;
+        // AUTO: the server checks the object by itself, first at this time
+        // (a check that would fall after expiry is not owed).
+        let next_check_at = (input.trigger == Trigger::Auto)
+            .then(|| crate::pipeline::Pipeline::first_check_at(&self.detect, now))
+            .filter(|t| *t < expires_at);
         let row = Webhook {
             id: WebhookId::generate().as_str().to_string(),
             tenant_id: tenant.as_str().to_string(),
@@ -123,6 +130,10 @@ impl WebhookApi {
             completed_at: None,
             expires_at,
             priority: input.priority.as_str().to_string(),
+            next_check_at,
+            check_count: 0,
+            seen_etag: None,
+            seen_size: None,
         };
         let webhook = match self
             .store
@@ -130,7 +141,17 @@ impl WebhookApi {
             .await
             .map_err(db)?
         {
-            Created::New(w) => w,
+            Created::New(w) => {
+                if let Some(due) = w.next_check_at {
+                    let job = crate::pipeline::detect::check_job(&w);
+                    if let Err(e) = self.queue.enqueue(job, Some(due)).await {
+                        // The row holds the check's time: the reconciler
+                        // (or start-up recovery) queues it.
+                        tracing::warn!(error = %e, webhook_id = %w.id, "enqueueing the first check failed; recovered from the database");
+                    }
+                }
+                w
+            }
             Created::Existing(w) => {
                 // A replay gets a fresh upload URL only while an upload can
                 // still count: never for a webhook that has moved on.

@@ -94,11 +94,7 @@ pub fn create(
 
     let trigger = match proto::Trigger::try_from(target.trigger) {
         Ok(proto::Trigger::Unspecified | proto::Trigger::Manual) => Trigger::Manual,
-        Ok(proto::Trigger::Auto) => {
-            return Err(ApiError::Unimplemented(
-                "webhook.trigger: AUTO detection is not available in this version; use MANUAL and call Confirm".into(),
-            ));
-        }
+        Ok(proto::Trigger::Auto) => Trigger::Auto,
         Err(_) => {
             return Err(ApiError::invalid(
                 "webhook.trigger",

@@ -8,6 +8,9 @@
 //!                        |  ^ missing: retry         ^                |   |
 //!                        |  +----------              |                |   +--410 / last attempt--> DEAD_LETTER
 //!                        +--mismatch / gave up--> FAILED   RETRYING <-+ failed, attempts left
+//!
+//! PENDING --AUTO check or storage event finds the object--> VERIFYING   (see detect.rs)
+//! PENDING --past expires_at (sweep, or Confirm)--> EXPIRED
 //! ```
 //!
 //! The worker loop takes leases from the [`Queue`], runs each job under a
@@ -16,10 +19,12 @@
 //! is acked without effect: duplicates and stale jobs are harmless.
 
 pub mod delivery;
+pub mod detect;
 pub mod lazy;
 pub mod leader;
 pub mod memory;
 pub mod queue;
+pub mod r2_events;
 pub mod redis_conn;
 pub mod redis_queue;
 pub mod redrive;
@@ -83,6 +88,9 @@ pub struct Pipeline {
     lease: Duration,
     reconcile_every: Duration,
     leader: Arc<dyn leader::Leader>,
+    detect: crate::config::DetectConfig,
+    /// The HEAD budget of each storage connection (checks and verification).
+    head_limits: detect::HeadLimits,
     auto_redrive_after: Option<Duration>,
 }
 
@@ -161,6 +169,8 @@ impl Pipeline {
             lease: cfg.queue.visibility_timeout,
             reconcile_every: cfg.queue.reconcile_every,
             leader,
+            detect: cfg.detect.clone(),
+            head_limits: detect::HeadLimits::new(&cfg.detect),
             auto_redrive_after: cfg.delivery.auto_redrive_after,
         }
     }
@@ -201,6 +211,7 @@ impl Pipeline {
                 n += 1;
             }
         }
+        n += self.recover_checks().await?;
         Ok(n)
     }
 
@@ -239,6 +250,7 @@ impl Pipeline {
                 n += 1;
             }
         }
+        n += self.reconcile_checks().await?;
         n += self.auto_redrive().await?;
         Ok(n)
     }
@@ -318,12 +330,28 @@ impl Pipeline {
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(this.reconcile_every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut expiry = tokio::time::interval(this.detect.expiry_sweep_every);
+                expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tokio::select! {
+                    // The expiry sweep runs under the reconciler's lease:
+                    // one process at a time (a second would find nothing
+                    // to move, since expiry is a compare-and-set).
+                    let sweep_expiry = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
+                        _ = tick.tick() => false,
+                        _ = expiry.tick() => true,
+                    };
+                    // Both ticks renew the lease; the reconciler's keeps it
+                    // alive however long the expiry interval is.
                     if !this.leader.try_lead(this.reconcile_every * 2).await {
+                        continue;
+                    }
+                    if sweep_expiry {
+                        match this.sweep_expired().await {
+                            Ok(0) => {}
+                            Ok(n) => info!(expired = n, "expiry sweep"),
+                            Err(e) => warn!(error = %e, "expiry sweep failed"),
+                        }
                         continue;
                     }
                     match this.reconcile().await {
@@ -392,6 +420,7 @@ impl Pipeline {
             let step = match lease.job.kind {
                 JobKind::Verify => self.verify(&lease.job).await,
                 JobKind::Deliver => self.deliver(&lease.job, lease.deliveries).await,
+                JobKind::Check => self.check(&lease.job).await,
             };
             let res = match step {
                 Ok(Step::Ack) => self.queue.ack(&lease).await,
@@ -460,6 +489,7 @@ impl Pipeline {
                 return Ok(Step::Ack);
             }
         };
+        self.head_limits.acquire(&w.storage).await;
         let head = tokio::time::timeout(self.head_timeout, storage.head(&w.object_key))
             .await
             .unwrap_or_else(|_| {

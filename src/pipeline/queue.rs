@@ -18,6 +18,8 @@ pub enum JobKind {
     Verify,
     /// POST the signed webhook.
     Deliver,
+    /// AUTO: HEAD the object of a PENDING webhook to see whether it landed.
+    Check,
 }
 
 impl JobKind {
@@ -25,6 +27,7 @@ impl JobKind {
         match self {
             JobKind::Verify => "verify",
             JobKind::Deliver => "deliver",
+            JobKind::Check => "check",
         }
     }
 }

@@ -943,6 +943,7 @@ fn decode<'a>(fields: impl Iterator<Item = (&'a str, &'a str)>) -> Option<Job> {
                 kind = match v {
                     "verify" => Some(JobKind::Verify),
                     "deliver" => Some(JobKind::Deliver),
+                    "check" => Some(JobKind::Check),
                     _ => None,
                 }
             }

@@ -171,6 +171,9 @@ pub struct Storage {
     /// `object_url(key)` is this plus `/` plus the encoded key.
     url_base: String,
     client: aws_sdk_s3::Client,
+    /// HEAD requests sent so far (operators' figures, and tests of the
+    /// HEAD budget).
+    heads: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Storage {
@@ -380,6 +383,7 @@ impl Storage {
             presign_expiry: sc.presign_expiry,
             url_base,
             client,
+            heads: Default::default(),
         })
     }
 
@@ -472,8 +476,15 @@ impl Storage {
         })
     }
 
+    /// HEAD requests this connection has sent since start.
+    pub fn heads_sent(&self) -> u64 {
+        self.heads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// HEADs `key`: `None` when there is no such object.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        self.heads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let out = match self
             .client
             .head_object()

@@ -92,6 +92,13 @@ pub mod webhooks {
         pub expires_at: DateTimeUtc,
         /// `normal` or `high`.
         pub priority: String,
+        /// AUTO: when the object is HEADed next (None: no check owed).
+        pub next_check_at: Option<DateTimeUtc>,
+        /// AUTO: checks made so far (the backoff position).
+        pub check_count: i32,
+        /// AUTO: what the previous check saw (stability).
+        pub seen_etag: Option<String>,
+        pub seen_size: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -9,6 +9,7 @@
 //!
 //! Every query on tenant data takes the tenant id.
 
+mod detect;
 pub mod entities;
 
 use std::{collections::BTreeMap, sync::Arc};

@@ -100,6 +100,27 @@ impl TestDb {
         }
     }
 
+    /// Deletes every Redis key of this test's queue (a Redis that lost its
+    /// data); nothing for the in-process queue.
+    pub async fn flush_queue(&self) {
+        if let Some((url, prefix)) = &self.redis {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{{{prefix}:*"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if !keys.is_empty() {
+                let _: () = redis::cmd("DEL")
+                    .arg(keys)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     pub async fn cleanup(&self) {
         if let Some((url, prefix)) = &self.redis
             && let Ok(client) = redis::Client::open(url.as_str())
@@ -234,6 +255,12 @@ impl TestApp {
 
     pub fn store(&self) -> &uploadhook::store::Store {
         &self.running.as_ref().unwrap().store
+    }
+
+    /// HEAD requests sent to the embedded S3 server so far.
+    pub fn heads(&self) -> u64 {
+        let r = self.running.as_ref().unwrap();
+        r.storages.resolve("").unwrap().heads_sent()
     }
 
     pub fn http_url(&self, path: &str) -> String {

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod detect;
 mod flow;
 mod ops;
 mod processes;
