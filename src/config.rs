@@ -8,7 +8,7 @@ use figment::{
     Figment,
     providers::{Env, Format, Toml},
 };
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
 use crate::pipeline::ssrf::AllowList;
@@ -30,6 +30,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub worker: WorkerConfig,
     pub bootstrap: BootstrapConfig,
+    pub encryption: EncryptionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +190,15 @@ pub struct BootstrapConfig {
     pub dev_tenant: String,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// Master keys sealing webhook signing secrets at rest:
+    /// `id:base64(32 bytes)[,id:base64…]`, the first one active (see
+    /// `crate::secrets`). Empty: see `crate::master_keyring`.
+    pub keys: SecretString,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{0}")]
@@ -276,6 +286,12 @@ impl Config {
                 "delivery.min_retry_after",
                 "must not exceed delivery.max_retry_after",
             );
+        }
+        let keys = self.encryption.keys.expose_secret();
+        if !keys.trim().is_empty()
+            && let Err(e) = crate::secrets::Keyring::parse(keys)
+        {
+            return invalid("encryption.keys", &e.to_string());
         }
         if self.delivery.timeout.is_zero() {
             return invalid("delivery.timeout", "must be positive");
@@ -517,6 +533,26 @@ mod tests {
         .unwrap();
         assert!(!prod.dev_loopback_allowed());
         assert!(prod.delivery_allow_list().is_empty());
+    }
+
+    #[test]
+    fn encryption_keys_come_from_the_environment_and_are_validated() {
+        let entry = crate::secrets::Keyring::generate_entry("k2");
+        let spec = format!("{entry},{}", crate::secrets::Keyring::generate_entry("k1"));
+        // A prefix of this test's own, so that no other test sees it.
+        // SAFETY: no other thread reads these variables.
+        unsafe { std::env::set_var("UHTEST_ENCKEYS_ENCRYPTION__KEYS", &spec) };
+        let cfg = Config::load_from(None, Env::prefixed("UHTEST_ENCKEYS_").split("__")).unwrap();
+        assert_eq!(cfg.encryption.keys.expose_secret(), spec);
+        let ring = crate::secrets::Keyring::parse(cfg.encryption.keys.expose_secret()).unwrap();
+        assert_eq!(ring.ids().collect::<Vec<_>>(), ["k2", "k1"]);
+        unsafe { std::env::set_var("UHTEST_ENCKEYS_ENCRYPTION__KEYS", "k1:c2hvcnQ=") };
+        let err = Config::load_from(None, Env::prefixed("UHTEST_ENCKEYS_").split("__"))
+            .unwrap_err()
+            .to_string();
+        unsafe { std::env::remove_var("UHTEST_ENCKEYS_ENCRYPTION__KEYS") };
+        assert!(err.contains("encryption.keys"), "{err}");
+        assert!(!err.contains("c2hvcnQ"), "{err}");
     }
 
     #[test]

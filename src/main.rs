@@ -54,6 +54,20 @@ enum KeysCommand {
     List,
     /// Revokes a key by its id (`key_…`); effective at once.
     Revoke { id: String },
+    /// Re-seals every stored webhook signing secret under the active
+    /// master key (the first of encryption.keys), in batches. Safe to run
+    /// again and beside running processes; afterwards the older master
+    /// keys can be removed from encryption.keys.
+    RotateMaster {
+        /// Rows read and written per batch.
+        #[arg(long, default_value_t = 500)]
+        batch: u64,
+    },
+    /// Prints a new random master key entry `ID:BASE64` for encryption.keys.
+    NewMasterKey {
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[tokio::main]
@@ -76,6 +90,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             uploadhook::migrate(&cfg).await?;
             println!("migrations applied");
+            Ok(())
+        }
+        // Needs no database: print a fresh master key entry.
+        Command::Keys {
+            command: KeysCommand::NewMasterKey { id },
+        } => {
+            let entry = uploadhook::secrets::Keyring::generate_entry(&id);
+            uploadhook::secrets::Keyring::parse(&entry).context("--id")?;
+            println!("{entry}");
             Ok(())
         }
         Command::Keys { command } => keys(&cfg, command).await,
@@ -128,6 +151,33 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<()> {
                 anyhow::bail!("no active key with id {id}");
             }
         }
+        KeysCommand::RotateMaster { batch } => {
+            if batch == 0 {
+                anyhow::bail!("--batch must be at least 1");
+            }
+            let report = store.rotate_master(batch).await?;
+            println!(
+                "re-sealed {} webhook(s) under master key `{}`",
+                report.resealed,
+                store.keyring().active_id()
+            );
+            if report.skipped > 0 {
+                println!(
+                    "{} changed meanwhile and were left alone: run again",
+                    report.skipped
+                );
+            }
+            for (id, err) in &report.failed {
+                eprintln!("{id}: {err}");
+            }
+            if !report.failed.is_empty() {
+                anyhow::bail!(
+                    "{} webhook(s) could not be opened; keep their master keys configured",
+                    report.failed.len()
+                );
+            }
+        }
+        KeysCommand::NewMasterKey { .. } => anyhow::bail!("handled without a database"),
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m0001_initial;
 mod m0002_priority;
+mod m0003_security;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m0001_initial::Migration),
             Box::new(m0002_priority::Migration),
+            Box::new(m0003_security::Migration),
         ]
     }
 }

@@ -6,6 +6,7 @@ use std::{pin::Pin, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use futures_util::Stream;
+use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use super::{service::WebhookApi, validate};
@@ -115,7 +116,10 @@ impl WebhookService for GrpcApi {
             upload_headers: out.upload.headers.into_iter().collect(),
             upload_expires_at: Some(timestamp(out.upload.expires_at)),
             object_url: out.object_url,
-            signing_secret: out.signing_secret.unwrap_or_default(),
+            signing_secret: out
+                .signing_secret
+                .map(|s| s.expose_secret().to_string())
+                .unwrap_or_default(),
         }))
     }
 

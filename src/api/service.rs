@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use secrecy::SecretString;
 
 use super::validate::{CreateInput, MAX_KEY_LEN, derive_key};
 use crate::{
@@ -29,7 +30,7 @@ pub struct CreateOutput {
     pub upload: PresignedUpload,
     pub object_url: String,
     /// Only when the server generated the secret.
-    pub signing_secret: Option<String>,
+    pub signing_secret: Option<SecretString>,
 }
 
 pub struct WebhookApi {
@@ -83,14 +84,17 @@ impl WebhookApi {
             ));
         }
         let (secret, generated) = match input.secret {
-            Some(s) => (s, false),
-            None => (SigningKey::generate_secret(), true),
+            Some(s) => (SecretString::from(s), false),
+            None => (SecretString::from(SigningKey::generate_secret()), true),
         };
+        let id = WebhookId::generate();
+        let sealed = self.store.seal_secret(&id, &secret);
+        drop(secret);
         let expires_at = now
             + chrono::Duration::from_std(input.expires_in)
                 .map_err(|_| ApiError::invalid("expires_in", "is too long"))?;
         let row = Webhook {
-            id: WebhookId::generate().as_str().to_string(),
+            id: id.as_str().to_string(),
             tenant_id: tenant.as_str().to_string(),
             status: Status::Pending.as_str().to_string(),
             trigger: input.trigger.as_str().to_string(),
@@ -106,8 +110,13 @@ impl WebhookApi {
             etag: None,
             object_last_modified: None,
             url: input.url,
-            secret: StoredSecret(secret),
+            secret: StoredSecret(sealed.ciphertext),
             secret_generated: generated,
+            secret_key_id: Some(sealed.key_id),
+            previous_secret: None,
+            previous_secret_key_id: None,
+            previous_secret_until: None,
+            request_fingerprint: None,
             metadata: serde_json::to_string(&input.metadata).expect("map serializes"),
             idempotency_key: input.idempotency_key,
             attempt_count: 0,
@@ -159,9 +168,16 @@ impl WebhookApi {
             )
             .await
             .map_err(|e| ApiError::internal("presigning failed", &e))?;
+        // A generated secret is returned by Create only (again on a replay
+        // of the same request), never by any other call.
+        let signing_secret = if webhook.secret_generated {
+            Some(self.store.open_secret(&webhook).map_err(db)?)
+        } else {
+            None
+        };
         Ok(CreateOutput {
             object_url: storage.object_url(&webhook.object_key),
-            signing_secret: webhook.secret_generated.then(|| webhook.secret.0.clone()),
+            signing_secret,
             webhook,
             upload,
         })

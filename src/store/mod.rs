@@ -27,7 +27,9 @@ pub use entities::{attempts, dead_letters, webhooks};
 use crate::{
     domain::{ApiKeyId, Status, TenantId, WebhookId},
     events::{Event, EventBus},
+    secrets::{Keyring, SealError, Sealed},
 };
+use secrecy::SecretString;
 
 /// A webhook row. Holds the signing secret: never log it whole.
 pub type Webhook = webhooks::Model;
@@ -38,6 +40,8 @@ pub enum StoreError {
     Db(#[from] DbErr),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("signing secret: {0}")]
+    Seal(#[from] SealError),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -207,15 +211,160 @@ pub fn metadata_of(w: &Webhook) -> BTreeMap<String, String> {
     serde_json::from_str(&w.metadata).unwrap_or_default()
 }
 
+/// What `Store::rotate_master` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RotateReport {
+    /// Rows whose secrets are now sealed under the active key.
+    pub resealed: u64,
+    /// Rows changed by someone else meanwhile (run again to cover them).
+    pub skipped: u64,
+    /// Rows that did not open, with the reason (never the secret).
+    pub failed: Vec<(String, String)>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
     bus: Arc<dyn EventBus>,
+    keyring: Arc<Keyring>,
 }
 
 impl Store {
-    pub fn new(db: DatabaseConnection, bus: Arc<dyn EventBus>) -> Self {
-        Self { db, bus }
+    pub fn new(db: DatabaseConnection, bus: Arc<dyn EventBus>, keyring: Arc<Keyring>) -> Self {
+        Self { db, bus, keyring }
+    }
+
+    /// The master keys that seal signing secrets.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// Seals a signing secret for the webhook `id` under the active key.
+    pub fn seal_secret(&self, id: &WebhookId, secret: &SecretString) -> Sealed {
+        self.keyring.seal(secret, id.as_str())
+    }
+
+    /// The webhook's current signing secret, opened.
+    pub fn open_secret(&self, w: &Webhook) -> Result<SecretString> {
+        Ok(self
+            .keyring
+            .open(w.secret_key_id.as_deref(), &w.secret.0, &w.id)?)
+    }
+
+    /// The secrets that sign the webhook's deliveries at `now`: the
+    /// current one, then the previous one while a rotation's grace lasts.
+    pub fn signing_secrets(&self, w: &Webhook, now: DateTime<Utc>) -> Result<Vec<SecretString>> {
+        let mut out = vec![self.open_secret(w)?];
+        if let (Some(prev), Some(until)) = (&w.previous_secret, w.previous_secret_until)
+            && now < until
+        {
+            out.push(
+                self.keyring
+                    .open(w.previous_secret_key_id.as_deref(), &prev.0, &w.id)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The master key ids that some stored secret is sealed with.
+    pub async fn master_key_ids_in_use(&self) -> Result<Vec<String>> {
+        let mut ids = std::collections::BTreeSet::new();
+        for col in [
+            webhooks::Column::SecretKeyId,
+            webhooks::Column::PreviousSecretKeyId,
+        ] {
+            let found: Vec<Option<String>> = webhooks::Entity::find()
+                .select_only()
+                .column(col)
+                .distinct()
+                .filter(col.is_not_null())
+                .into_tuple()
+                .all(&self.db)
+                .await?;
+            ids.extend(found.into_iter().flatten());
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    /// Seals every stored secret (and previous secret) that is not under
+    /// the active master key with it, `batch` rows at a time, legacy
+    /// plain-text rows included. Each row is written only if its secrets
+    /// did not change meanwhile, so it is safe beside a running service
+    /// and safe to run again. Every tenant: operators only.
+    pub async fn rotate_master(&self, batch: u64) -> Result<RotateReport> {
+        use sea_orm::Condition;
+        let active = self.keyring.active_id().to_string();
+        let stale = |col: webhooks::Column| {
+            Condition::any()
+                .add(col.is_null())
+                .add(col.ne(active.clone()))
+        };
+        let mut report = RotateReport::default();
+        let mut after = String::new();
+        loop {
+            let rows = webhooks::Entity::find()
+                .filter(webhooks::Column::Id.gt(after.clone()))
+                .filter(
+                    Condition::any()
+                        .add(stale(webhooks::Column::SecretKeyId))
+                        .add(
+                            Condition::all()
+                                .add(webhooks::Column::PreviousSecret.is_not_null())
+                                .add(stale(webhooks::Column::PreviousSecretKeyId)),
+                        ),
+                )
+                .order_by_asc(webhooks::Column::Id)
+                .limit(batch)
+                .all(&self.db)
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.id.clone();
+            for w in rows {
+                let opened = self.open_secret(&w).and_then(|cur| {
+                    let prev = match &w.previous_secret {
+                        Some(p) => Some(self.keyring.open(
+                            w.previous_secret_key_id.as_deref(),
+                            &p.0,
+                            &w.id,
+                        )?),
+                        None => None,
+                    };
+                    Ok((cur, prev))
+                });
+                let (cur, prev) = match opened {
+                    Ok(v) => v,
+                    Err(e) => {
+                        report.failed.push((w.id.clone(), e.to_string()));
+                        continue;
+                    }
+                };
+                let sealed = self.keyring.seal(&cur, &w.id);
+                let mut update = webhooks::Entity::update_many()
+                    .col_expr(webhooks::Column::Secret, Expr::value(sealed.ciphertext))
+                    .col_expr(webhooks::Column::SecretKeyId, Expr::value(sealed.key_id))
+                    .filter(webhooks::Column::Id.eq(w.id.clone()))
+                    .filter(webhooks::Column::Secret.eq(w.secret.0.clone()));
+                if let (Some(prev), Some(old)) = (prev, &w.previous_secret) {
+                    let sealed = self.keyring.seal(&prev, &w.id);
+                    update = update
+                        .col_expr(
+                            webhooks::Column::PreviousSecret,
+                            Expr::value(sealed.ciphertext),
+                        )
+                        .col_expr(
+                            webhooks::Column::PreviousSecretKeyId,
+                            Expr::value(sealed.key_id),
+                        )
+                        .filter(webhooks::Column::PreviousSecret.eq(old.0.clone()));
+                }
+                if update.exec(&self.db).await?.rows_affected == 1 {
+                    report.resealed += 1;
+                } else {
+                    report.skipped += 1;
+                }
+            }
+        }
+        Ok(report)
     }
 
     pub fn db(&self) -> &DatabaseConnection {

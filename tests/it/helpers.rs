@@ -161,6 +161,8 @@ missing_retry_delays = ["50ms", "100ms"]
 dev_tenant = ""
 [server]
 shutdown_grace = "2s"
+[encryption]
+keys = "test:dGVzdC1tYXN0ZXIta2V5LW9mLTMyLWJ5dGVzLi4uLi4="
 "#;
 
 impl TestApp {

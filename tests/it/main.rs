@@ -7,4 +7,5 @@ mod ops;
 mod processes;
 mod rest;
 mod scale;
+mod security;
 mod ssrf;

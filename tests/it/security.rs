@@ -1,0 +1,280 @@
+//! Security: secrets sealed at rest and master-key rotation, idempotency,
+//! limits and rate limits, API keys, secret rotation.
+
+use std::sync::Arc;
+
+use sea_orm::{ConnectionTrait, EntityTrait};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::TcpListener;
+use uploadhook::{
+    Listeners,
+    clock::SystemClock,
+    config::Config,
+    proto::{self, Status},
+    secrets::Keyring,
+    store::webhooks,
+};
+
+use crate::{
+    backend_tests,
+    helpers::{FAST, Receiver, TestApp, TestDb, authed, create_request, upload, wait_for},
+};
+
+backend_tests!(
+    secrets_are_sealed_at_rest,
+    rotate_master_reseals_every_secret_and_the_old_key_can_go,
+);
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn keys_layer(spec: &str) -> String {
+    format!("[encryption]\nkeys = \"{spec}\"\n")
+}
+
+async fn row(app: &TestApp, id: &str) -> webhooks::Model {
+    webhooks::Entity::find_by_id(id)
+        .one(app.store().db())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn create_with_secret(app: &TestApp, url: &str) -> proto::CreateUploadWebhookResponse {
+    let mut req = create_request(url, "a.txt");
+    req.webhook.as_mut().unwrap().secret = SECRET.into();
+    app.client()
+        .await
+        .create_upload_webhook(authed(&app.key_a, req))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Confirms an uploaded webhook, waits for delivery and checks the
+/// signature with `secret`.
+async fn deliver_and_verify(
+    app: &TestApp,
+    rx: &Receiver,
+    created: &proto::CreateUploadWebhookResponse,
+    secret: &str,
+) {
+    let id = created.webhook.as_ref().unwrap().id.clone();
+    app.client()
+        .await
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: id.clone(),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    wait_for(app, &app.key_a, &id, Status::Completed).await;
+    let got = rx.received();
+    let r = got
+        .iter()
+        .find(|r| r.headers["webhook-id"] == id)
+        .expect("delivered");
+    uploadhook::verify(
+        secret,
+        &id,
+        r.headers["webhook-timestamp"].parse().unwrap(),
+        &r.body,
+        &r.headers["webhook-signature"],
+        chrono::Utc::now().timestamp(),
+        300,
+    )
+    .expect("signature verifies with the original secret");
+}
+
+async fn secrets_are_sealed_at_rest(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    let created = create_with_secret(&app, &rx.url).await;
+    assert_eq!(
+        created.signing_secret, "",
+        "a caller's own secret is never echoed"
+    );
+    let id = created.webhook.as_ref().unwrap().id.clone();
+
+    let w = row(&app, &id).await;
+    assert_eq!(w.secret_key_id.as_deref(), Some("test"));
+    assert_ne!(w.secret.0, SECRET);
+    assert!(!w.secret.0.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
+    assert!(
+        !format!("{w:?}").contains("MfKQ9r8GKYqr"),
+        "Debug is redacted"
+    );
+    assert_eq!(app.store().open_secret(&w).unwrap().expose_secret(), SECRET);
+
+    // A generated secret is sealed too, and returned by Create only.
+    let gen_ = app
+        .client()
+        .await
+        .create_upload_webhook(authed(&app.key_a, create_request(&rx.url, "b.txt")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(gen_.signing_secret.starts_with("whsec_"));
+    let g = row(&app, &gen_.webhook.as_ref().unwrap().id).await;
+    assert!(!g.secret.0.contains(&gen_.signing_secret["whsec_".len()..]));
+    let status = app
+        .client()
+        .await
+        .get_status(authed(
+            &app.key_a,
+            proto::GetStatusRequest {
+                webhook_id: g.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!format!("{status:?}").contains(&gen_.signing_secret["whsec_".len()..]));
+    let list = app
+        .client()
+        .await
+        .list_webhooks(authed(&app.key_a, proto::ListWebhooksRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!format!("{list:?}").contains(&gen_.signing_secret["whsec_".len()..]));
+
+    upload(&created, b"hello").await;
+    deliver_and_verify(&app, &rx, &created, SECRET).await;
+    app.stop().await;
+}
+
+async fn rotate_master_reseals_every_secret_and_the_old_key_can_go(db: &TestDb) {
+    let k1 = Keyring::generate_entry("k1");
+    let k2 = Keyring::generate_entry("k2");
+    let rx = Receiver::start().await;
+
+    let mut app = TestApp::start(db, &keys_layer(&k1)).await;
+    let s3 = app.s3_root.clone();
+    let a = create_with_secret(&app, &rx.url).await;
+    let b = create_with_secret(&app, &rx.url).await;
+    let c = create_with_secret(&app, &rx.url).await;
+    let (ida, idb, idc) = (
+        a.webhook.as_ref().unwrap().id.clone(),
+        b.webhook.as_ref().unwrap().id.clone(),
+        c.webhook.as_ref().unwrap().id.clone(),
+    );
+    // Uploaded now: the S3 server's port changes with each start.
+    upload(&a, b"hello").await;
+    upload(&c, b"hello").await;
+    // `c` as a row from before encryption: plain text, no key id.
+    app.store()
+        .db()
+        .execute_unprepared(&format!(
+            "UPDATE webhooks SET secret = '{SECRET}', secret_key_id = NULL WHERE id = '{idc}'"
+        ))
+        .await
+        .unwrap();
+    app.stop().await;
+
+    // k2 becomes active, k1 still opens.
+    let mut app = TestApp::start_with(
+        db,
+        &keys_layer(&format!("{k2},{k1}")),
+        Arc::new(SystemClock),
+        Some(s3.clone()),
+    )
+    .await;
+    assert_eq!(
+        row(&app, &idc).await.secret_key_id,
+        None,
+        "legacy rows still read"
+    );
+    let report = app.store().rotate_master(1).await.unwrap();
+    assert_eq!(report.resealed, 3, "{report:?}");
+    assert!(report.failed.is_empty());
+    for id in [&ida, &idb, &idc] {
+        let w = row(&app, id).await;
+        assert_eq!(w.secret_key_id.as_deref(), Some("k2"));
+        assert_ne!(w.secret.0, SECRET);
+        assert_eq!(app.store().open_secret(&w).unwrap().expose_secret(), SECRET);
+    }
+    // Again: nothing left to do.
+    assert_eq!(app.store().rotate_master(100).await.unwrap().resealed, 0);
+    app.stop().await;
+
+    // Without k2, the process refuses to start and says which key is missing.
+    let k3 = Keyring::generate_entry("k3");
+    let err = match try_start(db, &keys_layer(&k3)).await {
+        Ok(running) => {
+            running.stop().await;
+            panic!("started without the key that seals the stored secrets");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("encryption.keys") && err.contains("k2"),
+        "{err}"
+    );
+
+    // k1 removed: everything still delivers, signed with the same secrets.
+    let mut app = TestApp::start_with(db, &keys_layer(&k2), Arc::new(SystemClock), Some(s3)).await;
+    deliver_and_verify(&app, &rx, &a, SECRET).await;
+    deliver_and_verify(&app, &rx, &c, SECRET).await;
+    app.stop().await;
+}
+
+async fn try_start(db: &TestDb, extra: &str) -> anyhow::Result<uploadhook::Running> {
+    let local = format!("[database]\nurl = \"{}\"\n", db.url);
+    let config = Config::from_toml_layers(&[FAST, &local, &db.queue_toml, extra])?;
+    let listeners = Listeners {
+        grpc: Some(TcpListener::bind("127.0.0.1:0").await?),
+        http: TcpListener::bind("127.0.0.1:0").await?,
+        s3: Some(TcpListener::bind("127.0.0.1:0").await?),
+    };
+    uploadhook::start(
+        config,
+        listeners,
+        Arc::new(SystemClock),
+        uploadhook::Roles::ALL,
+    )
+    .await
+}
+
+#[test]
+fn without_keys_sqlite_generates_a_private_key_file_and_postgres_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("d/u.db").display());
+    let cfg = Config::from_toml(&format!("[database]\nurl = \"{url}\"")).unwrap();
+    let first = uploadhook::master_keyring(&cfg).unwrap();
+    let file = dir.path().join("d/uploadhook.master-key");
+    assert!(file.exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let sealed = first.seal(&SecretString::from(SECRET.to_string()), "wh_x");
+    let second = uploadhook::master_keyring(&cfg).unwrap();
+    assert_eq!(
+        second
+            .open(Some(&sealed.key_id), &sealed.ciphertext, "wh_x")
+            .unwrap()
+            .expose_secret(),
+        SECRET,
+        "the same key is read back"
+    );
+
+    let pg = Config::from_toml("[database]\nurl = \"postgres://u@127.0.0.1:1/db\"").unwrap();
+    let err = uploadhook::master_keyring(&pg).unwrap_err().to_string();
+    assert!(err.contains("encryption.keys"), "{err}");
+    let with_keys = Config::from_toml(&format!(
+        "[database]\nurl = \"postgres://u@127.0.0.1:1/db\"\n{}",
+        keys_layer(&Keyring::generate_entry("prod"))
+    ))
+    .unwrap();
+    assert_eq!(
+        uploadhook::master_keyring(&with_keys).unwrap().active_id(),
+        "prod"
+    );
+}
