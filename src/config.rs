@@ -147,6 +147,10 @@ pub struct WebhooksConfig {
     pub max_metadata_entries: usize,
     pub max_metadata_bytes: usize,
     pub key_prefix: String,
+    /// How long an idempotency key answers with its webhook; after that
+    /// the same key creates a new one.
+    #[serde(deserialize_with = "de_duration")]
+    pub idempotency_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -83,6 +83,7 @@ impl WebhookApi {
                 ),
             ));
         }
+        let fingerprint = fingerprint(&input, storage.name());
         let (secret, generated) = match input.secret {
             Some(s) => (SecretString::from(s), false),
             None => (SecretString::from(SigningKey::generate_secret()), true),
@@ -116,7 +117,7 @@ impl WebhookApi {
             previous_secret: None,
             previous_secret_key_id: None,
             previous_secret_until: None,
-            request_fingerprint: None,
+            request_fingerprint: Some(fingerprint.clone()),
             metadata: serde_json::to_string(&input.metadata).expect("map serializes"),
             idempotency_key: input.idempotency_key,
             attempt_count: 0,
@@ -131,14 +132,31 @@ impl WebhookApi {
             expires_at,
             priority: input.priority.as_str().to_string(),
         };
+        let keys_expired_at = now
+            - chrono::Duration::from_std(self.limits.idempotency_ttl)
+                .unwrap_or(chrono::Duration::MAX);
         let webhook = match self
             .store
-            .create_webhook(row, event_type::CREATED)
+            .create_webhook(row, event_type::CREATED, keys_expired_at)
             .await
             .map_err(db)?
         {
             Created::New(w) => w,
             Created::Existing(w) => {
+                // The same key with another request is a client bug: say
+                // so rather than answer for a request that was not made.
+                // (Rows from before fingerprints were stored have none.)
+                if w.request_fingerprint
+                    .as_ref()
+                    .is_some_and(|f| *f != fingerprint)
+                {
+                    return Err(ApiError::AlreadyExists(format!(
+                        "idempotency_key: `{}` was already used for webhook {} with a different request; \
+                         send the same request to get that webhook again, or use a new key",
+                        w.idempotency_key.as_deref().unwrap_or_default(),
+                        w.id
+                    )));
+                }
                 // A replay gets a fresh upload URL only while an upload can
                 // still count: never for a webhook that has moved on.
                 let status = status_of(&w).map_err(db)?;
@@ -386,6 +404,56 @@ impl WebhookApi {
         self.enqueue(&moved, kind).await;
         Ok(moved)
     }
+}
+
+/// SHA-256 over a canonical encoding of everything in a create request
+/// that shapes the webhook (each field length-prefixed, metadata sorted),
+/// so that an idempotency key can tell the same request from another one.
+/// The caller's secret is part of it: a different secret is a different
+/// request.
+fn fingerprint(input: &CreateInput, storage: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |name: &str, value: Option<&[u8]>| {
+        h.update(name.as_bytes());
+        match value {
+            Some(v) => {
+                h.update([1]);
+                h.update((v.len() as u64).to_be_bytes());
+                h.update(v);
+            }
+            None => h.update([0]),
+        }
+    };
+    field("storage", Some(storage.as_bytes()));
+    field("key", input.key.as_deref().map(str::as_bytes));
+    field("filename", Some(input.filename.as_bytes()));
+    field("content_type", Some(input.content_type.as_bytes()));
+    field(
+        "content_length",
+        input
+            .content_length
+            .map(|n| n.to_be_bytes())
+            .as_ref()
+            .map(|b| b.as_slice()),
+    );
+    field("url", Some(input.url.as_bytes()));
+    field("secret", input.secret.as_deref().map(str::as_bytes));
+    field("trigger", Some(input.trigger.as_str().as_bytes()));
+    field(
+        "metadata_len",
+        Some(&(input.metadata.len() as u64).to_be_bytes()),
+    );
+    for (k, v) in &input.metadata {
+        field("metadata_key", Some(k.as_bytes()));
+        field("metadata_value", Some(v.as_bytes()));
+    }
+    field(
+        "expires_in_ms",
+        Some(&(input.expires_in.as_millis() as u64).to_be_bytes()),
+    );
+    field("priority", Some(input.priority.as_str().as_bytes()));
+    hex::encode(h.finalize())
 }
 
 fn expired(id: &WebhookId, at: DateTime<Utc>) -> ApiError {

@@ -505,10 +505,27 @@ impl Store {
     // ---- webhooks --------------------------------------------------------
 
     /// Inserts a new webhook and its `webhook.created` event. With an
-    /// idempotency key that the tenant already used, returns that webhook.
-    pub async fn create_webhook(&self, new: Webhook, event: &'static str) -> Result<Created> {
+    /// idempotency key that the tenant already used, returns that webhook,
+    /// unless it was created at or before `keys_expired_at`: such a key is
+    /// released (cleared from the old webhook) and used afresh.
+    pub async fn create_webhook(
+        &self,
+        new: Webhook,
+        event: &'static str,
+        keys_expired_at: DateTime<Utc>,
+    ) -> Result<Created> {
         if let Some(key) = &new.idempotency_key {
             let tenant = TenantId::from_trusted(new.tenant_id.clone());
+            webhooks::Entity::update_many()
+                .col_expr(
+                    webhooks::Column::IdempotencyKey,
+                    Expr::value(None::<String>),
+                )
+                .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
+                .filter(webhooks::Column::IdempotencyKey.eq(key.as_str()))
+                .filter(webhooks::Column::CreatedAt.lte(keys_expired_at))
+                .exec(&self.db)
+                .await?;
             if let Some(existing) = self.find_by_idempotency_key(&tenant, key).await? {
                 return Ok(Created::Existing(existing));
             }

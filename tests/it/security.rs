@@ -23,6 +23,9 @@ use crate::{
 backend_tests!(
     secrets_are_sealed_at_rest,
     rotate_master_reseals_every_secret_and_the_old_key_can_go,
+    idempotent_replay_returns_the_same_webhook_and_one_row,
+    idempotency_key_with_another_request_conflicts,
+    idempotency_keys_expire,
 );
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -277,4 +280,186 @@ fn without_keys_sqlite_generates_a_private_key_file_and_postgres_refuses() {
         uploadhook::master_keyring(&with_keys).unwrap().active_id(),
         "prod"
     );
+}
+
+async fn webhook_rows(app: &TestApp) -> usize {
+    webhooks::Entity::find()
+        .all(app.store().db())
+        .await
+        .unwrap()
+        .len()
+}
+
+async fn idempotent_replay_returns_the_same_webhook_and_one_row(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let mut client = app.client().await;
+    let mut req = create_request("http://127.0.0.1:1/hook", "a.txt");
+    req.idempotency_key = "order-17".into();
+    let a = client
+        .create_upload_webhook(authed(&app.key_a, req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .create_upload_webhook(authed(&app.key_a, req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let (wa, wb) = (a.webhook.unwrap(), b.webhook.unwrap());
+    assert_eq!(wa.id, wb.id);
+    assert_eq!(wa.key, wb.key, "the same object key");
+    assert!(a.signing_secret.starts_with("whsec_"));
+    assert_eq!(
+        a.signing_secret, b.signing_secret,
+        "the generated secret again"
+    );
+    assert_eq!(webhook_rows(&app).await, 1);
+    let stored = row(&app, &wa.id).await;
+    assert_eq!(
+        stored.request_fingerprint.as_ref().map(String::len),
+        Some(64)
+    );
+
+    // The same over REST, with the same JSON twice.
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({
+        "filename": "r.txt",
+        "webhook": {"url": "http://127.0.0.1:1/hook", "metadata": {"a": "1", "b": "2"}},
+        "idempotencyKey": "rest-1",
+    });
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r: serde_json::Value = http
+            .post(app.http_url("/v1/webhooks"))
+            .bearer_auth(&app.key_a)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(r["webhook"]["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids[0], ids[1]);
+    assert_eq!(webhook_rows(&app).await, 2);
+    app.stop().await;
+}
+
+async fn idempotency_key_with_another_request_conflicts(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let mut client = app.client().await;
+    let mut req = create_request("http://127.0.0.1:1/hook", "a.txt");
+    req.idempotency_key = "order-18".into();
+    let first = client
+        .create_upload_webhook(authed(&app.key_a, req.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    let variants: Vec<Box<dyn Fn(&mut proto::CreateUploadWebhookRequest)>> = vec![
+        Box::new(|r| r.filename = "b.txt".into()),
+        Box::new(|r| r.content_length = Some(3)),
+        Box::new(|r| {
+            r.webhook
+                .as_mut()
+                .unwrap()
+                .metadata
+                .insert("user".into(), "43".into());
+        }),
+        Box::new(|r| r.webhook.as_mut().unwrap().url = "http://127.0.0.1:2/hook".into()),
+        Box::new(|r| r.webhook.as_mut().unwrap().secret = SECRET.into()),
+    ];
+    for change in variants {
+        let mut other = req.clone();
+        change(&mut other);
+        let err = client
+            .create_upload_webhook(authed(&app.key_a, other))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+        let msg = err.message();
+        assert!(
+            msg.starts_with("idempotency_key:")
+                && msg.contains("order-18")
+                && msg.contains(&first.id),
+            "{msg}"
+        );
+    }
+    assert_eq!(webhook_rows(&app).await, 1);
+
+    // 409 over REST.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(app.http_url("/v1/webhooks"))
+        .bearer_auth(&app.key_a)
+        .json(&serde_json::json!({
+            "filename": "other.txt",
+            "webhook": {"url": "http://127.0.0.1:1/hook"},
+            "idempotencyKey": "order-18",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CONFLICT);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], 6);
+    assert!(body["message"].as_str().unwrap().contains("order-18"));
+    app.stop().await;
+}
+
+async fn idempotency_keys_expire(db: &TestDb) {
+    let clock = uploadhook::clock::ManualClock::new(chrono::Utc::now());
+    let mut app = TestApp::start_with(
+        db,
+        "[webhooks]\nidempotency_ttl = \"1h\"\n",
+        Arc::new(clock.clone()),
+        None,
+    )
+    .await;
+    let mut client = app.client().await;
+    let mut req = create_request("http://127.0.0.1:1/hook", "a.txt");
+    req.idempotency_key = "order-19".into();
+    let first = client
+        .create_upload_webhook(authed(&app.key_a, req.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    clock.advance(chrono::Duration::minutes(59));
+    let again = client
+        .create_upload_webhook(authed(&app.key_a, req.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    assert_eq!(again.id, first.id, "still within the ttl");
+    clock.advance(chrono::Duration::minutes(2));
+    // Past the ttl, even another request with that key creates a webhook.
+    req.filename = "b.txt".into();
+    let fresh = client
+        .create_upload_webhook(authed(&app.key_a, req.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    assert_ne!(fresh.id, first.id);
+    assert_eq!(webhook_rows(&app).await, 2);
+    assert_eq!(row(&app, &first.id).await.idempotency_key, None);
+    // And the key now answers for the new webhook.
+    let replay = client
+        .create_upload_webhook(authed(&app.key_a, req))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    assert_eq!(replay.id, fresh.id);
+    app.stop().await;
 }
