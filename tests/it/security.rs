@@ -360,7 +360,8 @@ async fn idempotency_key_with_another_request_conflicts(db: &TestDb) {
         .into_inner()
         .webhook
         .unwrap();
-    let variants: Vec<Box<dyn Fn(&mut proto::CreateUploadWebhookRequest)>> = vec![
+    type Change = Box<dyn Fn(&mut proto::CreateUploadWebhookRequest)>;
+    let variants: Vec<Change> = vec![
         Box::new(|r| r.filename = "b.txt".into()),
         Box::new(|r| r.content_length = Some(3)),
         Box::new(|r| {
