@@ -20,6 +20,7 @@ pub const DEFAULTS: &str = include_str!("../config.default.toml");
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub api: ApiConfig,
     pub database: DatabaseConfig,
     pub queue: QueueConfig,
     pub embedded_s3: EmbeddedS3Config,
@@ -40,6 +41,19 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The largest request accepted: a gRPC message, or a REST body.
+    pub max_request_bytes: usize,
+    /// Requests per second per tenant (a token bucket); 0 turns it off.
+    pub rate_limit_per_second: f64,
+    /// Requests a tenant may make at once after a pause.
+    pub rate_limit_burst: u32,
+    /// Tenants tracked at once (bounds the limiter's memory).
+    pub rate_limit_tenants: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -296,6 +310,21 @@ impl Config {
             && let Err(e) = crate::secrets::Keyring::parse(keys)
         {
             return invalid("encryption.keys", &e.to_string());
+        }
+        if self.api.max_request_bytes < 1024 {
+            return invalid("api.max_request_bytes", "must be at least 1024");
+        }
+        if !self.api.rate_limit_per_second.is_finite() || self.api.rate_limit_per_second < 0.0 {
+            return invalid(
+                "api.rate_limit_per_second",
+                "must be a number >= 0 (0 turns the limit off)",
+            );
+        }
+        if self.api.rate_limit_burst == 0 {
+            return invalid("api.rate_limit_burst", "must be at least 1");
+        }
+        if self.api.rate_limit_tenants == 0 {
+            return invalid("api.rate_limit_tenants", "must be at least 1");
         }
         if self.delivery.timeout.is_zero() {
             return invalid("delivery.timeout", "must be positive");

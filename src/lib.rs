@@ -405,8 +405,16 @@ pub async fn start(
             clock,
             limits: cfg.webhooks.clone(),
             allow: Arc::new(allow),
+            rate_limit: (cfg.api.rate_limit_per_second > 0.0).then(|| {
+                api::ratelimit::RateLimiter::new(
+                    cfg.api.rate_limit_per_second,
+                    cfg.api.rate_limit_burst,
+                    cfg.api.rate_limit_tenants,
+                )
+            }),
         });
-        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api));
+        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api))
+            .max_decoding_message_size(cfg.api.max_request_bytes);
 
         // gRPC: the service, health and reflection.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -435,7 +443,8 @@ pub async fn start(
 
         let gateway = Arc::new(
             Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
-                .context("building the REST gateway")?,
+                .context("building the REST gateway")?
+                .with_max_request_bytes(cfg.api.max_request_bytes),
         );
         http = http.merge(api::gateway::router(gateway, grpc_service));
     }

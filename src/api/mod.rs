@@ -5,5 +5,6 @@
 
 pub mod gateway;
 pub mod grpc;
+pub mod ratelimit;
 pub mod service;
 pub mod validate;

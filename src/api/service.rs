@@ -7,7 +7,10 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
-use super::validate::{CreateInput, MAX_KEY_LEN, derive_key};
+use super::{
+    ratelimit::{RateLimiter, retry_after_secs},
+    validate::{CreateInput, MAX_KEY_LEN, derive_key},
+};
 use crate::{
     clock::Clock,
     config::WebhooksConfig,
@@ -42,6 +45,8 @@ pub struct WebhookApi {
     /// Private networks that webhook URLs may name anyway
     /// (`Config::delivery_allow_list`).
     pub allow: Arc<AllowList>,
+    /// The per-tenant rate limit (`api.rate_limit_*`); None: off.
+    pub rate_limit: Option<RateLimiter>,
 }
 
 fn db(e: StoreError) -> ApiError {
@@ -49,12 +54,24 @@ fn db(e: StoreError) -> ApiError {
 }
 
 impl WebhookApi {
+    /// The caller's tenant, within its rate limit.
     pub async fn authenticate(&self, key: &str) -> Result<TenantId, ApiError> {
-        self.store
+        let tenant = self
+            .store
             .authenticate(key, self.clock.now())
             .await
             .map_err(db)?
-            .ok_or_else(|| ApiError::Unauthenticated("invalid, expired or revoked API key".into()))
+            .ok_or_else(|| {
+                ApiError::Unauthenticated("invalid, expired or revoked API key".into())
+            })?;
+        if let Some(limit) = &self.rate_limit
+            && let Err(wait) = limit.check(&tenant, std::time::Instant::now())
+        {
+            return Err(ApiError::RateLimited {
+                retry_after_secs: retry_after_secs(wait),
+            });
+        }
+        Ok(tenant)
     }
 
     pub async fn create(

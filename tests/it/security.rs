@@ -464,3 +464,178 @@ async fn idempotency_keys_expire(db: &TestDb) {
     assert_eq!(replay.id, fresh.id);
     app.stop().await;
 }
+
+async fn sqlite() -> TestDb {
+    TestDb::new(crate::helpers::Backend::Sqlite).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_limit_is_named_in_its_error() {
+    let db = sqlite().await;
+    let mut app = TestApp::start(
+        &db,
+        "[webhooks]\nmax_metadata_entries = 3\nmax_metadata_bytes = 64\n",
+    )
+    .await;
+    let mut client = app.client().await;
+    type Change = Box<dyn Fn(&mut proto::CreateUploadWebhookRequest)>;
+    let cases: Vec<(&str, &str, Change)> = vec![
+        (
+            "webhook.url",
+            "longer than 2048",
+            Box::new(|r| {
+                r.webhook.as_mut().unwrap().url = format!("http://127.0.0.1/{}", "a".repeat(2100))
+            }),
+        ),
+        (
+            "key",
+            "longer than 1024",
+            Box::new(|r| r.key = "k".repeat(1100)),
+        ),
+        (
+            "key",
+            "control characters",
+            Box::new(|r| r.key = "a\u{7}b".into()),
+        ),
+        ("key", "`..`", Box::new(|r| r.key = "a/../b".into())),
+        (
+            "filename",
+            "longer than 255",
+            Box::new(|r| r.filename = "f".repeat(300)),
+        ),
+        ("filename", "`/`", Box::new(|r| r.filename = "a/b".into())),
+        (
+            "webhook.metadata",
+            "at most 3",
+            Box::new(|r| {
+                let m = &mut r.webhook.as_mut().unwrap().metadata;
+                for i in 0..4 {
+                    m.insert(format!("k{i}"), "v".into());
+                }
+            }),
+        ),
+        (
+            "webhook.metadata",
+            "at most 64",
+            Box::new(|r| {
+                r.webhook
+                    .as_mut()
+                    .unwrap()
+                    .metadata
+                    .insert("big".into(), "v".repeat(100));
+            }),
+        ),
+    ];
+    for (field, says, change) in cases {
+        let mut req = create_request("http://127.0.0.1:1/hook", "a.txt");
+        change(&mut req);
+        let err = client
+            .create_upload_webhook(authed(&app.key_a, req))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}: ")) && err.message().contains(says),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    app.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_on_both_protocols() {
+    let db = sqlite().await;
+    let mut app = TestApp::start(&db, "[api]\nmax_request_bytes = 4096\n").await;
+    let mut req = create_request("http://127.0.0.1:1/hook", "a.txt");
+    req.webhook
+        .as_mut()
+        .unwrap()
+        .metadata
+        .insert("pad".into(), "x".repeat(5000));
+    let err = app
+        .client()
+        .await
+        .create_upload_webhook(authed(&app.key_a, req))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("4096"), "{}", err.message());
+
+    let r = reqwest::Client::new()
+        .post(app.http_url("/v1/webhooks"))
+        .bearer_auth(&app.key_a)
+        .json(&serde_json::json!({
+            "filename": "a.txt",
+            "webhook": {"url": "http://127.0.0.1:1/hook", "metadata": {"pad": "x".repeat(5000)}},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("4096"), "{body}");
+    app.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_answers_with_a_retry_hint_and_spares_other_tenants() {
+    let db = sqlite().await;
+    // A burst of 3, refilling so slowly that no token comes back during
+    // the test.
+    let mut app = TestApp::start(
+        &db,
+        "[api]\nrate_limit_per_second = 0.001\nrate_limit_burst = 3\n",
+    )
+    .await;
+    let mut client = app.client().await;
+    let list = |key: &str| authed(key, proto::ListWebhooksRequest::default());
+    for _ in 0..2 {
+        client.list_webhooks(list(&app.key_a)).await.unwrap();
+    }
+    // The third of the burst over REST, then REST is refused too.
+    let http = reqwest::Client::new();
+    let rest = || {
+        http.get(app.http_url("/v1/webhooks"))
+            .bearer_auth(&app.key_a)
+            .send()
+    };
+    assert!(rest().await.unwrap().status().is_success());
+    let err = client.list_webhooks(list(&app.key_a)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let hint: u64 = err
+        .metadata()
+        .get("retry-after")
+        .expect("retry-after metadata")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(hint >= 1, "{hint}");
+    assert!(
+        err.message().contains(&format!("{hint}s")),
+        "{}",
+        err.message()
+    );
+
+    let r = rest().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], 8);
+
+    // Tenant B has its own bucket.
+    client.list_webhooks(list(&app.key_b)).await.unwrap();
+    // An unauthenticated caller is told so, not rate limited.
+    let err = client.list_webhooks(list("uhk_nope")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    app.stop().await;
+    db.cleanup().await;
+}
