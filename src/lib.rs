@@ -47,6 +47,9 @@ use crate::{
     store::Store,
 };
 
+/// Authentication failures after the first are summarised per window.
+const AUTH_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Which parts a process runs: `serve` runs both; `api` and `worker` run
 /// one each, so that they scale separately (Redis queue only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,6 +415,23 @@ pub async fn start(
                     cfg.api.rate_limit_tenants,
                 )
             }),
+            auth_failures: api::audit::AuthFailures::new(AUTH_FAILURE_WINDOW),
+        });
+        // Summarise bursts of authentication failures once per window.
+        let flusher = api.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(AUTH_FAILURE_WINDOW);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Some(report) = flusher.auth_failures.flush(std::time::Instant::now()) {
+                            api::audit::AuthFailures::log(report);
+                        }
+                    }
+                }
+            }
         });
         let grpc_service = WebhookServiceServer::new(GrpcApi::new(api))
             .max_decoding_message_size(cfg.api.max_request_bytes);

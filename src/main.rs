@@ -49,6 +49,10 @@ enum KeysCommand {
     Create {
         #[arg(long)]
         tenant: String,
+        /// The key stops working after this long (e.g. 90d, 12h); no
+        /// expiry when left out.
+        #[arg(long, value_parser = uploadhook::config::parse_duration)]
+        expires_in: Option<std::time::Duration>,
     },
     /// Lists keys (never the keys themselves).
     List,
@@ -115,30 +119,46 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<()> {
     let store = uploadhook::open_store(cfg).await?;
     let now = uploadhook::clock::SystemClock.now();
     match command {
-        KeysCommand::Create { tenant } => {
+        KeysCommand::Create { tenant, expires_in } => {
             if tenant.trim().is_empty() || tenant.len() > 64 {
                 anyhow::bail!("--tenant must be 1 to 64 characters");
             }
-            let key = store.create_api_key(tenant.trim(), now).await?;
+            let expires_at = match expires_in {
+                Some(d) if d.is_zero() => anyhow::bail!("--expires-in must be positive"),
+                Some(d) => Some(
+                    chrono::Duration::from_std(d)
+                        .ok()
+                        .and_then(|d| now.checked_add_signed(d))
+                        .context("--expires-in is too long")?,
+                ),
+                None => None,
+            };
+            let key = store
+                .create_api_key_expiring(tenant.trim(), now, expires_at)
+                .await?;
             println!("tenant: {}", tenant.trim());
             println!("key id: {}", key.id);
+            if let Some(at) = expires_at {
+                println!("expires: {}", at.to_rfc3339());
+            }
             println!("api key (shown once): {}", key.plaintext);
         }
         KeysCommand::List => {
             println!(
-                "{:<38} {:<16} {:<14} {:<26} {:<26} last used",
-                "id", "tenant", "prefix", "created", "revoked"
+                "{:<38} {:<16} {:<14} {:<26} {:<26} {:<26} last used",
+                "id", "tenant", "prefix", "created", "expires", "revoked"
             );
             for k in store.list_api_keys().await? {
                 let fmt = |t: Option<chrono::DateTime<chrono::Utc>>| {
                     t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
                 };
                 println!(
-                    "{:<38} {:<16} {:<14} {:<26} {:<26} {}",
+                    "{:<38} {:<16} {:<14} {:<26} {:<26} {:<26} {}",
                     k.id,
                     k.tenant,
                     format!("{}…", k.prefix),
                     k.created_at.to_rfc3339(),
+                    fmt(k.expires_at),
                     fmt(k.revoked_at),
                     fmt(k.last_used_at)
                 );

@@ -9,7 +9,7 @@ use futures_util::Stream;
 use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status as GrpcStatus};
 
-use super::{service::WebhookApi, validate};
+use super::{audit::AuthFailure, service::WebhookApi, validate};
 use crate::{
     domain::{Status, TenantId, Trigger},
     error::ApiError,
@@ -31,20 +31,23 @@ impl GrpcApi {
     }
 
     async fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, ApiError> {
-        let header = req.metadata().get("authorization").ok_or_else(|| {
-            ApiError::Unauthenticated("missing `authorization: Bearer <api key>`".into())
-        })?;
-        let value = header
-            .to_str()
-            .map_err(|_| ApiError::Unauthenticated("authorization header is not ASCII".into()))?;
-        let key = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                ApiError::Unauthenticated("authorization must be `Bearer <api key>`".into())
-            })?;
+        let key = bearer(req).inspect_err(|_| self.api.auth_failed(AuthFailure::Malformed))?;
         self.api.authenticate(key.trim()).await
     }
+}
+
+/// The API key of `authorization: Bearer <api key>`.
+fn bearer<T>(req: &Request<T>) -> Result<&str, ApiError> {
+    let header = req.metadata().get("authorization").ok_or_else(|| {
+        ApiError::Unauthenticated("missing `authorization: Bearer <api key>`".into())
+    })?;
+    let value = header
+        .to_str()
+        .map_err(|_| ApiError::Unauthenticated("authorization header is not ASCII".into()))?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::Unauthenticated("authorization must be `Bearer <api key>`".into()))
 }
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {

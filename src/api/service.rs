@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
 use super::{
+    audit::{AuthFailure, AuthFailures},
     ratelimit::{RateLimiter, retry_after_secs},
     validate::{CreateInput, MAX_KEY_LEN, derive_key},
 };
@@ -47,6 +48,8 @@ pub struct WebhookApi {
     pub allow: Arc<AllowList>,
     /// The per-tenant rate limit (`api.rate_limit_*`); None: off.
     pub rate_limit: Option<RateLimiter>,
+    /// Authentication failures, summarised into audit lines.
+    pub auth_failures: AuthFailures,
 }
 
 fn db(e: StoreError) -> ApiError {
@@ -54,6 +57,13 @@ fn db(e: StoreError) -> ApiError {
 }
 
 impl WebhookApi {
+    /// Counts a failed authentication (audit, summarised).
+    pub fn auth_failed(&self, kind: AuthFailure) {
+        if let Some(report) = self.auth_failures.record(kind, std::time::Instant::now()) {
+            AuthFailures::log(report);
+        }
+    }
+
     /// The caller's tenant, within its rate limit.
     pub async fn authenticate(&self, key: &str) -> Result<TenantId, ApiError> {
         let tenant = self
@@ -62,6 +72,7 @@ impl WebhookApi {
             .await
             .map_err(db)?
             .ok_or_else(|| {
+                self.auth_failed(AuthFailure::Rejected);
                 ApiError::Unauthenticated("invalid, expired or revoked API key".into())
             })?;
         if let Some(limit) = &self.rate_limit

@@ -170,6 +170,7 @@ pub struct ApiKeyInfo {
     pub tenant: String,
     pub prefix: String,
     pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
 }
@@ -407,10 +408,22 @@ impl Store {
         Ok(id)
     }
 
-    /// Creates an API key for a tenant (created when missing). Only the
-    /// SHA-256 of the key is stored: keys are 160 random bits, so a fast
-    /// hash is enough and lookups stay constant-time in the key.
+    /// Creates an API key for a tenant (created when missing), without
+    /// expiry.
     pub async fn create_api_key(&self, tenant: &str, now: DateTime<Utc>) -> Result<NewApiKey> {
+        self.create_api_key_expiring(tenant, now, None).await
+    }
+
+    /// Creates an API key for a tenant (created when missing), valid until
+    /// `expires_at` when given. Only the SHA-256 of the key is stored:
+    /// keys are 160 random bits, so a fast hash is enough (no salt or slow
+    /// hash is needed against guessing), and the lookup is by that hash.
+    pub async fn create_api_key_expiring(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<NewApiKey> {
         let tenant_id = self.ensure_tenant(tenant, now).await?;
         let mut raw = [0u8; 20];
         rand::fill(&mut raw);
@@ -422,12 +435,21 @@ impl Store {
             prefix: Set(plaintext[..API_KEY_PREFIX.len() + 8].to_string()),
             key_hash: Set(hash_key(&plaintext)),
             created_at: Set(now),
-            expires_at: Set(None),
+            expires_at: Set(expires_at),
             revoked_at: Set(None),
             last_used_at: Set(None),
         }
         .insert(&self.db)
         .await?;
+        tracing::info!(
+            target: "audit",
+            event = "api_key.created",
+            key_id = %id,
+            tenant = %tenant_id,
+            tenant_name = tenant,
+            expires_at = ?expires_at.map(|t| t.to_rfc3339()),
+            "API key created"
+        );
         Ok(NewApiKey {
             id,
             tenant_id,
@@ -452,6 +474,7 @@ impl Store {
                 id: k.id,
                 prefix: k.prefix,
                 created_at: k.created_at,
+                expires_at: k.expires_at,
                 revoked_at: k.revoked_at,
                 last_used_at: k.last_used_at,
             })
@@ -466,10 +489,22 @@ impl Store {
             .filter(api_keys::Column::RevokedAt.is_null())
             .exec(&self.db)
             .await?;
-        Ok(res.rows_affected == 1)
+        let revoked = res.rows_affected == 1;
+        if revoked {
+            tracing::info!(target: "audit", event = "api_key.revoked", key_id = id, "API key revoked");
+        }
+        Ok(revoked)
     }
 
-    /// The tenant of a valid, unrevoked, unexpired key.
+    /// The tenant of a valid, unrevoked, unexpired key. Read from the
+    /// database on every call (no cache), so that a revocation or expiry
+    /// takes effect on the next request.
+    ///
+    /// No timing side channel: the lookup is by the SHA-256 of the key, so
+    /// how long the index search takes depends on the hash, which a caller
+    /// cannot steer toward a stored one (that would need a preimage). The
+    /// plain key is never compared byte by byte. Only the public `uhk_`
+    /// prefix is checked before hashing.
     pub async fn authenticate(
         &self,
         plaintext: &str,

@@ -8,7 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use uploadhook::{
     Listeners,
-    clock::SystemClock,
+    clock::{Clock, SystemClock},
     config::Config,
     proto::{self, Status},
     secrets::Keyring,
@@ -26,6 +26,7 @@ backend_tests!(
     idempotent_replay_returns_the_same_webhook_and_one_row,
     idempotency_key_with_another_request_conflicts,
     idempotency_keys_expire,
+    expired_and_revoked_keys_are_refused_at_once,
 );
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -638,4 +639,237 @@ async fn rate_limit_answers_with_a_retry_hint_and_spares_other_tenants() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     app.stop().await;
     db.cleanup().await;
+}
+
+async fn expired_and_revoked_keys_are_refused_at_once(db: &TestDb) {
+    // Whole seconds: PostgreSQL keeps microseconds.
+    let start = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap();
+    let clock = uploadhook::clock::ManualClock::new(start);
+    let mut app = TestApp::start_with(db, "", Arc::new(clock.clone()), None).await;
+    let store = app.store().clone();
+    let t0 = clock.now();
+    let expiring = store
+        .create_api_key_expiring("tenant-a", t0, Some(t0 + chrono::Duration::hours(1)))
+        .await
+        .unwrap();
+    let revocable = store.create_api_key("tenant-a", t0).await.unwrap();
+    let mut client = app.client().await;
+    let list = |key: &str| authed(key, proto::ListWebhooksRequest::default());
+    let http = reqwest::Client::new();
+    let rest = |key: String| {
+        http.get(app.http_url("/v1/webhooks"))
+            .bearer_auth(key)
+            .send()
+    };
+    let last_used = |id: String| {
+        let store = store.clone();
+        async move {
+            store
+                .list_api_keys()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|k| k.id == id)
+                .unwrap()
+                .last_used_at
+        }
+    };
+
+    client
+        .list_webhooks(list(&expiring.plaintext))
+        .await
+        .unwrap();
+    client
+        .list_webhooks(list(&revocable.plaintext))
+        .await
+        .unwrap();
+    // last_used_at is written on use, then at most once a minute.
+    assert_eq!(last_used(expiring.id.to_string()).await, Some(t0));
+    clock.advance(chrono::Duration::seconds(30));
+    client
+        .list_webhooks(list(&expiring.plaintext))
+        .await
+        .unwrap();
+    assert_eq!(last_used(expiring.id.to_string()).await, Some(t0));
+    clock.advance(chrono::Duration::seconds(31));
+    client
+        .list_webhooks(list(&expiring.plaintext))
+        .await
+        .unwrap();
+    assert_eq!(
+        last_used(expiring.id.to_string()).await,
+        Some(t0 + chrono::Duration::seconds(61))
+    );
+
+    // Revoked: the very next call is refused, on both protocols.
+    assert!(
+        store
+            .revoke_api_key(revocable.id.as_str(), clock.now())
+            .await
+            .unwrap()
+    );
+    let err = client
+        .list_webhooks(list(&revocable.plaintext))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        rest(revocable.plaintext.clone()).await.unwrap().status(),
+        reqwest::StatusCode::UNAUTHORIZED
+    );
+    assert!(
+        !store
+            .revoke_api_key(revocable.id.as_str(), clock.now())
+            .await
+            .unwrap()
+    );
+
+    // Expired: refused from its expiry on.
+    assert!(
+        rest(expiring.plaintext.clone())
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    clock.advance(chrono::Duration::minutes(59));
+    let err = client
+        .list_webhooks(list(&expiring.plaintext))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        rest(expiring.plaintext.clone()).await.unwrap().status(),
+        reqwest::StatusCode::UNAUTHORIZED
+    );
+    // Other keys of the tenant still work.
+    client.list_webhooks(list(&app.key_a)).await.unwrap();
+    app.stop().await;
+}
+
+/// Log lines written while `f` runs on this thread.
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn key_creation_and_revocation_are_audited_without_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::from_toml(&format!(
+        "[database]\nurl = \"sqlite://{}?mode=rwc\"\n{}",
+        dir.path().join("a.db").display(),
+        keys_layer(&Keyring::generate_entry("k"))
+    ))
+    .unwrap();
+    uploadhook::migrate(&cfg).await.unwrap();
+    let store = uploadhook::open_store(&cfg).await.unwrap();
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || Captured(sink.clone()))
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let now = chrono::Utc::now();
+    let key = store
+        .create_api_key_expiring("audited", now, Some(now + chrono::Duration::days(1)))
+        .await
+        .unwrap();
+    assert!(store.revoke_api_key(key.id.as_str(), now).await.unwrap());
+    let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(" audit:")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("api_key.created") && lines[0].contains(key.id.as_str()),
+        "{text}"
+    );
+    assert!(
+        lines[0].contains("audited") && lines[0].contains("expires_at"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("api_key.revoked") && lines[1].contains(key.id.as_str()),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&key.plaintext),
+        "the key never reaches the log"
+    );
+    assert!(
+        !text.contains(&key.plaintext["uhk_".len()..]),
+        "nor its random part"
+    );
+}
+
+#[test]
+fn cli_creates_expiring_keys_and_rotates_the_master_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |keys: &str, args: &[&str]| {
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[database]\nurl = \"sqlite://{}?mode=rwc\"\n[bootstrap]\ndev_tenant = \"\"\n{}",
+                dir.path().join("cli.db").display(),
+                keys_layer(keys)
+            ),
+        )
+        .unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_uploadhook"));
+        cmd.arg("--config").arg(&config).args(args);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("UPLOADHOOK_") {
+                cmd.env_remove(name);
+            }
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, k1, err) = run("", &["keys", "new-master-key", "--id", "k1"]);
+    assert!(ok, "{err}");
+    let k1 = k1.trim().to_string();
+    Keyring::parse(&k1).unwrap();
+
+    let (ok, out, err) = run(
+        &k1,
+        &["keys", "create", "--tenant", "t", "--expires-in", "2h"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("expires: "), "{out}");
+    assert!(
+        err.contains("api_key.created"),
+        "audit line on stderr: {err}"
+    );
+    let (ok, _, err) = run(
+        &k1,
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "t",
+            "--expires-in",
+            "2 parsecs",
+        ],
+    );
+    assert!(!ok && err.contains("--expires-in"), "{err}");
+    let (ok, out, _) = run(&k1, &["keys", "list"]);
+    assert!(ok && out.contains("expires"), "{out}");
+
+    // Nothing sealed yet: the rotation has nothing to do, and says so.
+    let k2 = Keyring::generate_entry("k2");
+    let (ok, out, err) = run(&format!("{k2},{k1}"), &["keys", "rotate-master"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("re-sealed 0") && out.contains("`k2`"), "{out}");
 }
