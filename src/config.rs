@@ -165,6 +165,10 @@ pub struct WebhooksConfig {
     /// the same key creates a new one.
     #[serde(deserialize_with = "de_duration")]
     pub idempotency_ttl: Duration,
+    /// How long the old secret keeps signing after RotateSecret, unless
+    /// the request says otherwise.
+    #[serde(deserialize_with = "de_duration")]
+    pub secret_rotation_grace: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

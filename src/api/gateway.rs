@@ -2267,6 +2267,13 @@ mod tests {
         ) -> Result<GrpcResponse<CancelWebhookResponse>, Status> {
             Err(Status::unimplemented("cancel is not implemented"))
         }
+
+        async fn rotate_secret(
+            &self,
+            _request: GrpcRequest<crate::proto::RotateSecretRequest>,
+        ) -> Result<GrpcResponse<crate::proto::RotateSecretResponse>, Status> {
+            Err(Status::unimplemented("rotate secret is not implemented"))
+        }
     }
 
     fn app() -> Router {

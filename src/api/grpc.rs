@@ -216,6 +216,26 @@ impl WebhookService for GrpcApi {
         }))
     }
 
+    async fn rotate_secret(
+        &self,
+        req: Request<proto::RotateSecretRequest>,
+    ) -> Result<Response<proto::RotateSecretResponse>, GrpcStatus> {
+        let tenant = self.tenant(&req).await?;
+        let req = req.into_inner();
+        let id = validate::webhook_id("webhook_id", &req.webhook_id)?;
+        let secret = validate::new_secret(&req.secret)?;
+        let grace = validate::grace_period(req.grace_period)?;
+        let out = self.api.rotate_secret(&tenant, &id, secret, grace).await?;
+        Ok(Response::new(proto::RotateSecretResponse {
+            webhook: Some(webhook_view(&out.webhook, &[])),
+            signing_secret: out
+                .signing_secret
+                .map(|s| s.expose_secret().to_string())
+                .unwrap_or_default(),
+            previous_secret_expires_at: out.previous_until.map(timestamp),
+        }))
+    }
+
     async fn cancel_webhook(
         &self,
         req: Request<proto::CancelWebhookRequest>,

@@ -37,6 +37,14 @@ pub struct CreateOutput {
     pub signing_secret: Option<SecretString>,
 }
 
+pub struct RotatedSecret {
+    pub webhook: Webhook,
+    /// Only when the server generated the new secret.
+    pub signing_secret: Option<SecretString>,
+    /// Until then the previous secret signs too.
+    pub previous_until: Option<DateTime<Utc>>,
+}
+
 pub struct WebhookApi {
     pub store: Store,
     pub storages: Arc<Storages>,
@@ -389,6 +397,57 @@ impl WebhookApi {
                 "webhook {id} moved on while cancelling (a delivery attempt is under way); try again"
             ))),
         }
+    }
+
+    /// Replaces a webhook's signing secret (`new`, or a generated one);
+    /// the old one keeps signing beside it for `grace` (default
+    /// `webhooks.secret_rotation_grace`; zero: not at all). Returns the
+    /// webhook, the generated secret if any, and the end of the grace.
+    pub async fn rotate_secret(
+        &self,
+        tenant: &TenantId,
+        id: &WebhookId,
+        new: Option<String>,
+        grace: Option<std::time::Duration>,
+    ) -> Result<RotatedSecret, ApiError> {
+        let w = self.find(tenant, id).await?;
+        let now = self.clock.now();
+        let grace = grace.unwrap_or(self.limits.secret_rotation_grace);
+        let until = if grace.is_zero() {
+            None
+        } else {
+            Some(
+                now + chrono::Duration::from_std(grace)
+                    .map_err(|_| ApiError::invalid("grace_period", "is too long"))?,
+            )
+        };
+        let (secret, generated) = match new {
+            Some(s) => (SecretString::from(s), false),
+            None => (SecretString::from(SigningKey::generate_secret()), true),
+        };
+        let webhook = self
+            .store
+            .rotate_secret(&w, &secret, until)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| {
+                ApiError::FailedPrecondition(format!(
+                    "webhook {id}: its secret was rotated concurrently; try again"
+                ))
+            })?;
+        tracing::info!(
+            target: "audit",
+            event = "webhook.secret_rotated",
+            webhook_id = %id,
+            tenant = %tenant,
+            previous_until = ?until.map(|t| t.to_rfc3339()),
+            "webhook signing secret rotated"
+        );
+        Ok(RotatedSecret {
+            webhook,
+            signing_secret: generated.then_some(secret),
+            previous_until: until,
+        })
     }
 
     /// Starts a new round of delivery for a completed or dead-lettered

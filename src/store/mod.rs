@@ -600,6 +600,44 @@ impl Store {
             .await?)
     }
 
+    /// Replaces the webhook's signing secret with `new`; the current one
+    /// becomes the previous secret, which still signs until `until` (None:
+    /// dropped at once). A compare-and-set on the current secret, so that
+    /// of two concurrent rotations one wins and the other gets `None`.
+    /// Neither the status nor `updated_at` changes.
+    pub async fn rotate_secret(
+        &self,
+        w: &Webhook,
+        new: &SecretString,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<Option<Webhook>> {
+        let id = WebhookId::from_trusted(w.id.clone());
+        let sealed = self.seal_secret(&id, new);
+        let (prev, prev_key) = match until {
+            Some(_) => (Some(w.secret.0.clone()), w.secret_key_id.clone()),
+            None => (None, None),
+        };
+        let res = webhooks::Entity::update_many()
+            .col_expr(webhooks::Column::Secret, Expr::value(sealed.ciphertext))
+            .col_expr(webhooks::Column::SecretKeyId, Expr::value(sealed.key_id))
+            .col_expr(webhooks::Column::SecretGenerated, Expr::value(false))
+            .col_expr(webhooks::Column::PreviousSecret, Expr::value(prev))
+            .col_expr(webhooks::Column::PreviousSecretKeyId, Expr::value(prev_key))
+            .col_expr(webhooks::Column::PreviousSecretUntil, Expr::value(until))
+            .filter(webhooks::Column::Id.eq(w.id.as_str()))
+            .filter(webhooks::Column::TenantId.eq(w.tenant_id.as_str()))
+            .filter(webhooks::Column::Secret.eq(w.secret.0.as_str()))
+            .exec(&self.db)
+            .await?;
+        if res.rows_affected != 1 {
+            return Ok(None);
+        }
+        Ok(webhooks::Entity::find_by_id(w.id.as_str())
+            .filter(webhooks::Column::TenantId.eq(w.tenant_id.as_str()))
+            .one(&self.db)
+            .await?)
+    }
+
     pub async fn find_webhook(&self, tenant: &TenantId, id: &WebhookId) -> Result<Option<Webhook>> {
         Ok(webhooks::Entity::find_by_id(id.as_str())
             .filter(webhooks::Column::TenantId.eq(tenant.as_str()))

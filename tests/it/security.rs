@@ -27,6 +27,7 @@ backend_tests!(
     idempotency_key_with_another_request_conflicts,
     idempotency_keys_expire,
     expired_and_revoked_keys_are_refused_at_once,
+    secret_rotation_signs_with_both_secrets_during_the_grace_period,
 );
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -872,4 +873,172 @@ fn cli_creates_expiring_keys_and_rotates_the_master_key() {
     let (ok, out, err) = run(&format!("{k2},{k1}"), &["keys", "rotate-master"]);
     assert!(ok, "{err}");
     assert!(out.contains("re-sealed 0") && out.contains("`k2`"), "{out}");
+}
+
+/// The signatures of the delivery of `id`, checked against `secret`.
+fn verifies(rx: &Receiver, id: &str, secret: &str) -> Result<(), uploadhook::signing::VerifyError> {
+    let got = rx.received();
+    let r = got
+        .iter()
+        .find(|r| r.headers["webhook-id"] == id)
+        .expect("delivered");
+    let ts: i64 = r.headers["webhook-timestamp"].parse().unwrap();
+    uploadhook::verify(
+        secret,
+        id,
+        ts,
+        &r.body,
+        &r.headers["webhook-signature"],
+        ts,
+        300,
+    )
+}
+
+fn signature_entries(rx: &Receiver, id: &str) -> usize {
+    rx.received()
+        .iter()
+        .find(|r| r.headers["webhook-id"] == id)
+        .map(|r| r.headers["webhook-signature"].split(' ').count())
+        .unwrap()
+}
+
+async fn secret_rotation_signs_with_both_secrets_during_the_grace_period(db: &TestDb) {
+    let start = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap();
+    let clock = uploadhook::clock::ManualClock::new(start);
+    let mut app = TestApp::start_with(db, "", Arc::new(clock.clone()), None).await;
+    let rx = Receiver::start().await;
+    let mut client = app.client().await;
+    let confirm = |id: String| proto::ConfirmRequest {
+        webhook_id: id,
+        etag: String::new(),
+    };
+
+    // An explicit new secret, one hour of grace.
+    let w1 = create_with_secret(&app, &rx.url).await;
+    let id1 = w1.webhook.as_ref().unwrap().id.clone();
+    upload(&w1, b"one").await;
+    let new_secret = uploadhook::signing::SigningKey::generate_secret();
+    let rotated = client
+        .rotate_secret(authed(
+            &app.key_a,
+            proto::RotateSecretRequest {
+                webhook_id: id1.clone(),
+                secret: new_secret.clone(),
+                grace_period: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rotated.signing_secret, "",
+        "the caller's secret is not echoed"
+    );
+    assert_eq!(
+        rotated.previous_secret_expires_at.unwrap().seconds,
+        start.timestamp() + 3600
+    );
+    let stored = row(&app, &id1).await;
+    assert_eq!(stored.secret_key_id.as_deref(), Some("test"));
+    assert!(
+        !stored
+            .previous_secret
+            .as_ref()
+            .unwrap()
+            .0
+            .contains("MfKQ9r8GKYqr")
+    );
+    client
+        .confirm(authed(&app.key_a, confirm(id1.clone())))
+        .await
+        .unwrap();
+    wait_for(&app, &app.key_a, &id1, Status::Completed).await;
+    assert_eq!(signature_entries(&rx, &id1), 2);
+    verifies(&rx, &id1, SECRET).expect("a receiver with only the old secret verifies");
+    verifies(&rx, &id1, &new_secret).expect("a receiver with only the new secret verifies");
+
+    // Over REST, generated, a minute of grace that has passed at delivery.
+    let w2 = create_with_secret(&app, &rx.url).await;
+    let id2 = w2.webhook.as_ref().unwrap().id.clone();
+    upload(&w2, b"two").await;
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(app.http_url(&format!("/v1/webhooks/{id2}:rotateSecret")))
+        .bearer_auth(&app.key_a)
+        .json(&serde_json::json!({"gracePeriod": "60s"}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let generated = r["signingSecret"].as_str().unwrap().to_string();
+    assert!(generated.starts_with("whsec_"), "{r}");
+    assert_eq!(r["webhook"]["id"], id2.as_str());
+    clock.advance(chrono::Duration::minutes(2));
+    client
+        .confirm(authed(&app.key_a, confirm(id2.clone())))
+        .await
+        .unwrap();
+    wait_for(&app, &app.key_a, &id2, Status::Completed).await;
+    assert_eq!(signature_entries(&rx, &id2), 1);
+    verifies(&rx, &id2, &generated).unwrap();
+    assert!(
+        verifies(&rx, &id2, SECRET).is_err(),
+        "the grace period is over"
+    );
+    // The generated secret is never shown again.
+    let status = client
+        .get_status(authed(
+            &app.key_a,
+            proto::GetStatusRequest {
+                webhook_id: id2.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!format!("{status:?}").contains(&generated["whsec_".len()..]));
+
+    // Another tenant's webhook does not exist; bad input names the field.
+    let req = |id: &str, secret: &str, grace: i64| proto::RotateSecretRequest {
+        webhook_id: id.into(),
+        secret: secret.into(),
+        grace_period: Some(prost_types::Duration {
+            seconds: grace,
+            nanos: 0,
+        }),
+    };
+    let err = client
+        .rotate_secret(authed(&app.key_b, req(&id1, "", 60)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = client
+        .rotate_secret(authed(&app.key_a, req(&id1, "nope", 60)))
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("secret: "), "{}", err.message());
+    let err = client
+        .rotate_secret(authed(&app.key_a, req(&id1, "", 31 * 86400)))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("grace_period: "),
+        "{}",
+        err.message()
+    );
+    // Zero grace: the old secret stops at once.
+    let out = client
+        .rotate_secret(authed(&app.key_a, req(&id1, "", 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(out.previous_secret_expires_at.is_none());
+    assert!(row(&app, &id1).await.previous_secret.is_none());
+    app.stop().await;
 }
