@@ -1676,6 +1676,7 @@ mod tests {
                 "POST /v1/webhooks/{webhook_id}:cancel /uploadhook.v1.WebhookService/CancelWebhook",
                 "POST /v1/webhooks/{webhook_id}:confirm /uploadhook.v1.WebhookService/Confirm",
                 "POST /v1/webhooks/{webhook_id}:redeliver /uploadhook.v1.WebhookService/Redeliver",
+                "POST /v1/webhooks/{webhook_id}:rotateSecret /uploadhook.v1.WebhookService/RotateSecret",
             ]
         );
         assert!(route(&gateway, "StreamEvents").server_streaming);
