@@ -1042,3 +1042,76 @@ async fn secret_rotation_signs_with_both_secrets_during_the_grace_period(db: &Te
     assert!(row(&app, &id1).await.previous_secret.is_none());
     app.stop().await;
 }
+
+/// A full flow on one thread, so that a thread-local subscriber sees every
+/// log line of the service's tasks: neither the signing secret nor the API
+/// key appears in them, at debug level.
+#[tokio::test(flavor = "current_thread")]
+async fn secrets_and_keys_never_reach_the_logs() {
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+        .with_writer(move || Captured(sink.clone()))
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let db = sqlite().await;
+    let mut app = TestApp::start(&db, "").await;
+    let rx = Receiver::start().await;
+    let generated = app
+        .client()
+        .await
+        .create_upload_webhook(authed(&app.key_a, create_request(&rx.url, "g.txt")))
+        .await
+        .unwrap()
+        .into_inner();
+    let given = create_with_secret(&app, &rx.url).await;
+    for created in [&generated, &given] {
+        upload(created, b"hello").await;
+    }
+    let secret = generated.signing_secret.clone();
+    deliver_and_verify(&app, &rx, &generated, &secret).await;
+    deliver_and_verify(&app, &rx, &given, SECRET).await;
+    let rotated = app
+        .client()
+        .await
+        .rotate_secret(authed(
+            &app.key_a,
+            proto::RotateSecretRequest {
+                webhook_id: given.webhook.as_ref().unwrap().id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // A failed authentication is audited, without the key it presented.
+    let wrong_key = "uhk_00112233445566778899aabbccddeeff00112233";
+    let _ = app
+        .client()
+        .await
+        .list_webhooks(authed(wrong_key, proto::ListWebhooksRequest::default()))
+        .await
+        .unwrap_err();
+    app.stop().await;
+
+    let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("delivery attempt"),
+        "logs were captured: {text}"
+    );
+    assert!(text.contains("auth.failed"), "{text}");
+    assert!(text.contains("webhook.secret_rotated"), "{text}");
+    for needle in [
+        &secret["whsec_".len()..],
+        &SECRET["whsec_".len()..],
+        &rotated.signing_secret["whsec_".len()..],
+        &app.key_a["uhk_".len()..],
+        &wrong_key["uhk_".len()..],
+    ] {
+        assert!(!text.contains(needle), "`{needle}` is in the logs");
+    }
+    db.cleanup().await;
+}
