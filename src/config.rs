@@ -8,7 +8,7 @@ use figment::{
     Figment,
     providers::{Env, Format, Toml},
 };
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
 use crate::pipeline::ssrf::AllowList;
@@ -20,6 +20,7 @@ pub const DEFAULTS: &str = include_str!("../config.default.toml");
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub api: ApiConfig,
     pub database: DatabaseConfig,
     pub queue: QueueConfig,
     pub embedded_s3: EmbeddedS3Config,
@@ -33,6 +34,7 @@ pub struct Config {
     pub detect: DetectConfig,
     pub events: EventsConfig,
     pub r2_events: R2EventsConfig,
+    pub encryption: EncryptionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -42,6 +44,19 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The largest request accepted: a gRPC message, or a REST body.
+    pub max_request_bytes: usize,
+    /// Requests per second per tenant (a token bucket); 0 turns it off.
+    pub rate_limit_per_second: f64,
+    /// Requests a tenant may make at once after a pause.
+    pub rate_limit_burst: u32,
+    /// Tenants tracked at once (bounds the limiter's memory).
+    pub rate_limit_tenants: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -149,6 +164,14 @@ pub struct WebhooksConfig {
     pub max_metadata_entries: usize,
     pub max_metadata_bytes: usize,
     pub key_prefix: String,
+    /// How long an idempotency key answers with its webhook; after that
+    /// the same key creates a new one.
+    #[serde(deserialize_with = "de_duration")]
+    pub idempotency_ttl: Duration,
+    /// How long the old secret keeps signing after RotateSecret, unless
+    /// the request says otherwise.
+    #[serde(deserialize_with = "de_duration")]
+    pub secret_rotation_grace: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +281,15 @@ pub struct BootstrapConfig {
     pub dev_tenant: String,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// Master keys sealing webhook signing secrets at rest:
+    /// `id:base64(32 bytes)[,id:base64…]`, the first one active (see
+    /// `crate::secrets`). Empty: see `crate::master_keyring`.
+    pub keys: SecretString,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{0}")]
@@ -345,6 +377,27 @@ impl Config {
                 "delivery.min_retry_after",
                 "must not exceed delivery.max_retry_after",
             );
+        }
+        let keys = self.encryption.keys.expose_secret();
+        if !keys.trim().is_empty()
+            && let Err(e) = crate::secrets::Keyring::parse(keys)
+        {
+            return invalid("encryption.keys", &e.to_string());
+        }
+        if self.api.max_request_bytes < 1024 {
+            return invalid("api.max_request_bytes", "must be at least 1024");
+        }
+        if !self.api.rate_limit_per_second.is_finite() || self.api.rate_limit_per_second < 0.0 {
+            return invalid(
+                "api.rate_limit_per_second",
+                "must be a number >= 0 (0 turns the limit off)",
+            );
+        }
+        if self.api.rate_limit_burst == 0 {
+            return invalid("api.rate_limit_burst", "must be at least 1");
+        }
+        if self.api.rate_limit_tenants == 0 {
+            return invalid("api.rate_limit_tenants", "must be at least 1");
         }
         if self.delivery.timeout.is_zero() {
             return invalid("delivery.timeout", "must be positive");
@@ -671,6 +724,26 @@ mod tests {
         .unwrap();
         assert!(!prod.dev_loopback_allowed());
         assert!(prod.delivery_allow_list().is_empty());
+    }
+
+    #[test]
+    fn encryption_keys_come_from_the_environment_and_are_validated() {
+        let entry = crate::secrets::Keyring::generate_entry("k2");
+        let spec = format!("{entry},{}", crate::secrets::Keyring::generate_entry("k1"));
+        // A prefix of this test's own, so that no other test sees it.
+        // SAFETY: no other thread reads these variables.
+        unsafe { std::env::set_var("UHTEST_ENCKEYS_ENCRYPTION__KEYS", &spec) };
+        let cfg = Config::load_from(None, Env::prefixed("UHTEST_ENCKEYS_").split("__")).unwrap();
+        assert_eq!(cfg.encryption.keys.expose_secret(), spec);
+        let ring = crate::secrets::Keyring::parse(cfg.encryption.keys.expose_secret()).unwrap();
+        assert_eq!(ring.ids().collect::<Vec<_>>(), ["k2", "k1"]);
+        unsafe { std::env::set_var("UHTEST_ENCKEYS_ENCRYPTION__KEYS", "k1:c2hvcnQ=") };
+        let err = Config::load_from(None, Env::prefixed("UHTEST_ENCKEYS_").split("__"))
+            .unwrap_err()
+            .to_string();
+        unsafe { std::env::remove_var("UHTEST_ENCKEYS_ENCRYPTION__KEYS") };
+        assert!(err.contains("encryption.keys"), "{err}");
+        assert!(!err.contains("c2hvcnQ"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub enum ApiError {
     Unauthenticated(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The tenant's rate limit: retry after this many seconds.
+    #[error("rate limit exceeded for this tenant; retry in {retry_after_secs}s")]
+    RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
     Unimplemented(String),
     #[error("{0}")]
@@ -55,7 +58,9 @@ impl ApiError {
             ApiError::AlreadyExists(_) => Code::AlreadyExists,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
-            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ApiError::ResourceExhausted(_) | ApiError::RateLimited { .. } => {
+                Code::ResourceExhausted
+            }
             ApiError::Unimplemented(_) => Code::Unimplemented,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal => Code::Internal,
@@ -63,9 +68,19 @@ impl ApiError {
     }
 }
 
+/// The metadata key (and, through the REST gateway, HTTP header) that
+/// carries a retry hint in seconds.
+pub const RETRY_AFTER: &str = "retry-after";
+
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        let mut status = tonic::Status::new(e.code(), e.to_string());
+        if let ApiError::RateLimited { retry_after_secs } = e {
+            status
+                .metadata_mut()
+                .insert(RETRY_AFTER, retry_after_secs.into());
+        }
+        status
     }
 }
 
@@ -104,6 +119,17 @@ mod tests {
         assert_eq!(http_status(e.code()), StatusCode::BAD_REQUEST);
         let s: tonic::Status = e.into();
         assert_eq!(s.code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn rate_limited_carries_the_retry_hint() {
+        let s: tonic::Status = ApiError::RateLimited {
+            retry_after_secs: 7,
+        }
+        .into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(s.metadata().get(RETRY_AFTER).unwrap(), "7");
+        assert!(s.message().contains("7s"), "{}", s.message());
     }
 
     #[test]

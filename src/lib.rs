@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pipeline;
 pub mod proto;
+pub mod secrets;
 pub mod signing;
 pub mod storage;
 pub mod store;
@@ -46,6 +47,9 @@ use crate::{
     storage::Storages,
     store::Store,
 };
+
+/// Authentication failures after the first are summarised per window.
+const AUTH_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Which parts a process runs: `serve` runs both; `api` and `worker` run
 /// one each, so that they scale separately (Redis queue only).
@@ -147,8 +151,77 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
 
 /// Opens the store without starting anything (CLI commands).
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    let keyring = Arc::new(master_keyring(cfg)?);
     let db = open_db(cfg).await?;
-    Ok(Store::new(db, Arc::new(LocalEventBus::new(16))))
+    Ok(Store::new(db, Arc::new(LocalEventBus::new(16)), keyring))
+}
+
+/// The master keys that seal webhook signing secrets: `encryption.keys`
+/// when set. Unset, a SQLite database gets a key generated once into
+/// `uploadhook.master-key` beside its file (development; with a warning),
+/// an in-memory SQLite database a key for this process only, and a
+/// PostgreSQL database none: the process refuses to start, because a key
+/// kept on one machine's disk would not reach the others.
+pub fn master_keyring(cfg: &Config) -> anyhow::Result<secrets::Keyring> {
+    let spec = cfg.encryption.keys.expose_secret();
+    if !spec.trim().is_empty() {
+        // Validated at load.
+        return secrets::Keyring::parse(spec)
+            .map_err(|e| anyhow::anyhow!("config key `encryption.keys`: {e}"));
+    }
+    let url = cfg.database.url.expose_secret();
+    let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or(url.strip_prefix("sqlite:"))
+    else {
+        anyhow::bail!(
+            "config key `encryption.keys`: required with a database other than SQLite, to seal \
+             webhook signing secrets; format `id:base64(32 bytes)[,id:base64…]` (set \
+             UPLOADHOOK_ENCRYPTION__KEYS; `uploadhook keys new-master-key --id k1` prints one)"
+        );
+    };
+    let path = path.split('?').next().unwrap_or("");
+    if path.is_empty() || path == ":memory:" {
+        warn!(
+            "encryption.keys is unset: signing secrets are sealed with a key that lives only as long as this process"
+        );
+        return Ok(
+            secrets::Keyring::parse(&secrets::Keyring::generate_entry("ephemeral"))
+                .expect("a generated entry parses"),
+        );
+    }
+    let dir = std::path::Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let file = dir.join("uploadhook.master-key");
+    let spec = match std::fs::read_to_string(&file) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let entry = secrets::Keyring::generate_entry("local");
+            write_private(&file, &entry)
+                .with_context(|| format!("writing the generated master key {}", file.display()))?;
+            entry
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    warn!(
+        file = %file.display(),
+        "encryption.keys is unset: signing secrets are sealed with the generated key in this file \
+         (development only; losing it makes stored secrets unreadable)"
+    );
+    secrets::Keyring::parse(&spec).with_context(|| format!("master key file {}", file.display()))
+}
+
+/// Creates `file` readable by its owner only, failing if it exists.
+fn write_private(file: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(file)?.write_all(contents.as_bytes())
 }
 
 async fn open_db(cfg: &Config) -> anyhow::Result<sea_orm::DatabaseConnection> {
@@ -222,12 +295,30 @@ pub async fn start(
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
+    let keyring = Arc::new(master_keyring(&cfg)?);
     let db = open_db(&cfg).await?;
     if cfg.database.migrate_on_start {
         store::migrate(&db).await.context("applying migrations")?;
     }
     let bus = Arc::new(LocalEventBus::new(1024));
-    let store = Store::new(db, bus);
+    let store = Store::new(db, bus, keyring.clone());
+    // A secret sealed under a key that is not configured could never sign:
+    // refuse to start rather than fail every delivery.
+    let missing: Vec<String> = store
+        .master_key_ids_in_use()
+        .await
+        .context("reading which master keys seal stored secrets")?
+        .into_iter()
+        .filter(|id| !keyring.contains(id))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "config key `encryption.keys`: stored signing secrets are sealed with master key(s) {} \
+             that are not configured; add them back after the active key (then run `uploadhook \
+             keys rotate-master` before removing them)",
+            missing.join(", ")
+        );
+    }
 
     let mut bootstrap_key = None;
     if roles.api && !cfg.bootstrap.dev_tenant.is_empty() && store.tenant_count().await? == 0 {
@@ -337,8 +428,33 @@ pub async fn start(
             limits: cfg.webhooks.clone(),
             allow: Arc::new(allow),
             detect: cfg.detect.clone(),
+            rate_limit: (cfg.api.rate_limit_per_second > 0.0).then(|| {
+                api::ratelimit::RateLimiter::new(
+                    cfg.api.rate_limit_per_second,
+                    cfg.api.rate_limit_burst,
+                    cfg.api.rate_limit_tenants,
+                )
+            }),
+            auth_failures: api::audit::AuthFailures::new(AUTH_FAILURE_WINDOW),
         });
-        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api));
+        // Summarise bursts of authentication failures once per window.
+        let flusher = api.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(AUTH_FAILURE_WINDOW);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Some(report) = flusher.auth_failures.flush(std::time::Instant::now()) {
+                            api::audit::AuthFailures::log(report);
+                        }
+                    }
+                }
+            }
+        });
+        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api))
+            .max_decoding_message_size(cfg.api.max_request_bytes);
 
         // gRPC: the service, health and reflection.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -376,7 +492,8 @@ pub async fn start(
 
         let gateway = Arc::new(
             Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
-                .context("building the REST gateway")?,
+                .context("building the REST gateway")?
+                .with_max_request_bytes(cfg.api.max_request_bytes),
         );
         let grpc_service = tower::Layer::layer(
             &metrics::RpcMetricsLayer::new("http", methods),

@@ -83,11 +83,29 @@ enum KeysCommand {
     Create {
         #[arg(long)]
         tenant: String,
+        /// The key stops working after this long (e.g. 90d, 12h); no
+        /// expiry when left out.
+        #[arg(long, value_parser = uploadhook::config::parse_duration)]
+        expires_in: Option<std::time::Duration>,
     },
     /// Lists keys (never the keys themselves).
     List,
     /// Revokes a key by its id (`key_…`); effective at once.
     Revoke { id: String },
+    /// Re-seals every stored webhook signing secret under the active
+    /// master key (the first of encryption.keys), in batches. Safe to run
+    /// again and beside running processes; afterwards the older master
+    /// keys can be removed from encryption.keys.
+    RotateMaster {
+        /// Rows read and written per batch.
+        #[arg(long, default_value_t = 500)]
+        batch: u64,
+    },
+    /// Prints a new random master key entry `ID:BASE64` for encryption.keys.
+    NewMasterKey {
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[tokio::main]
@@ -116,6 +134,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             uploadhook::migrate(&cfg).await?;
             println!("migrations applied");
+            Ok(())
+        }
+        // Needs no database: print a fresh master key entry.
+        Command::Keys {
+            command: KeysCommand::NewMasterKey { id },
+        } => {
+            let entry = uploadhook::secrets::Keyring::generate_entry(&id);
+            uploadhook::secrets::Keyring::parse(&entry).context("--id")?;
+            println!("{entry}");
             Ok(())
         }
         Command::Keys { command } => keys(&cfg, command).await,
@@ -187,30 +214,46 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<()> {
     let store = uploadhook::open_store(cfg).await?;
     let now = uploadhook::clock::SystemClock.now();
     match command {
-        KeysCommand::Create { tenant } => {
+        KeysCommand::Create { tenant, expires_in } => {
             if tenant.trim().is_empty() || tenant.len() > 64 {
                 anyhow::bail!("--tenant must be 1 to 64 characters");
             }
-            let key = store.create_api_key(tenant.trim(), now).await?;
+            let expires_at = match expires_in {
+                Some(d) if d.is_zero() => anyhow::bail!("--expires-in must be positive"),
+                Some(d) => Some(
+                    chrono::Duration::from_std(d)
+                        .ok()
+                        .and_then(|d| now.checked_add_signed(d))
+                        .context("--expires-in is too long")?,
+                ),
+                None => None,
+            };
+            let key = store
+                .create_api_key_expiring(tenant.trim(), now, expires_at)
+                .await?;
             println!("tenant: {}", tenant.trim());
             println!("key id: {}", key.id);
+            if let Some(at) = expires_at {
+                println!("expires: {}", at.to_rfc3339());
+            }
             println!("api key (shown once): {}", key.plaintext);
         }
         KeysCommand::List => {
             println!(
-                "{:<38} {:<16} {:<14} {:<26} {:<26} last used",
-                "id", "tenant", "prefix", "created", "revoked"
+                "{:<38} {:<16} {:<14} {:<26} {:<26} {:<26} last used",
+                "id", "tenant", "prefix", "created", "expires", "revoked"
             );
             for k in store.list_api_keys().await? {
                 let fmt = |t: Option<chrono::DateTime<chrono::Utc>>| {
                     t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
                 };
                 println!(
-                    "{:<38} {:<16} {:<14} {:<26} {:<26} {}",
+                    "{:<38} {:<16} {:<14} {:<26} {:<26} {:<26} {}",
                     k.id,
                     k.tenant,
                     format!("{}…", k.prefix),
                     k.created_at.to_rfc3339(),
+                    fmt(k.expires_at),
                     fmt(k.revoked_at),
                     fmt(k.last_used_at)
                 );
@@ -223,6 +266,33 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<()> {
                 anyhow::bail!("no active key with id {id}");
             }
         }
+        KeysCommand::RotateMaster { batch } => {
+            if batch == 0 {
+                anyhow::bail!("--batch must be at least 1");
+            }
+            let report = store.rotate_master(batch).await?;
+            println!(
+                "re-sealed {} webhook(s) under master key `{}`",
+                report.resealed,
+                store.keyring().active_id()
+            );
+            if report.skipped > 0 {
+                println!(
+                    "{} changed meanwhile and were left alone: run again",
+                    report.skipped
+                );
+            }
+            for (id, err) in &report.failed {
+                eprintln!("{id}: {err}");
+            }
+            if !report.failed.is_empty() {
+                anyhow::bail!(
+                    "{} webhook(s) could not be opened; keep their master keys configured",
+                    report.failed.len()
+                );
+            }
+        }
+        KeysCommand::NewMasterKey { .. } => anyhow::bail!("handled without a database"),
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ mod m0001_initial;
 mod m0002_priority;
 mod m0003_detection;
 mod m0004_redrive;
+mod m0005_security;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0002_priority::Migration),
             Box::new(m0003_detection::Migration),
             Box::new(m0004_redrive::Migration),
+            Box::new(m0005_security::Migration),
         ]
     }
 }

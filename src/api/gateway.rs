@@ -62,7 +62,8 @@ use tower::{Service, ServiceExt};
 
 use crate::error::http_status;
 
-/// The largest request body the gateway reads; a larger one answers 413.
+/// The largest request body the gateway reads by default; a larger one
+/// answers 413. `Gateway::with_max_request_bytes` sets it (`api.max_request_bytes`).
 pub const MAX_REQUEST_BODY_BYTES: usize = 1024 * 1024;
 
 /// The name of the HTTP annotation extension on `MethodOptions`.
@@ -99,9 +100,16 @@ pub struct TemplateError(String);
 #[derive(Debug)]
 pub struct Gateway {
     routes: Vec<Route>,
+    max_request_bytes: usize,
 }
 
 impl Gateway {
+    /// Sets the largest request body read (`api.max_request_bytes`).
+    pub fn with_max_request_bytes(mut self, max: usize) -> Self {
+        self.max_request_bytes = max;
+        self
+    }
+
     /// Compiles the `google.api.http` bindings of every method of `service`
     /// found in the encoded `FileDescriptorSet` `fds`. Methods without an
     /// annotation stay gRPC-only.
@@ -148,7 +156,10 @@ impl Gateway {
                 routes.push(route);
             }
         }
-        Ok(Gateway { routes })
+        Ok(Gateway {
+            routes,
+            max_request_bytes: MAX_REQUEST_BODY_BYTES,
+        })
     }
 
     /// Finds the route for an HTTP method and a raw (still percent-encoded)
@@ -255,7 +266,7 @@ where
         }
     };
 
-    let body = read_body(&parts.headers, body).await?;
+    let body = read_body(&parts.headers, body, gateway.max_request_bytes).await?;
     let input = route
         .transcode(&captures, parts.uri.query(), &body)
         .map_err(|message| Failure::grpc(Code::InvalidArgument, message))?;
@@ -267,7 +278,7 @@ where
     // A trailers-only answer carries the status in the headers and no body.
     if let Some((code, message)) = status_from_headers(&head.headers) {
         if code != Code::Ok {
-            return Err(Failure::grpc(code, message));
+            return Err(Failure::grpc(code, message).with_retry_after(&head.headers));
         }
         if route.server_streaming {
             return Ok(sse_response(AxumBody::empty()));
@@ -294,23 +305,23 @@ where
     unary_response(route, grpc_body).await
 }
 
-/// Reads the request body, refusing more than [`MAX_REQUEST_BODY_BYTES`].
-async fn read_body(headers: &HeaderMap, body: AxumBody) -> Result<Bytes, Failure> {
+/// Reads the request body, refusing more than `max` bytes.
+async fn read_body(headers: &HeaderMap, body: AxumBody, max: usize) -> Result<Bytes, Failure> {
     let too_large = || {
         Failure::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             Code::ResourceExhausted,
-            format!("request body is larger than {MAX_REQUEST_BODY_BYTES} bytes"),
+            format!("request body is larger than {max} bytes"),
         )
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_REQUEST_BODY_BYTES as u64) {
+    if declared.is_some_and(|len| len > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(body, MAX_REQUEST_BODY_BYTES).collect().await {
+    match Limited::new(body, max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Err(err) => Err(Failure::grpc(
@@ -401,7 +412,11 @@ async fn unary_response(route: &Route, body: tonic::body::Body) -> Result<Respon
         .and_then(status_from_headers)
         .unwrap_or_else(missing_status);
     if code != Code::Ok {
-        return Err(Failure::grpc(code, message));
+        let failure = Failure::grpc(code, message);
+        return Err(match collected.trailers() {
+            Some(trailers) => failure.with_retry_after(trailers),
+            None => failure,
+        });
     }
     let mut buffer = BytesMut::from(collected.to_bytes());
     let encoded = match next_grpc_message(&mut buffer) {
@@ -613,6 +628,8 @@ struct Failure {
     code: Code,
     message: String,
     allow: Option<String>,
+    /// From the service's `retry-after` metadata: the `Retry-After` header.
+    retry_after: Option<HeaderValue>,
 }
 
 impl Failure {
@@ -622,6 +639,7 @@ impl Failure {
             code,
             message: message.into(),
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -635,6 +653,15 @@ impl Failure {
     fn internal(cause: &str) -> Self {
         tracing::error!(cause, "REST gateway failure");
         Failure::grpc(Code::Internal, "internal error")
+    }
+
+    /// Keeps the service's retry hint (whole seconds) for the HTTP answer.
+    fn with_retry_after(mut self, metadata: &HeaderMap) -> Self {
+        self.retry_after = metadata
+            .get(crate::error::RETRY_AFTER)
+            .filter(|v| !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit))
+            .cloned();
+        self
     }
 
     fn with_allow(mut self, allow: String) -> Self {
@@ -656,6 +683,11 @@ impl Failure {
         let mut response = json_response(self.status, self.body());
         if let Some(allow) = self.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
             response.headers_mut().insert(header::ALLOW, allow);
+        }
+        if let Some(retry_after) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after);
         }
         response
     }
@@ -1644,6 +1676,7 @@ mod tests {
                 "POST /v1/webhooks/{webhook_id}:cancel /uploadhook.v1.WebhookService/CancelWebhook",
                 "POST /v1/webhooks/{webhook_id}:confirm /uploadhook.v1.WebhookService/Confirm",
                 "POST /v1/webhooks/{webhook_id}:redeliver /uploadhook.v1.WebhookService/Redeliver",
+                "POST /v1/webhooks/{webhook_id}:rotateSecret /uploadhook.v1.WebhookService/RotateSecret",
             ]
         );
         assert!(route(&gateway, "StreamEvents").server_streaming);
@@ -2234,6 +2267,13 @@ mod tests {
             _request: GrpcRequest<CancelWebhookRequest>,
         ) -> Result<GrpcResponse<CancelWebhookResponse>, Status> {
             Err(Status::unimplemented("cancel is not implemented"))
+        }
+
+        async fn rotate_secret(
+            &self,
+            _request: GrpcRequest<crate::proto::RotateSecretRequest>,
+        ) -> Result<GrpcResponse<crate::proto::RotateSecretResponse>, Status> {
+            Err(Status::unimplemented("rotate secret is not implemented"))
         }
     }
 

@@ -6,9 +6,10 @@ use std::{pin::Pin, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use futures_util::Stream;
+use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status as GrpcStatus};
 
-use super::{service::WebhookApi, validate};
+use super::{audit::AuthFailure, service::WebhookApi, validate};
 use crate::{
     domain::{Status, TenantId, Trigger},
     error::ApiError,
@@ -30,20 +31,23 @@ impl GrpcApi {
     }
 
     async fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, ApiError> {
-        let header = req.metadata().get("authorization").ok_or_else(|| {
-            ApiError::Unauthenticated("missing `authorization: Bearer <api key>`".into())
-        })?;
-        let value = header
-            .to_str()
-            .map_err(|_| ApiError::Unauthenticated("authorization header is not ASCII".into()))?;
-        let key = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                ApiError::Unauthenticated("authorization must be `Bearer <api key>`".into())
-            })?;
+        let key = bearer(req).inspect_err(|_| self.api.auth_failed(AuthFailure::Malformed))?;
         self.api.authenticate(key.trim()).await
     }
+}
+
+/// The API key of `authorization: Bearer <api key>`.
+fn bearer<T>(req: &Request<T>) -> Result<&str, ApiError> {
+    let header = req.metadata().get("authorization").ok_or_else(|| {
+        ApiError::Unauthenticated("missing `authorization: Bearer <api key>`".into())
+    })?;
+    let value = header
+        .to_str()
+        .map_err(|_| ApiError::Unauthenticated("authorization header is not ASCII".into()))?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::Unauthenticated("authorization must be `Bearer <api key>`".into()))
 }
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -115,7 +119,10 @@ impl WebhookService for GrpcApi {
             upload_headers: out.upload.headers.into_iter().collect(),
             upload_expires_at: Some(timestamp(out.upload.expires_at)),
             object_url: out.object_url,
-            signing_secret: out.signing_secret.unwrap_or_default(),
+            signing_secret: out
+                .signing_secret
+                .map(|s| s.expose_secret().to_string())
+                .unwrap_or_default(),
         }))
     }
 
@@ -206,6 +213,26 @@ impl WebhookService for GrpcApi {
         let w = self.api.redeliver(&tenant, &id).await?;
         Ok(Response::new(proto::RedeliverResponse {
             webhook: Some(webhook_view(&w, &[])),
+        }))
+    }
+
+    async fn rotate_secret(
+        &self,
+        req: Request<proto::RotateSecretRequest>,
+    ) -> Result<Response<proto::RotateSecretResponse>, GrpcStatus> {
+        let tenant = self.tenant(&req).await?;
+        let req = req.into_inner();
+        let id = validate::webhook_id("webhook_id", &req.webhook_id)?;
+        let secret = validate::new_secret(&req.secret)?;
+        let grace = validate::grace_period(req.grace_period)?;
+        let out = self.api.rotate_secret(&tenant, &id, secret, grace).await?;
+        Ok(Response::new(proto::RotateSecretResponse {
+            webhook: Some(webhook_view(&out.webhook, &[])),
+            signing_secret: out
+                .signing_secret
+                .map(|s| s.expose_secret().to_string())
+                .unwrap_or_default(),
+            previous_secret_expires_at: out.previous_until.map(timestamp),
         }))
     }
 

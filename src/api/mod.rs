@@ -3,8 +3,10 @@
 //!
 //! Architecture Invariant: only `api/` knows tonic and HTTP.
 
+pub mod audit;
 pub mod gateway;
 pub mod grpc;
+pub mod ratelimit;
 pub mod service;
 pub mod storage_events;
 pub mod validate;

@@ -5,8 +5,13 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use secrecy::SecretString;
 
-use super::validate::{CreateInput, MAX_KEY_LEN, derive_key};
+use super::{
+    audit::{AuthFailure, AuthFailures},
+    ratelimit::{RateLimiter, retry_after_secs},
+    validate::{CreateInput, MAX_KEY_LEN, derive_key},
+};
 use crate::{
     clock::Clock,
     config::WebhooksConfig,
@@ -31,7 +36,15 @@ pub struct CreateOutput {
     pub upload: PresignedUpload,
     pub object_url: String,
     /// Only when the server generated the secret.
-    pub signing_secret: Option<String>,
+    pub signing_secret: Option<SecretString>,
+}
+
+pub struct RotatedSecret {
+    pub webhook: Webhook,
+    /// Only when the server generated the new secret.
+    pub signing_secret: Option<SecretString>,
+    /// Until then the previous secret signs too.
+    pub previous_until: Option<DateTime<Utc>>,
 }
 
 pub struct WebhookApi {
@@ -45,6 +58,10 @@ pub struct WebhookApi {
     pub allow: Arc<AllowList>,
     /// AUTO checks: when the first one is due.
     pub detect: crate::config::DetectConfig,
+    /// The per-tenant rate limit (`api.rate_limit_*`); None: off.
+    pub rate_limit: Option<RateLimiter>,
+    /// Authentication failures, summarised into audit lines.
+    pub auth_failures: AuthFailures,
 }
 
 fn db(e: StoreError) -> ApiError {
@@ -52,12 +69,32 @@ fn db(e: StoreError) -> ApiError {
 }
 
 impl WebhookApi {
+    /// Counts a failed authentication (audit, summarised).
+    pub fn auth_failed(&self, kind: AuthFailure) {
+        if let Some(report) = self.auth_failures.record(kind, std::time::Instant::now()) {
+            AuthFailures::log(report);
+        }
+    }
+
+    /// The caller's tenant, within its rate limit.
     pub async fn authenticate(&self, key: &str) -> Result<TenantId, ApiError> {
-        self.store
+        let tenant = self
+            .store
             .authenticate(key, self.clock.now())
             .await
             .map_err(db)?
-            .ok_or_else(|| ApiError::Unauthenticated("invalid, expired or revoked API key".into()))
+            .ok_or_else(|| {
+                self.auth_failed(AuthFailure::Rejected);
+                ApiError::Unauthenticated("invalid, expired or revoked API key".into())
+            })?;
+        if let Some(limit) = &self.rate_limit
+            && let Err(wait) = limit.check(&tenant, std::time::Instant::now())
+        {
+            return Err(ApiError::RateLimited {
+                retry_after_secs: retry_after_secs(wait),
+            });
+        }
+        Ok(tenant)
     }
 
     pub async fn create(
@@ -86,10 +123,14 @@ impl WebhookApi {
                 ),
             ));
         }
+        let fingerprint = fingerprint(&input, storage.name());
         let (secret, generated) = match input.secret {
-            Some(s) => (s, false),
-            None => (SigningKey::generate_secret(), true),
+            Some(s) => (SecretString::from(s), false),
+            None => (SecretString::from(SigningKey::generate_secret()), true),
         };
+        let id = WebhookId::generate();
+        let sealed = self.store.seal_secret(&id, &secret);
+        drop(secret);
         let expires_at = now
             + chrono::Duration::from_std(input.expires_in)
                 .map_err(|_| ApiError::invalid("expires_in", "is too long"))?;
@@ -99,7 +140,7 @@ impl WebhookApi {
             .then(|| crate::pipeline::Pipeline::first_check_at(&self.detect, now))
             .filter(|t| *t < expires_at);
         let row = Webhook {
-            id: WebhookId::generate().as_str().to_string(),
+            id: id.as_str().to_string(),
             tenant_id: tenant.as_str().to_string(),
             status: Status::Pending.as_str().to_string(),
             trigger: input.trigger.as_str().to_string(),
@@ -115,8 +156,13 @@ impl WebhookApi {
             etag: None,
             object_last_modified: None,
             url: input.url,
-            secret: StoredSecret(secret),
+            secret: StoredSecret(sealed.ciphertext),
             secret_generated: generated,
+            secret_key_id: Some(sealed.key_id),
+            previous_secret: None,
+            previous_secret_key_id: None,
+            previous_secret_until: None,
+            request_fingerprint: Some(fingerprint.clone()),
             metadata: serde_json::to_string(&input.metadata).expect("map serializes"),
             idempotency_key: input.idempotency_key,
             attempt_count: 0,
@@ -135,9 +181,12 @@ impl WebhookApi {
             seen_etag: None,
             seen_size: None,
         };
+        let keys_expired_at = now
+            - chrono::Duration::from_std(self.limits.idempotency_ttl)
+                .unwrap_or(chrono::Duration::MAX);
         let webhook = match self
             .store
-            .create_webhook(row, event_type::CREATED)
+            .create_webhook(row, event_type::CREATED, keys_expired_at)
             .await
             .map_err(db)?
         {
@@ -153,6 +202,20 @@ impl WebhookApi {
                 w
             }
             Created::Existing(w) => {
+                // The same key with another request is a client bug: say
+                // so rather than answer for a request that was not made.
+                // (Rows from before fingerprints were stored have none.)
+                if w.request_fingerprint
+                    .as_ref()
+                    .is_some_and(|f| *f != fingerprint)
+                {
+                    return Err(ApiError::AlreadyExists(format!(
+                        "idempotency_key: `{}` was already used for webhook {} with a different request; \
+                         send the same request to get that webhook again, or use a new key",
+                        w.idempotency_key.as_deref().unwrap_or_default(),
+                        w.id
+                    )));
+                }
                 // A replay gets a fresh upload URL only while an upload can
                 // still count: never for a webhook that has moved on.
                 let status = status_of(&w).map_err(db)?;
@@ -182,9 +245,16 @@ impl WebhookApi {
             )
             .await
             .map_err(|e| ApiError::internal("presigning failed", &e))?;
+        // A generated secret is returned by Create only (again on a replay
+        // of the same request), never by any other call.
+        let signing_secret = if webhook.secret_generated {
+            Some(self.store.open_secret(&webhook).map_err(db)?)
+        } else {
+            None
+        };
         Ok(CreateOutput {
             object_url: storage.object_url(&webhook.object_key),
-            signing_secret: webhook.secret_generated.then(|| webhook.secret.0.clone()),
+            signing_secret,
             webhook,
             upload,
         })
@@ -346,6 +416,57 @@ impl WebhookApi {
         }
     }
 
+    /// Replaces a webhook's signing secret (`new`, or a generated one);
+    /// the old one keeps signing beside it for `grace` (default
+    /// `webhooks.secret_rotation_grace`; zero: not at all). Returns the
+    /// webhook, the generated secret if any, and the end of the grace.
+    pub async fn rotate_secret(
+        &self,
+        tenant: &TenantId,
+        id: &WebhookId,
+        new: Option<String>,
+        grace: Option<std::time::Duration>,
+    ) -> Result<RotatedSecret, ApiError> {
+        let w = self.find(tenant, id).await?;
+        let now = self.clock.now();
+        let grace = grace.unwrap_or(self.limits.secret_rotation_grace);
+        let until = if grace.is_zero() {
+            None
+        } else {
+            Some(
+                now + chrono::Duration::from_std(grace)
+                    .map_err(|_| ApiError::invalid("grace_period", "is too long"))?,
+            )
+        };
+        let (secret, generated) = match new {
+            Some(s) => (SecretString::from(s), false),
+            None => (SecretString::from(SigningKey::generate_secret()), true),
+        };
+        let webhook = self
+            .store
+            .rotate_secret(&w, &secret, until)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| {
+                ApiError::FailedPrecondition(format!(
+                    "webhook {id}: its secret was rotated concurrently; try again"
+                ))
+            })?;
+        tracing::info!(
+            target: "audit",
+            event = "webhook.secret_rotated",
+            webhook_id = %id,
+            tenant = %tenant,
+            previous_until = ?until.map(|t| t.to_rfc3339()),
+            "webhook signing secret rotated"
+        );
+        Ok(RotatedSecret {
+            webhook,
+            signing_secret: generated.then_some(secret),
+            previous_until: until,
+        })
+    }
+
     /// Starts a new round of delivery for a completed or dead-lettered
     /// webhook, or a new verification for one that failed verification.
     pub async fn redeliver(&self, tenant: &TenantId, id: &WebhookId) -> Result<Webhook, ApiError> {
@@ -367,6 +488,56 @@ impl WebhookApi {
             ))),
         }
     }
+}
+
+/// SHA-256 over a canonical encoding of everything in a create request
+/// that shapes the webhook (each field length-prefixed, metadata sorted),
+/// so that an idempotency key can tell the same request from another one.
+/// The caller's secret is part of it: a different secret is a different
+/// request.
+fn fingerprint(input: &CreateInput, storage: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |name: &str, value: Option<&[u8]>| {
+        h.update(name.as_bytes());
+        match value {
+            Some(v) => {
+                h.update([1]);
+                h.update((v.len() as u64).to_be_bytes());
+                h.update(v);
+            }
+            None => h.update([0]),
+        }
+    };
+    field("storage", Some(storage.as_bytes()));
+    field("key", input.key.as_deref().map(str::as_bytes));
+    field("filename", Some(input.filename.as_bytes()));
+    field("content_type", Some(input.content_type.as_bytes()));
+    field(
+        "content_length",
+        input
+            .content_length
+            .map(|n| n.to_be_bytes())
+            .as_ref()
+            .map(|b| b.as_slice()),
+    );
+    field("url", Some(input.url.as_bytes()));
+    field("secret", input.secret.as_deref().map(str::as_bytes));
+    field("trigger", Some(input.trigger.as_str().as_bytes()));
+    field(
+        "metadata_len",
+        Some(&(input.metadata.len() as u64).to_be_bytes()),
+    );
+    for (k, v) in &input.metadata {
+        field("metadata_key", Some(k.as_bytes()));
+        field("metadata_value", Some(v.as_bytes()));
+    }
+    field(
+        "expires_in_ms",
+        Some(&(input.expires_in.as_millis() as u64).to_be_bytes()),
+    );
+    field("priority", Some(input.priority.as_str().as_bytes()));
+    hex::encode(h.finalize())
 }
 
 fn expired(id: &WebhookId, at: DateTime<Utc>) -> ApiError {

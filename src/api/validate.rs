@@ -39,6 +39,34 @@ pub struct CreateInput {
     pub priority: Priority,
 }
 
+/// The longest grace period of a secret rotation.
+pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 86_400);
+
+/// RotateSecret's optional new secret: empty means generate one.
+pub fn new_secret(secret: &str) -> Result<Option<String>, ApiError> {
+    if secret.is_empty() {
+        return Ok(None);
+    }
+    SigningKey::from_secret(secret).map_err(|e| ApiError::invalid("secret", e.to_string()))?;
+    Ok(Some(secret.to_string()))
+}
+
+/// RotateSecret's optional grace period: 0 to 30 days.
+pub fn grace_period(d: Option<prost_types::Duration>) -> Result<Option<Duration>, ApiError> {
+    let Some(d) = d else { return Ok(None) };
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(ApiError::invalid("grace_period", "must not be negative"));
+    }
+    let d = Duration::new(d.seconds as u64, d.nanos as u32);
+    if d > MAX_ROTATION_GRACE {
+        return Err(ApiError::invalid(
+            "grace_period",
+            format!("must be at most {}s", MAX_ROTATION_GRACE.as_secs()),
+        ));
+    }
+    Ok(Some(d))
+}
+
 pub const MAX_ETAG_LEN: usize = 256;
 
 /// Confirm's optional ETag: printable ASCII, bounded.

@@ -66,18 +66,31 @@ pub fn rfc3339(t: DateTime<Utc>) -> String {
 }
 
 /// The headers of one attempt: Standard Webhooks plus the seed plan's.
+/// `keys` is the current secret, then the previous one during a rotation's
+/// grace period: `webhook-signature` carries one space-separated `v1,`
+/// entry per key (receivers accept any match), while the older
+/// `x-webhook-signature` holds one value and is signed by the first key.
 pub fn signed_headers(
-    key: &SigningKey,
+    keys: &[SigningKey],
     msg_id: &str,
     timestamp: i64,
     body: &[u8],
 ) -> Vec<(&'static str, String)> {
+    let signatures: Vec<String> = keys
+        .iter()
+        .map(|k| k.sign(msg_id, timestamp, body))
+        .collect();
     vec![
         ("content-type", "application/json".to_string()),
         ("webhook-id", msg_id.to_string()),
         ("webhook-timestamp", timestamp.to_string()),
-        ("webhook-signature", key.sign(msg_id, timestamp, body)),
-        ("x-webhook-signature", key.sign_body_hex(body)),
+        ("webhook-signature", signatures.join(" ")),
+        (
+            "x-webhook-signature",
+            keys.first()
+                .map(|k| k.sign_body_hex(body))
+                .unwrap_or_default(),
+        ),
         ("x-webhook-id", msg_id.to_string()),
         ("x-webhook-event", EVENT_UPLOAD_COMPLETED.to_string()),
     ]
@@ -343,7 +356,7 @@ mod tests {
     fn headers_carry_both_signatures() {
         let key = SigningKey::from_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let h = signed_headers(
-            &key,
+            std::slice::from_ref(&key),
             "msg_p5jXN8AQM9LWM0D4loKWxJek",
             1614265330,
             b"{\"test\": 2432232314}",
@@ -355,5 +368,29 @@ mod tests {
         );
         assert!(get("x-webhook-signature").starts_with("sha256="));
         assert_eq!(get("x-webhook-event"), "upload.completed");
+    }
+
+    #[test]
+    fn several_keys_sign_side_by_side_and_each_verifies() {
+        let new = SigningKey::generate_secret();
+        let old = SigningKey::generate_secret();
+        let keys = [
+            SigningKey::from_secret(&new).unwrap(),
+            SigningKey::from_secret(&old).unwrap(),
+        ];
+        let h = signed_headers(&keys, "wh_1", 1000, b"{}");
+        let sig = h
+            .iter()
+            .find(|(k, _)| *k == "webhook-signature")
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(sig.split(' ').count(), 2);
+        assert!(sig.split(' ').all(|s| s.starts_with("v1,")));
+        for secret in [&new, &old] {
+            crate::signing::verify(secret, "wh_1", 1000, b"{}", &sig, 1000, 300).unwrap();
+        }
+        let stranger = SigningKey::generate_secret();
+        assert!(crate::signing::verify(&stranger, "wh_1", 1000, b"{}", &sig, 1000, 300).is_err());
     }
 }

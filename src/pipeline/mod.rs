@@ -38,6 +38,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -663,10 +664,20 @@ impl Pipeline {
         };
         let attempt = w.attempt_count + 1;
         let started_at = self.clock.now();
-        let response = match SigningKey::from_secret(&w.secret.0) {
-            Ok(key) => {
+        let keys = self
+            .store
+            .signing_secrets(&w, started_at)
+            .map_err(|e| e.to_string())
+            .and_then(|secrets| {
+                secrets
+                    .iter()
+                    .map(|s| SigningKey::from_secret(s.expose_secret()).map_err(|e| e.to_string()))
+                    .collect::<Result<Vec<_>, _>>()
+            });
+        let response = match keys {
+            Ok(keys) => {
                 let body = self.payload(&w);
-                let headers = signed_headers(&key, &w.id, started_at.timestamp(), &body);
+                let headers = signed_headers(&keys, &w.id, started_at.timestamp(), &body);
                 self.delivery
                     .post(&w.url, &headers, Bytes::from(body))
                     .await

@@ -75,8 +75,18 @@ pub mod webhooks {
         pub etag: Option<String>,
         pub object_last_modified: Option<DateTimeUtc>,
         pub url: String,
+        /// Sealed (see `crate::secrets`) under master key `secret_key_id`;
+        /// plain text when that is None (a row from before encryption).
         pub secret: StoredSecret,
         pub secret_generated: bool,
+        pub secret_key_id: Option<String>,
+        /// The secret before the last rotation, sealed the same way; it
+        /// still signs until `previous_secret_until`.
+        pub previous_secret: Option<StoredSecret>,
+        pub previous_secret_key_id: Option<String>,
+        pub previous_secret_until: Option<DateTimeUtc>,
+        /// SHA-256 of the canonical create request, for idempotency.
+        pub request_fingerprint: Option<String>,
         pub metadata: String,
         pub idempotency_key: Option<String>,
         pub attempt_count: i32,

@@ -28,7 +28,9 @@ pub use entities::{attempts, dead_letters, webhooks};
 use crate::{
     domain::{ApiKeyId, Status, TenantId, WebhookId},
     events::{Event, EventBus},
+    secrets::{Keyring, SealError, Sealed},
 };
+use secrecy::SecretString;
 
 /// A webhook row. Holds the signing secret: never log it whole.
 pub type Webhook = webhooks::Model;
@@ -39,6 +41,8 @@ pub enum StoreError {
     Db(#[from] DbErr),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("signing secret: {0}")]
+    Seal(#[from] SealError),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -205,6 +209,7 @@ pub struct ApiKeyInfo {
     pub tenant: String,
     pub prefix: String,
     pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
 }
@@ -246,15 +251,160 @@ pub fn metadata_of(w: &Webhook) -> BTreeMap<String, String> {
     serde_json::from_str(&w.metadata).unwrap_or_default()
 }
 
+/// What `Store::rotate_master` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RotateReport {
+    /// Rows whose secrets are now sealed under the active key.
+    pub resealed: u64,
+    /// Rows changed by someone else meanwhile (run again to cover them).
+    pub skipped: u64,
+    /// Rows that did not open, with the reason (never the secret).
+    pub failed: Vec<(String, String)>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
     bus: Arc<dyn EventBus>,
+    keyring: Arc<Keyring>,
 }
 
 impl Store {
-    pub fn new(db: DatabaseConnection, bus: Arc<dyn EventBus>) -> Self {
-        Self { db, bus }
+    pub fn new(db: DatabaseConnection, bus: Arc<dyn EventBus>, keyring: Arc<Keyring>) -> Self {
+        Self { db, bus, keyring }
+    }
+
+    /// The master keys that seal signing secrets.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// Seals a signing secret for the webhook `id` under the active key.
+    pub fn seal_secret(&self, id: &WebhookId, secret: &SecretString) -> Sealed {
+        self.keyring.seal(secret, id.as_str())
+    }
+
+    /// The webhook's current signing secret, opened.
+    pub fn open_secret(&self, w: &Webhook) -> Result<SecretString> {
+        Ok(self
+            .keyring
+            .open(w.secret_key_id.as_deref(), &w.secret.0, &w.id)?)
+    }
+
+    /// The secrets that sign the webhook's deliveries at `now`: the
+    /// current one, then the previous one while a rotation's grace lasts.
+    pub fn signing_secrets(&self, w: &Webhook, now: DateTime<Utc>) -> Result<Vec<SecretString>> {
+        let mut out = vec![self.open_secret(w)?];
+        if let (Some(prev), Some(until)) = (&w.previous_secret, w.previous_secret_until)
+            && now < until
+        {
+            out.push(
+                self.keyring
+                    .open(w.previous_secret_key_id.as_deref(), &prev.0, &w.id)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The master key ids that some stored secret is sealed with.
+    pub async fn master_key_ids_in_use(&self) -> Result<Vec<String>> {
+        let mut ids = std::collections::BTreeSet::new();
+        for col in [
+            webhooks::Column::SecretKeyId,
+            webhooks::Column::PreviousSecretKeyId,
+        ] {
+            let found: Vec<Option<String>> = webhooks::Entity::find()
+                .select_only()
+                .column(col)
+                .distinct()
+                .filter(col.is_not_null())
+                .into_tuple()
+                .all(&self.db)
+                .await?;
+            ids.extend(found.into_iter().flatten());
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    /// Seals every stored secret (and previous secret) that is not under
+    /// the active master key with it, `batch` rows at a time, legacy
+    /// plain-text rows included. Each row is written only if its secrets
+    /// did not change meanwhile, so it is safe beside a running service
+    /// and safe to run again. Every tenant: operators only.
+    pub async fn rotate_master(&self, batch: u64) -> Result<RotateReport> {
+        use sea_orm::Condition;
+        let active = self.keyring.active_id().to_string();
+        let stale = |col: webhooks::Column| {
+            Condition::any()
+                .add(col.is_null())
+                .add(col.ne(active.clone()))
+        };
+        let mut report = RotateReport::default();
+        let mut after = String::new();
+        loop {
+            let rows = webhooks::Entity::find()
+                .filter(webhooks::Column::Id.gt(after.clone()))
+                .filter(
+                    Condition::any()
+                        .add(stale(webhooks::Column::SecretKeyId))
+                        .add(
+                            Condition::all()
+                                .add(webhooks::Column::PreviousSecret.is_not_null())
+                                .add(stale(webhooks::Column::PreviousSecretKeyId)),
+                        ),
+                )
+                .order_by_asc(webhooks::Column::Id)
+                .limit(batch)
+                .all(&self.db)
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.id.clone();
+            for w in rows {
+                let opened = self.open_secret(&w).and_then(|cur| {
+                    let prev = match &w.previous_secret {
+                        Some(p) => Some(self.keyring.open(
+                            w.previous_secret_key_id.as_deref(),
+                            &p.0,
+                            &w.id,
+                        )?),
+                        None => None,
+                    };
+                    Ok((cur, prev))
+                });
+                let (cur, prev) = match opened {
+                    Ok(v) => v,
+                    Err(e) => {
+                        report.failed.push((w.id.clone(), e.to_string()));
+                        continue;
+                    }
+                };
+                let sealed = self.keyring.seal(&cur, &w.id);
+                let mut update = webhooks::Entity::update_many()
+                    .col_expr(webhooks::Column::Secret, Expr::value(sealed.ciphertext))
+                    .col_expr(webhooks::Column::SecretKeyId, Expr::value(sealed.key_id))
+                    .filter(webhooks::Column::Id.eq(w.id.clone()))
+                    .filter(webhooks::Column::Secret.eq(w.secret.0.clone()));
+                if let (Some(prev), Some(old)) = (prev, &w.previous_secret) {
+                    let sealed = self.keyring.seal(&prev, &w.id);
+                    update = update
+                        .col_expr(
+                            webhooks::Column::PreviousSecret,
+                            Expr::value(sealed.ciphertext),
+                        )
+                        .col_expr(
+                            webhooks::Column::PreviousSecretKeyId,
+                            Expr::value(sealed.key_id),
+                        )
+                        .filter(webhooks::Column::PreviousSecret.eq(old.0.clone()));
+                }
+                if update.exec(&self.db).await?.rows_affected == 1 {
+                    report.resealed += 1;
+                } else {
+                    report.skipped += 1;
+                }
+            }
+        }
+        Ok(report)
     }
 
     pub fn db(&self) -> &DatabaseConnection {
@@ -310,10 +460,22 @@ impl Store {
         Ok(id)
     }
 
-    /// Creates an API key for a tenant (created when missing). Only the
-    /// SHA-256 of the key is stored: keys are 160 random bits, so a fast
-    /// hash is enough and lookups stay constant-time in the key.
+    /// Creates an API key for a tenant (created when missing), without
+    /// expiry.
     pub async fn create_api_key(&self, tenant: &str, now: DateTime<Utc>) -> Result<NewApiKey> {
+        self.create_api_key_expiring(tenant, now, None).await
+    }
+
+    /// Creates an API key for a tenant (created when missing), valid until
+    /// `expires_at` when given. Only the SHA-256 of the key is stored:
+    /// keys are 160 random bits, so a fast hash is enough (no salt or slow
+    /// hash is needed against guessing), and the lookup is by that hash.
+    pub async fn create_api_key_expiring(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<NewApiKey> {
         let tenant_id = self.ensure_tenant(tenant, now).await?;
         let mut raw = [0u8; 20];
         rand::fill(&mut raw);
@@ -325,12 +487,21 @@ impl Store {
             prefix: Set(plaintext[..API_KEY_PREFIX.len() + 8].to_string()),
             key_hash: Set(hash_key(&plaintext)),
             created_at: Set(now),
-            expires_at: Set(None),
+            expires_at: Set(expires_at),
             revoked_at: Set(None),
             last_used_at: Set(None),
         }
         .insert(&self.db)
         .await?;
+        tracing::info!(
+            target: "audit",
+            event = "api_key.created",
+            key_id = %id,
+            tenant = %tenant_id,
+            tenant_name = tenant,
+            expires_at = ?expires_at.map(|t| t.to_rfc3339()),
+            "API key created"
+        );
         Ok(NewApiKey {
             id,
             tenant_id,
@@ -355,6 +526,7 @@ impl Store {
                 id: k.id,
                 prefix: k.prefix,
                 created_at: k.created_at,
+                expires_at: k.expires_at,
                 revoked_at: k.revoked_at,
                 last_used_at: k.last_used_at,
             })
@@ -369,10 +541,22 @@ impl Store {
             .filter(api_keys::Column::RevokedAt.is_null())
             .exec(&self.db)
             .await?;
-        Ok(res.rows_affected == 1)
+        let revoked = res.rows_affected == 1;
+        if revoked {
+            tracing::info!(target: "audit", event = "api_key.revoked", key_id = id, "API key revoked");
+        }
+        Ok(revoked)
     }
 
-    /// The tenant of a valid, unrevoked, unexpired key.
+    /// The tenant of a valid, unrevoked, unexpired key. Read from the
+    /// database on every call (no cache), so that a revocation or expiry
+    /// takes effect on the next request.
+    ///
+    /// No timing side channel: the lookup is by the SHA-256 of the key, so
+    /// how long the index search takes depends on the hash, which a caller
+    /// cannot steer toward a stored one (that would need a preimage). The
+    /// plain key is never compared byte by byte. Only the public `uhk_`
+    /// prefix is checked before hashing.
     pub async fn authenticate(
         &self,
         plaintext: &str,
@@ -408,10 +592,27 @@ impl Store {
     // ---- webhooks --------------------------------------------------------
 
     /// Inserts a new webhook and its `webhook.created` event. With an
-    /// idempotency key that the tenant already used, returns that webhook.
-    pub async fn create_webhook(&self, new: Webhook, event: &'static str) -> Result<Created> {
+    /// idempotency key that the tenant already used, returns that webhook,
+    /// unless it was created at or before `keys_expired_at`: such a key is
+    /// released (cleared from the old webhook) and used afresh.
+    pub async fn create_webhook(
+        &self,
+        new: Webhook,
+        event: &'static str,
+        keys_expired_at: DateTime<Utc>,
+    ) -> Result<Created> {
         if let Some(key) = &new.idempotency_key {
             let tenant = TenantId::from_trusted(new.tenant_id.clone());
+            webhooks::Entity::update_many()
+                .col_expr(
+                    webhooks::Column::IdempotencyKey,
+                    Expr::value(None::<String>),
+                )
+                .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
+                .filter(webhooks::Column::IdempotencyKey.eq(key.as_str()))
+                .filter(webhooks::Column::CreatedAt.lte(keys_expired_at))
+                .exec(&self.db)
+                .await?;
             if let Some(existing) = self.find_by_idempotency_key(&tenant, key).await? {
                 return Ok(Created::Existing(existing));
             }
@@ -447,6 +648,44 @@ impl Store {
         Ok(webhooks::Entity::find()
             .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
             .filter(webhooks::Column::IdempotencyKey.eq(key))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Replaces the webhook's signing secret with `new`; the current one
+    /// becomes the previous secret, which still signs until `until` (None:
+    /// dropped at once). A compare-and-set on the current secret, so that
+    /// of two concurrent rotations one wins and the other gets `None`.
+    /// Neither the status nor `updated_at` changes.
+    pub async fn rotate_secret(
+        &self,
+        w: &Webhook,
+        new: &SecretString,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<Option<Webhook>> {
+        let id = WebhookId::from_trusted(w.id.clone());
+        let sealed = self.seal_secret(&id, new);
+        let (prev, prev_key) = match until {
+            Some(_) => (Some(w.secret.0.clone()), w.secret_key_id.clone()),
+            None => (None, None),
+        };
+        let res = webhooks::Entity::update_many()
+            .col_expr(webhooks::Column::Secret, Expr::value(sealed.ciphertext))
+            .col_expr(webhooks::Column::SecretKeyId, Expr::value(sealed.key_id))
+            .col_expr(webhooks::Column::SecretGenerated, Expr::value(false))
+            .col_expr(webhooks::Column::PreviousSecret, Expr::value(prev))
+            .col_expr(webhooks::Column::PreviousSecretKeyId, Expr::value(prev_key))
+            .col_expr(webhooks::Column::PreviousSecretUntil, Expr::value(until))
+            .filter(webhooks::Column::Id.eq(w.id.as_str()))
+            .filter(webhooks::Column::TenantId.eq(w.tenant_id.as_str()))
+            .filter(webhooks::Column::Secret.eq(w.secret.0.as_str()))
+            .exec(&self.db)
+            .await?;
+        if res.rows_affected != 1 {
+            return Ok(None);
+        }
+        Ok(webhooks::Entity::find_by_id(w.id.as_str())
+            .filter(webhooks::Column::TenantId.eq(w.tenant_id.as_str()))
             .one(&self.db)
             .await?)
     }

@@ -184,6 +184,11 @@ missing_retry_delays = ["50ms", "100ms"]
 dev_tenant = ""
 [server]
 shutdown_grace = "2s"
+[api]
+# Off: tests poll GetStatus quickly; the rate-limit tests turn it on.
+rate_limit_per_second = 0.0
+[encryption]
+keys = "test:dGVzdC1tYXN0ZXIta2V5LW9mLTMyLWJ5dGVzLi4uLi4="
 "#;
 
 impl TestApp {

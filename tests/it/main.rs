@@ -9,4 +9,5 @@ mod processes;
 mod redrive;
 mod rest;
 mod scale;
+mod security;
 mod ssrf;

@@ -914,7 +914,7 @@ async fn high_priority_overtakes_a_backlog() {
     let mut workers = d
         .workers(1, "[worker]\nconcurrency = 2\nper_host_concurrency = 2\n")
         .await;
-    d.wait_completed(NORMAL + 1, Duration::from_secs(60), &mut [&mut workers[0]])
+    d.wait_completed(NORMAL + 1, Duration::from_secs(180), &mut [&mut workers[0]])
         .await;
 
     let order: Vec<String> = rx

@@ -165,8 +165,12 @@ it (listen addresses, Redis queue, no migrations at start, no embedded S3).
 {{- include "uploadhook.requireStorage" . }}
 UPLOADHOOK_DATABASE__URL: {{ required "secrets.databaseUrl: set the PostgreSQL URL (postgres://user:password@host:5432/db), or secrets.existingSecret" .Values.secrets.databaseUrl | b64enc | quote }}
 UPLOADHOOK_QUEUE__REDIS_URL: {{ required "secrets.redisUrl: set the Redis URL (redis://host:6379 or redis+cluster://host:6379), or secrets.existingSecret" .Values.secrets.redisUrl | b64enc | quote }}
-{{- with .Values.secrets.encryptionKeys }}
-UPLOADHOOK_ENCRYPTION__KEYS: {{ . | b64enc | quote }}
+UPLOADHOOK_ENCRYPTION__KEYS: {{ required "secrets.encryptionKeys: set the master key ring, \"id:base64(32 bytes)\" (uploadhook keys new-master-key --id k1 prints one); on PostgreSQL the service refuses to start without it" .Values.secrets.encryptionKeys | b64enc | quote }}
+{{- with .Values.secrets.storageEventsToken }}
+UPLOADHOOK_EVENTS__TOKEN: {{ . | b64enc | quote }}
+{{- end }}
+{{- with .Values.secrets.r2ApiToken }}
+UPLOADHOOK_R2_EVENTS__API_TOKEN: {{ . | b64enc | quote }}
 {{- end }}
 {{- range $name, $_ := .Values.config.storage }}
 {{- if not (hasKey (default dict $.Values.secrets.storage) $name) }}
@@ -185,8 +189,8 @@ UPLOADHOOK_STORAGE__{{ upper $name }}__SECRET_ACCESS_KEY: {{ $creds.secretAccess
 {{/* Refuses Secret values next to existingSecret, where they would be ignored. */}}
 {{- define "uploadhook.checkSecrets" -}}
 {{- $s := .Values.secrets }}
-{{- if and $s.existingSecret (or $s.databaseUrl $s.redisUrl $s.encryptionKeys $s.storage) }}
-{{- fail "secrets: with secrets.existingSecret, leave databaseUrl, redisUrl, encryptionKeys and storage empty (put them in that Secret)" }}
+{{- if and $s.existingSecret (or $s.databaseUrl $s.redisUrl $s.encryptionKeys $s.storage $s.storageEventsToken $s.r2ApiToken) }}
+{{- fail "secrets: with secrets.existingSecret, leave databaseUrl, redisUrl, encryptionKeys, storageEventsToken, r2ApiToken and storage empty (put them in that Secret)" }}
 {{- end }}
 {{- end }}
 
