@@ -31,6 +31,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub worker: WorkerConfig,
     pub bootstrap: BootstrapConfig,
+    pub telemetry: TelemetryConfig,
     pub detect: DetectConfig,
     pub events: EventsConfig,
     pub r2_events: R2EventsConfig,
@@ -275,6 +276,28 @@ pub struct R2EventsConfig {
     pub poll_every: Duration,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (usually port 4317).
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies (usually port 4318).
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector's URL; unset: no traces are exported.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    /// The share of new traces that are sampled (a caller's sampled
+    /// `traceparent` is always followed).
+    pub sampling_ratio: f64,
+    pub service_name: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapConfig {
@@ -371,6 +394,20 @@ impl Config {
         }
         if !(0.0..1.0).contains(&self.delivery.jitter) {
             return invalid("delivery.jitter", "must be in [0, 1)");
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
+            return invalid("telemetry.sampling_ratio", "must be in [0, 1]");
+        }
+        if let Some(e) = &self.telemetry.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return invalid(
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL, e.g. http://otel-collector:4317",
+            );
+        }
+        if self.telemetry.service_name.trim().is_empty() {
+            return invalid("telemetry.service_name", "must not be empty");
         }
         if self.delivery.min_retry_after > self.delivery.max_retry_after {
             return invalid(

@@ -18,6 +18,7 @@ pub mod secrets;
 pub mod signing;
 pub mod storage;
 pub mod store;
+pub mod telemetry;
 
 use std::{net::SocketAddr, sync::Arc};
 

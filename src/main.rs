@@ -111,22 +111,13 @@ enum KeysCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("UPLOADHOOK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        // Span fields (webhook_id, tenant_id, attempt) ride on every line.
-        LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
-
     let cfg = Config::load(cli.config.as_deref()).context("loading configuration")?;
+    let format = match cli.log_format {
+        LogFormat::Text => uploadhook::telemetry::LogFormat::Text,
+        LogFormat::Json => uploadhook::telemetry::LogFormat::Json,
+    };
+    // Flushes the last spans when main returns.
+    let _telemetry = uploadhook::telemetry::init(&cfg.telemetry, format)?;
     match cli.command {
         Command::Serve => uploadhook::serve(cfg, uploadhook::Roles::ALL).await,
         Command::Api => uploadhook::serve(cfg, uploadhook::Roles::API).await,

@@ -357,29 +357,46 @@ where
         let (service, method) = self.layer.labels_of(req.uri().path());
         let transport = self.layer.transport;
         let started = Instant::now();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let res = fut.await;
-            let code = match &res {
-                Ok(r) => r
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or("OK", code_name),
-                Err(_) => "INTERNAL",
-            };
-            METRICS
-                .rpc
-                .get_or_create(&vec![
-                    ("rpc_service", service),
-                    ("rpc_method", method),
-                    ("rpc_grpc_status_code", code),
-                    ("transport", transport),
-                ])
-                .observe(started.elapsed().as_secs_f64());
-            res
-        })
+        // The RPC's span, continuing the caller's trace.
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %format_args!("{service}/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            transport,
+        );
+        crate::telemetry::set_parent_from_headers(&span, req.headers());
+        let fut = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let res = fut.await;
+                let code = match &res {
+                    Ok(r) => r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or("OK", code_name),
+                    Err(_) => "INTERNAL",
+                };
+                METRICS
+                    .rpc
+                    .get_or_create(&vec![
+                        ("rpc_service", service),
+                        ("rpc_method", method),
+                        ("rpc_grpc_status_code", code),
+                        ("transport", transport),
+                    ])
+                    .observe(started.elapsed().as_secs_f64());
+                res
+            },
+            span,
+        ))
     }
 }
 

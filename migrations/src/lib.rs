@@ -10,6 +10,7 @@ mod m0002_priority;
 mod m0003_detection;
 mod m0004_redrive;
 mod m0005_security;
+mod m0006_trace;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0003_detection::Migration),
             Box::new(m0004_redrive::Migration),
             Box::new(m0005_security::Migration),
+            Box::new(m0006_trace::Migration),
         ]
     }
 }

@@ -180,6 +180,7 @@ impl WebhookApi {
             check_count: 0,
             seen_etag: None,
             seen_size: None,
+            traceparent: crate::telemetry::current_traceparent(),
         };
         let keys_expired_at = now
             - chrono::Duration::from_std(self.limits.idempotency_ttl)
@@ -309,11 +310,17 @@ impl WebhookApi {
                             event_type::CONFIRMED,
                             now,
                         )
-                        .changes(
-                            Changes::new()
+                        .changes({
+                            let changes = Changes::new()
                                 .set(C::ClientEtag, etag)
-                                .set(C::VerifyAttempts, 0),
-                        ),
+                                .set(C::VerifyAttempts, 0);
+                            // Verification and delivery continue the
+                            // Confirm's trace, when it has one.
+                            match crate::telemetry::current_traceparent() {
+                                Some(tp) => changes.set(C::Traceparent, Some(tp)),
+                                None => changes,
+                            }
+                        }),
                     )
                     .await
                     .map_err(db)?;

@@ -287,10 +287,7 @@ impl Pipeline {
     }
 
     /// One check of an AUTO webhook's object: at most one HEAD.
-    pub(super) async fn check(&self, job: &Job) -> Result<Step, StoreError> {
-        let Some(w) = self.store.find_webhook(&job.tenant, &job.webhook).await? else {
-            return Ok(Step::Ack);
-        };
+    pub(super) async fn check(&self, job: &Job, w: Webhook) -> Result<Step, StoreError> {
         if status_of(&w)? != Status::Pending {
             return Ok(Step::Ack);
         }

@@ -416,12 +416,30 @@ impl Pipeline {
     }
 
     async fn process(&self, lease: Lease) {
-        let span = info_span!("job", kind = lease.job.kind.as_str(), webhook_id = %lease.job.webhook, tenant_id = %lease.job.tenant);
+        let job = &lease.job;
+        // The row first: its trace is the parent of this job's span.
+        let row = self.store.find_webhook(&job.tenant, &job.webhook).await;
+        let span = info_span!(
+            "job",
+            otel.name = %format_args!("{} webhook", job.kind.as_str()),
+            otel.kind = "consumer",
+            kind = job.kind.as_str(),
+            webhook_id = %job.webhook,
+            tenant_id = %job.tenant,
+        );
+        if let Ok(Some(w)) = &row {
+            crate::telemetry::set_parent(&span, w.traceparent.as_deref());
+        }
         async {
-            let step = match lease.job.kind {
-                JobKind::Verify => self.verify(&lease.job).await,
-                JobKind::Deliver => self.deliver(&lease.job, lease.deliveries).await,
-                JobKind::Check => self.check(&lease.job).await,
+            let step = match row {
+                // Gone (deleted with its tenant): nothing to do.
+                Ok(None) => Ok(Step::Ack),
+                Err(e) => Err(e),
+                Ok(Some(w)) => match job.kind {
+                    JobKind::Verify => self.verify(job, w).await,
+                    JobKind::Deliver => self.deliver(job, w, lease.deliveries).await,
+                    JobKind::Check => self.check(job, w).await,
+                },
             };
             let res = match step {
                 Ok(Step::Ack) => self.queue.ack(&lease).await,
@@ -446,10 +464,7 @@ impl Pipeline {
         .await
     }
 
-    async fn verify(&self, job: &Job) -> Result<Step, StoreError> {
-        let Some(w) = self.store.find_webhook(&job.tenant, &job.webhook).await? else {
-            return Ok(Step::Ack);
-        };
+    async fn verify(&self, job: &Job, w: Webhook) -> Result<Step, StoreError> {
         if status_of(&w)? != Status::Verifying {
             return Ok(Step::Ack);
         }
@@ -610,10 +625,7 @@ impl Pipeline {
         Ok(Step::Ack)
     }
 
-    async fn deliver(&self, job: &Job, deliveries: u32) -> Result<Step, StoreError> {
-        let Some(w) = self.store.find_webhook(&job.tenant, &job.webhook).await? else {
-            return Ok(Step::Ack);
-        };
+    async fn deliver(&self, job: &Job, w: Webhook, deliveries: u32) -> Result<Step, StoreError> {
         let status = status_of(&w)?;
         let now = self.clock.now();
         // A job handed out again after its visibility timeout, whose webhook
@@ -677,7 +689,11 @@ impl Pipeline {
         let response = match keys {
             Ok(keys) => {
                 let body = self.payload(&w);
-                let headers = signed_headers(&keys, &w.id, started_at.timestamp(), &body);
+                let mut headers = signed_headers(&keys, &w.id, started_at.timestamp(), &body);
+                // The receiver's handler can continue this webhook's trace.
+                if let Some(tp) = crate::telemetry::current_traceparent() {
+                    headers.push(("traceparent", tp));
+                }
                 self.delivery
                     .post(&w.url, &headers, Bytes::from(body))
                     .await

@@ -109,6 +109,8 @@ pub mod webhooks {
         /// AUTO: what the previous check saw (stability).
         pub seen_etag: Option<String>,
         pub seen_size: Option<i64>,
+        /// W3C traceparent of the trace this webhook's jobs continue.
+        pub traceparent: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -961,3 +961,141 @@ async fn a_worker_process_refuses_the_memory_queue() {
     assert!(!status.success(), "{status}\n{log}");
     assert!(log.contains("queue.backend"), "{log}");
 }
+
+/// OpenTelemetry on a real `serve` process: the trace a caller starts on
+/// Confirm continues through the queue into the job spans, reaches the
+/// receiver as `traceparent`, and is exported over OTLP/HTTP to a
+/// collector (a loopback HTTP server of the test's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_continues_from_confirm_to_the_receiver_and_the_collector() {
+    // The collector: keeps every OTLP export body.
+    let bodies: Arc<std::sync::Mutex<Vec<bytes::Bytes>>> = Default::default();
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = collector.local_addr().unwrap();
+    let kept = bodies.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: bytes::Bytes| {
+            let kept = kept.clone();
+            async move {
+                kept.lock().unwrap().push(body);
+                ""
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(collector, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nhttp_addr = \"127.0.0.1:0\"\ngrpc_addr = \"127.0.0.1:0\"\n\
+             [database]\nurl = \"sqlite://{}/db.sqlite?mode=rwc\"\n\
+             [embedded_s3]\naddr = \"127.0.0.1:0\"\nroot = \"{}/s3\"\n\
+             [delivery]\nallow_cidrs = [\"127.0.0.1/32\"]\n[bootstrap]\ndev_tenant = \"\"\n\
+             [telemetry]\notlp_endpoint = \"http://{collector_addr}\"\notlp_protocol = \"http\"\n",
+            dir.path().display(),
+            dir.path().display(),
+        ),
+    )
+    .unwrap();
+    let keys = uploadhook_command(&config, "keys")
+        .args(["create", "--tenant", "traced"])
+        .output()
+        .unwrap();
+    assert!(
+        keys.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keys.stderr)
+    );
+    let key = String::from_utf8_lossy(&keys.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("api key (shown once): ").map(str::to_string))
+        .expect("the key is printed");
+
+    let mut cmd = uploadhook_command(&config, "serve");
+    // Export batches quickly rather than every 5 s.
+    cmd.env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let proc = ChildProcess::spawn("serve", &mut cmd, dir.path().join("serve.log")).unwrap();
+    let mut serve = Worker { proc };
+    serve.wait_ready(Duration::from_secs(30)).await;
+    let grpc = serve
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("uploadhook running"))
+        .find_map(|l| {
+            let at = l.find("grpc_addr=Some(")? + "grpc_addr=Some(".len();
+            l[at..].split(')').next()?.parse::<SocketAddr>().ok()
+        })
+        .expect("the gRPC address is logged");
+
+    let rx = Receiver::start().await;
+    let mut client = WebhookServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let created = client
+        .create_upload_webhook(authed(&key, create_request(&rx.url, "t.txt")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut put = http.put(&created.upload_url).body(&b"traced"[..]);
+    for (k, v) in &created.upload_headers {
+        put = put.header(k, v);
+    }
+    assert!(put.send().await.unwrap().status().is_success());
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut confirm = authed(
+        &key,
+        proto::ConfirmRequest {
+            webhook_id: created.webhook.unwrap().id,
+            etag: String::new(),
+        },
+    );
+    confirm.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    client.confirm(confirm).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rx.received().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered\n{}",
+            serve.proc.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = rx.received();
+    let tp = got[0].headers.get("traceparent").expect("traceparent sent");
+    assert!(tp.starts_with(&format!("00-{trace_id}-")), "{tp}");
+    assert!(
+        !tp.contains("00f067aa0ba902b7"),
+        "the job's own span, not the caller's"
+    );
+
+    // The spans reach the collector, in the caller's trace.
+    let raw_id = hex::decode(trace_id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.windows(16).any(|w| w == raw_id.as_slice()));
+        if found {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no span of trace {trace_id} exported\n{}",
+            serve.proc.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
