@@ -30,6 +30,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub worker: WorkerConfig,
     pub bootstrap: BootstrapConfig,
+    pub events: EventsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +184,34 @@ pub struct WorkerConfig {
     pub per_host_concurrency: usize,
 }
 
+/// StreamEvents (`[events]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    #[serde(deserialize_with = "de_duration")]
+    pub heartbeat_every: Duration,
+    pub stream_buffer: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub slow_reader_timeout: Duration,
+    pub max_streams: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub poll_every: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub gap_grace: Duration,
+}
+
+impl EventsConfig {
+    pub fn stream(&self) -> crate::events::StreamConfig {
+        crate::events::StreamConfig {
+            buffer: self.stream_buffer,
+            heartbeat_every: self.heartbeat_every,
+            slow_reader_timeout: self.slow_reader_timeout,
+            poll_every: self.poll_every,
+            gap_grace: self.gap_grace,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapConfig {
@@ -265,6 +294,21 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        for (key, d) in [
+            ("events.heartbeat_every", self.events.heartbeat_every),
+            (
+                "events.slow_reader_timeout",
+                self.events.slow_reader_timeout,
+            ),
+            ("events.poll_every", self.events.poll_every),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be more than 0");
+            }
+        }
+        if self.events.stream_buffer == 0 {
+            return invalid("events.stream_buffer", "must be at least 1");
+        }
         if self.delivery.retry_schedule.is_empty() {
             return invalid("delivery.retry_schedule", "must have at least one delay");
         }

@@ -28,10 +28,14 @@ use tracing::{info, warn};
 pub use signing::verify;
 
 use crate::{
-    api::{gateway::Gateway, grpc::GrpcApi, service::WebhookApi},
+    api::{
+        gateway::{Gateway, SseBinding},
+        grpc::{GrpcApi, Streams},
+        service::WebhookApi,
+    },
     clock::{Clock, SystemClock},
     config::{Config, QueueBackend},
-    events::LocalEventBus,
+    events::{EventBus, LocalEventBus, redis::RedisEventBus},
     pipeline::{
         Pipeline,
         delivery::DeliveryClient,
@@ -223,7 +227,17 @@ pub async fn start(
     if cfg.database.migrate_on_start {
         store::migrate(&db).await.context("applying migrations")?;
     }
-    let bus = Arc::new(LocalEventBus::new(1024));
+    // Streams are woken by this process's events; with Redis, also by
+    // every other process's (workers commit most events).
+    let bus: Arc<dyn EventBus> = match cfg.queue.backend {
+        QueueBackend::Memory => Arc::new(LocalEventBus::new(1024)),
+        QueueBackend::Redis => {
+            let target =
+                pipeline::redis_conn::RedisTarget::parse(cfg.queue.redis_url.expose_secret())
+                    .context("config key `queue.redis_url`")?;
+            RedisEventBus::start(target, &cfg.queue.prefix, 1024, shutdown.clone())?
+        }
+    };
     let store = Store::new(db, bus);
 
     let mut bootstrap_key = None;
@@ -318,7 +332,8 @@ pub async fn start(
             limits: cfg.webhooks.clone(),
             allow: Arc::new(allow),
         });
-        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api));
+        let streams = Streams::new(cfg.events.stream(), cfg.events.max_streams);
+        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api, streams));
 
         // gRPC: the service, health and reflection.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -347,6 +362,16 @@ pub async fn start(
 
         let gateway = Arc::new(
             Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
+                .and_then(|g| {
+                    g.with_sse(
+                        "StreamEvents",
+                        SseBinding {
+                            id: "event.event_id",
+                            comment: "heartbeat",
+                            last_event_id: "after_event_id",
+                        },
+                    )
+                })
                 .context("building the REST gateway")?,
         );
         http = http.merge(api::gateway::router(gateway, grpc_service));
