@@ -23,7 +23,13 @@
 
 pub mod redis;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -31,6 +37,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot},
     time::{Instant, sleep, sleep_until, timeout},
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Status, TenantId, WebhookId};
 
@@ -156,6 +163,8 @@ pub enum StreamEnd {
     SlowReader { resume_after: i64, waited: Duration },
     /// The store failed (logged); the reader may resume after `resume_after`.
     Failed { resume_after: i64, cause: String },
+    /// The server is shutting down; resume after `resume_after` elsewhere.
+    ShuttingDown { resume_after: i64 },
 }
 
 /// The reading end of a followed stream. Dropping it stops the follower.
@@ -186,19 +195,27 @@ impl EventStream {
 const PAGE: u64 = 500;
 
 /// Follows the event log for `filter`: the stored events after `after`,
-/// then live; with `after = None`, live events only. `permit` (a slot of
-/// the per-process cap) is held until the follower stops.
-pub fn follow(
+/// then live; with `after = None`, live events only, from the last event
+/// committed when this returns. `permit` (a slot of the per-process cap)
+/// is held until the follower stops. Cancelling `shutdown` ends the stream
+/// with [`StreamEnd::ShuttingDown`], so that open streams never hold up a
+/// graceful shutdown.
+pub async fn follow(
     log: Arc<dyn EventLog>,
     bus: Arc<dyn EventBus>,
     filter: EventFilter,
     after: Option<i64>,
     cfg: StreamConfig,
     permit: Option<OwnedSemaphorePermit>,
-) -> EventStream {
+    shutdown: CancellationToken,
+) -> Result<EventStream, String> {
     // Subscribed before anything is read: whatever commits from here on
     // wakes the follower, so nothing falls between replay and live.
     let wake = bus.subscribe();
+    let start = match after {
+        Some(after) => after,
+        None => log.last_event_id().await?,
+    };
     let (tx, rx) = mpsc::channel(cfg.buffer.max(1));
     let (end_tx, end_rx) = oneshot::channel();
     let follower = Follower {
@@ -207,21 +224,28 @@ pub fn follow(
         filter,
         cfg,
         tx,
-        cursor: after.unwrap_or(0),
-        resume_after: after.unwrap_or(0),
+        cursor: start,
+        resume_after: Arc::new(AtomicI64::new(start)),
         gap: None,
         last_sent: Instant::now(),
     };
     tokio::spawn(async move {
         let _permit = permit;
-        if let Err(Stop::End(end)) = follower.run(wake, after.is_none()).await {
+        let resume_after = follower.resume_after.clone();
+        let stopped = tokio::select! {
+            stopped = follower.run(wake, after.is_some()) => stopped,
+            _ = shutdown.cancelled() => Err(Stop::End(StreamEnd::ShuttingDown {
+                resume_after: resume_after.load(Ordering::Relaxed),
+            })),
+        };
+        if let Err(Stop::End(end)) = stopped {
             let _ = end_tx.send(end);
         }
     });
-    EventStream {
+    Ok(EventStream {
         rx,
         end: Some(end_rx),
-    }
+    })
 }
 
 enum Stop {
@@ -239,7 +263,7 @@ struct Follower {
     /// Every committed id up to here has been read (and sent if it matched).
     cursor: i64,
     /// The last event id sent (or the start cursor): where to resume.
-    resume_after: i64,
+    resume_after: Arc<AtomicI64>,
     /// The first missing id after `cursor`, and when it was first seen.
     gap: Option<(i64, Instant)>,
     last_sent: Instant,
@@ -249,16 +273,12 @@ impl Follower {
     async fn run(
         mut self,
         mut wake: broadcast::Receiver<Arc<Event>>,
-        live_only: bool,
+        replay: bool,
     ) -> Result<(), Stop> {
-        if live_only {
-            self.cursor = self.log.last_event_id().await.map_err(|e| self.failed(e))?;
-            self.resume_after = self.cursor;
-        }
         let mut was_live = self.bus.live();
         let mut poll = tokio::time::interval(self.cfg.poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut must_read = !live_only;
+        let mut must_read = replay;
         loop {
             if must_read {
                 self.catch_up().await?;
@@ -301,7 +321,7 @@ impl Follower {
     fn failed(&self, cause: String) -> Stop {
         tracing::warn!(error = %cause, "event stream: reading the event log failed");
         Stop::End(StreamEnd::Failed {
-            resume_after: self.resume_after,
+            resume_after: self.resume_after.load(Ordering::Relaxed),
             cause,
         })
     }
@@ -315,14 +335,14 @@ impl Follower {
         match timeout(self.cfg.slow_reader_timeout, self.tx.send(item)).await {
             Ok(Ok(())) => {
                 if let Some(id) = id {
-                    self.resume_after = id;
+                    self.resume_after.store(id, Ordering::Relaxed);
                 }
                 self.last_sent = Instant::now();
                 Ok(())
             }
             Ok(Err(_)) => Err(Stop::Closed),
             Err(_) => Err(Stop::End(StreamEnd::SlowReader {
-                resume_after: self.resume_after,
+                resume_after: self.resume_after.load(Ordering::Relaxed),
                 waited: self.cfg.slow_reader_timeout,
             })),
         }
@@ -514,7 +534,17 @@ mod tests {
             log.events.lock().unwrap().push(event(id, "t"));
         }
         let bus = Arc::new(LocalEventBus::new(16));
-        let mut s = follow(log, bus, filter("t"), Some(0), cfg(), None);
+        let mut s = follow(
+            log,
+            bus,
+            filter("t"),
+            Some(0),
+            cfg(),
+            None,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         // The reader takes nothing for longer than the timeout.
         tokio::time::sleep(Duration::from_millis(600)).await;
         // Only the buffer was filled, then the stream ended.
@@ -546,7 +576,17 @@ mod tests {
             log.events.lock().unwrap().push(event(id, "t"));
         }
         log.events.lock().unwrap().push(event(4, "other"));
-        let mut s = follow(log.clone(), bus.clone(), filter("t"), Some(1), cfg(), None);
+        let mut s = follow(
+            log.clone(),
+            bus.clone(),
+            filter("t"),
+            Some(1),
+            cfg(),
+            None,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(next_id(&mut s).await, 2);
         assert_eq!(next_id(&mut s).await, 3);
         add(&log, &bus, event(5, "other"));
@@ -558,7 +598,17 @@ mod tests {
     async fn a_hole_in_the_ids_holds_later_events_until_it_commits() {
         let log = Arc::new(FakeLog::default());
         let bus = Arc::new(LocalEventBus::new(16));
-        let mut s = follow(log.clone(), bus.clone(), filter("t"), Some(0), cfg(), None);
+        let mut s = follow(
+            log.clone(),
+            bus.clone(),
+            filter("t"),
+            Some(0),
+            cfg(),
+            None,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         // 1 is being committed while 2 is already visible.
         log.hidden.lock().unwrap().push(1);
         log.events.lock().unwrap().push(event(1, "t"));
@@ -578,7 +628,17 @@ mod tests {
             gap_grace: Duration::from_millis(50),
             ..cfg()
         };
-        let mut s = follow(log.clone(), bus.clone(), filter("t"), Some(0), cfg, None);
+        let mut s = follow(
+            log.clone(),
+            bus.clone(),
+            filter("t"),
+            Some(0),
+            cfg,
+            None,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         add(&log, &bus, event(3, "t"));
         assert_eq!(next_id(&mut s).await, 3);
     }
@@ -597,7 +657,17 @@ mod tests {
         }
         let log = Arc::new(FakeLog::default());
         let bus = Arc::new(DeadBus(LocalEventBus::new(4)));
-        let mut s = follow(log.clone(), bus, filter("t"), Some(0), cfg(), None);
+        let mut s = follow(
+            log.clone(),
+            bus,
+            filter("t"),
+            Some(0),
+            cfg(),
+            None,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         log.events.lock().unwrap().push(event(1, "t"));
         assert_eq!(next_id(&mut s).await, 1);
     }
@@ -612,7 +682,17 @@ mod tests {
         };
         let permits = Arc::new(tokio::sync::Semaphore::new(1));
         let permit = permits.clone().try_acquire_owned().unwrap();
-        let mut s = follow(log, bus, filter("t"), None, cfg, Some(permit));
+        let mut s = follow(
+            log,
+            bus,
+            filter("t"),
+            None,
+            cfg,
+            Some(permit),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         assert!(matches!(s.next().await, Some(Ok(StreamItem::Heartbeat(_)))));
         assert_eq!(permits.available_permits(), 0);
         drop(s);

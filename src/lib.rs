@@ -198,6 +198,16 @@ async fn open_queue(
     })
 }
 
+/// The OpenAPI 3 document of the REST API, generated from the descriptors
+/// (served at `GET /openapi.json`; `uploadhook openapi` prints it; checked
+/// in as `docs/openapi.json`).
+pub fn openapi_json() -> anyhow::Result<String> {
+    let gateway = Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
+        .context("building the REST gateway")?;
+    let doc = gateway.openapi("uploadhook", "v1");
+    Ok(serde_json::to_string_pretty(&doc)? + "\n")
+}
+
 /// Refuses roles that the configuration cannot serve.
 pub fn check_roles(cfg: &Config, roles: Roles) -> anyhow::Result<()> {
     if cfg.queue.backend == QueueBackend::Memory && roles != Roles::ALL {
@@ -332,7 +342,11 @@ pub async fn start(
             limits: cfg.webhooks.clone(),
             allow: Arc::new(allow),
         });
-        let streams = Streams::new(cfg.events.stream(), cfg.events.max_streams);
+        let streams = Streams::new(
+            cfg.events.stream(),
+            cfg.events.max_streams,
+            shutdown.clone(),
+        );
         let grpc_service = WebhookServiceServer::new(GrpcApi::new(api, streams));
 
         // gRPC: the service, health and reflection.
@@ -374,7 +388,15 @@ pub async fn start(
                 })
                 .context("building the REST gateway")?,
         );
-        http = http.merge(api::gateway::router(gateway, grpc_service));
+        let openapi = openapi_json()?;
+        http = http
+            .route(
+                "/openapi.json",
+                get(move || async move {
+                    ([(http::header::CONTENT_TYPE, "application/json")], openapi)
+                }),
+            )
+            .merge(api::gateway::router(gateway, grpc_service));
     }
 
     let http_addr = listeners.http.local_addr()?;

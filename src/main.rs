@@ -36,6 +36,9 @@ enum Command {
     /// Prints queue depth, delayed and poison counts, dead letters and
     /// webhooks by status.
     Status,
+    /// Prints the OpenAPI 3 document of the REST API (as served at
+    /// /openapi.json): `uploadhook openapi > docs/openapi.json`.
+    Openapi,
     /// Manages API keys.
     Keys {
         #[command(subcommand)]
@@ -68,6 +71,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
 
     let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        print!("{}", uploadhook::openapi_json()?);
+        return Ok(());
+    }
     let cfg = Config::load(cli.config.as_deref()).context("loading configuration")?;
     match cli.command {
         Command::Serve => uploadhook::serve(cfg, uploadhook::Roles::ALL).await,
@@ -79,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { command } => keys(&cfg, command).await,
+        Command::Openapi => unreachable!("handled before the configuration is loaded"),
         Command::Status => {
             uploadhook::migrate(&cfg).await?;
             print!("{}", uploadhook::ops::status(&cfg).await?);

@@ -65,6 +65,8 @@ use tower::{Service, ServiceExt};
 
 use crate::error::http_status;
 
+mod openapi;
+
 /// The largest request body the gateway reads; a larger one answers 413.
 pub const MAX_REQUEST_BODY_BYTES: usize = 1024 * 1024;
 

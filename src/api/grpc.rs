@@ -7,6 +7,7 @@ use std::{pin::Pin, sync::Arc};
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use super::{service::WebhookApi, validate};
@@ -33,13 +34,16 @@ pub struct GrpcApi {
 pub struct Streams {
     pub config: StreamConfig,
     pub open: Arc<Semaphore>,
+    /// Ends every open stream (UNAVAILABLE) when the server shuts down.
+    pub shutdown: CancellationToken,
 }
 
 impl Streams {
-    pub fn new(config: StreamConfig, max_open: usize) -> Self {
+    pub fn new(config: StreamConfig, max_open: usize, shutdown: CancellationToken) -> Self {
         Self {
             config,
             open: Arc::new(Semaphore::new(max_open)),
+            shutdown,
         }
     }
 }
@@ -116,8 +120,9 @@ pub fn webhook_view(w: &Webhook, attempts: &[attempts::Model]) -> proto::Webhook
     }
 }
 
-/// The status that ends a stream early: always RESOURCE_EXHAUSTED with the
-/// cursor to resume after, since the events are stored and nothing is lost.
+/// The status that ends a stream early, with the cursor to resume after
+/// (the events are stored; nothing is lost): RESOURCE_EXHAUSTED for a slow
+/// reader or a failed read, UNAVAILABLE at shutdown.
 fn stream_end(end: StreamEnd) -> GrpcStatus {
     let message = match end {
         StreamEnd::SlowReader {
@@ -132,6 +137,13 @@ fn stream_end(end: StreamEnd) -> GrpcStatus {
             "the event log could not be read; resume with after_event_id = {resume_after} \
              (the last event id received)"
         ),
+        StreamEnd::ShuttingDown { resume_after } => {
+            return ApiError::Unavailable(format!(
+                "the server is shutting down; resume with after_event_id = {resume_after} \
+                 (the last event id received)"
+            ))
+            .into();
+        }
     };
     ApiError::ResourceExhausted(message).into()
 }
@@ -240,7 +252,10 @@ impl WebhookService for GrpcApi {
             after,
             self.streams.config.clone(),
             Some(permit),
-        );
+            self.streams.shutdown.clone(),
+        )
+        .await
+        .map_err(|e| ApiError::internal("reading the event log", &e))?;
         let stream = followed.into_stream().map(|item| match item {
             Ok(StreamItem::Event(e)) => Ok(proto::StreamEventsResponse {
                 kind: Some(proto::stream_events_response::Kind::Event(

@@ -8,3 +8,4 @@ mod processes;
 mod rest;
 mod scale;
 mod ssrf;
+mod streams;

@@ -171,3 +171,26 @@ async fn rest_errors_are_google_rpc_status(db: &TestDb) {
     assert_eq!(r.status(), 200);
     app.stop().await;
 }
+
+/// The checked-in OpenAPI document is the one the server serves; it is
+/// generated from the descriptors, so a proto change makes it stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_is_served_and_the_checked_in_copy_is_current() {
+    const REGENERATE: &str = "cargo run -- openapi > docs/openapi.json";
+    let generated = uploadhook::openapi_json().unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
+    let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        checked_in == generated,
+        "docs/openapi.json is stale; regenerate it with:\n\n    {REGENERATE}\n"
+    );
+
+    let db = TestDb::new(crate::helpers::Backend::Sqlite).await.unwrap();
+    let mut app = TestApp::start(&db, "").await;
+    let r = reqwest::get(app.http_url("/openapi.json")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(r.text().await.unwrap(), generated);
+    app.stop().await;
+    db.cleanup().await;
+}
