@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod clients;
 mod flow;
 mod ops;
 mod processes;
