@@ -210,7 +210,12 @@ impl WebhookService for GrpcApi {
         } else {
             let id = validate::webhook_id("webhook_id", &req.webhook_id)?;
             // Another tenant's webhook answers like an unknown one.
-            self.api.get(&tenant, &id).await?;
+            self.api
+                .store
+                .find_webhook(&tenant, &id)
+                .await
+                .map_err(|e| ApiError::internal("database error", &e))?
+                .ok_or_else(|| ApiError::webhook_not_found(id.as_str()))?;
             Some(id)
         };
         let after = match req.after_event_id {

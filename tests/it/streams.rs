@@ -39,8 +39,10 @@ async fn open(
 
 /// The next event, skipping heartbeats; bounded so that a hang fails.
 async fn next_event(s: &mut Streaming<proto::StreamEventsResponse>) -> proto::WebhookEvent {
+    // One deadline for the event: heartbeats do not extend it.
+    let deadline = tokio::time::Instant::now() + WITHIN;
     loop {
-        let msg = tokio::time::timeout(WITHIN, s.message())
+        let msg = tokio::time::timeout_at(deadline, s.message())
             .await
             .expect("no event in time")
             .expect("stream failed")
