@@ -106,3 +106,30 @@ async fn node_client_creates_and_reads_status() {
     app.stop().await;
     db.cleanup().await;
 }
+
+/// schemathesis, in a bounded run against the served `/openapi.json`, finds
+/// no 5xx answer and no response that breaks the schema. (StreamEvents is
+/// left out: an SSE stream does not end by itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    const RUN: &str = "import sys; from schemathesis.cli import schemathesis; \
+                       sys.argv[0] = 'st'; sys.exit(schemathesis())";
+    if !available(
+        "python3 with schemathesis",
+        Command::new("python3").args(["-c", "import schemathesis.cli"]),
+    ) {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let mut app = TestApp::start(&db, "").await;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", RUN, "run", &app.http_url("/openapi.json")])
+        .args(["-H", &format!("Authorization: Bearer {}", app.key_a)])
+        .args(["--exclude-path", "/v1/events:stream"])
+        .args(["--max-examples", "25", "--seed", "1"])
+        .args(["--checks", "not_a_server_error,response_schema_conformance"])
+        .env("NO_COLOR", "1");
+    run(cmd).await;
+    app.stop().await;
+    db.cleanup().await;
+}
