@@ -30,7 +30,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub worker: WorkerConfig,
     pub bootstrap: BootstrapConfig,
-    pub events: EventsConfig,
+    pub streams: StreamsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -184,10 +184,10 @@ pub struct WorkerConfig {
     pub per_host_concurrency: usize,
 }
 
-/// StreamEvents (`[events]`).
+/// StreamEvents (`[streams]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EventsConfig {
+pub struct StreamsConfig {
     #[serde(deserialize_with = "de_duration")]
     pub heartbeat_every: Duration,
     pub stream_buffer: usize,
@@ -200,7 +200,7 @@ pub struct EventsConfig {
     pub gap_grace: Duration,
 }
 
-impl EventsConfig {
+impl StreamsConfig {
     pub fn stream(&self) -> crate::events::StreamConfig {
         crate::events::StreamConfig {
             buffer: self.stream_buffer,
@@ -295,19 +295,19 @@ impl Config {
             })
         };
         for (key, d) in [
-            ("events.heartbeat_every", self.events.heartbeat_every),
+            ("streams.heartbeat_every", self.streams.heartbeat_every),
             (
-                "events.slow_reader_timeout",
-                self.events.slow_reader_timeout,
+                "streams.slow_reader_timeout",
+                self.streams.slow_reader_timeout,
             ),
-            ("events.poll_every", self.events.poll_every),
+            ("streams.poll_every", self.streams.poll_every),
         ] {
             if d.is_zero() {
                 return invalid(key, "must be more than 0");
             }
         }
-        if self.events.stream_buffer == 0 {
-            return invalid("events.stream_buffer", "must be at least 1");
+        if self.streams.stream_buffer == 0 {
+            return invalid("streams.stream_buffer", "must be at least 1");
         }
         if self.delivery.retry_schedule.is_empty() {
             return invalid("delivery.retry_schedule", "must have at least one delay");

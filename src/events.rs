@@ -133,7 +133,7 @@ impl EventFilter {
     }
 }
 
-/// Tuning of one stream (`[events]` in the configuration).
+/// Tuning of one stream (`[streams]` in the configuration).
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
     /// Messages queued for a reader before the follower waits.

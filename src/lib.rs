@@ -343,8 +343,8 @@ pub async fn start(
             allow: Arc::new(allow),
         });
         let streams = Streams::new(
-            cfg.events.stream(),
-            cfg.events.max_streams,
+            cfg.streams.stream(),
+            cfg.streams.max_streams,
             shutdown.clone(),
         );
         let grpc_service = WebhookServiceServer::new(GrpcApi::new(api, streams));

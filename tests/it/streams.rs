@@ -225,7 +225,7 @@ async fn streams_never_show_another_tenant(db: &TestDb) {
 }
 
 async fn sse_resumes_with_last_event_id_and_sends_heartbeats(db: &TestDb) {
-    let mut app = TestApp::start(db, "[events]\nheartbeat_every = \"100ms\"\n").await;
+    let mut app = TestApp::start(db, "[streams]\nheartbeat_every = \"100ms\"\n").await;
     let key = app.key_a.clone();
     let mut live = open(&app, &key, Default::default()).await.unwrap();
     let id = create(&app, &key).await;
@@ -298,7 +298,7 @@ async fn an_event_from_another_process_arrives_on_a_stream() {
     };
     let s3 = SharedS3::start().await;
     // Polling would also find the events: make it too slow to matter.
-    let slow_poll = "[events]\npoll_every = \"1h\"\n";
+    let slow_poll = "[streams]\npoll_every = \"1h\"\n";
     let api = start_process(
         &db,
         &[&s3.toml, slow_poll],
