@@ -36,6 +36,7 @@ pub struct Config {
     pub events: EventsConfig,
     pub r2_events: R2EventsConfig,
     pub encryption: EncryptionConfig,
+    pub streams: StreamsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -214,6 +215,34 @@ pub struct WorkerConfig {
     pub per_host_concurrency: usize,
 }
 
+/// StreamEvents (`[streams]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    #[serde(deserialize_with = "de_duration")]
+    pub heartbeat_every: Duration,
+    pub stream_buffer: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub slow_reader_timeout: Duration,
+    pub max_streams: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub poll_every: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub gap_grace: Duration,
+}
+
+impl StreamsConfig {
+    pub fn stream(&self) -> crate::events::StreamConfig {
+        crate::events::StreamConfig {
+            buffer: self.stream_buffer,
+            heartbeat_every: self.heartbeat_every,
+            slow_reader_timeout: self.slow_reader_timeout,
+            poll_every: self.poll_every,
+            gap_grace: self.gap_grace,
+        }
+    }
+}
+
 /// Detection without Confirm: AUTO checks, expiry, the HEAD budget.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +418,21 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        for (key, d) in [
+            ("streams.heartbeat_every", self.streams.heartbeat_every),
+            (
+                "streams.slow_reader_timeout",
+                self.streams.slow_reader_timeout,
+            ),
+            ("streams.poll_every", self.streams.poll_every),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be more than 0");
+            }
+        }
+        if self.streams.stream_buffer == 0 {
+            return invalid("streams.stream_buffer", "must be at least 1");
+        }
         if self.delivery.retry_schedule.is_empty() {
             return invalid("delivery.retry_schedule", "must have at least one delay");
         }

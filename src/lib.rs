@@ -31,10 +31,14 @@ use tracing::{info, warn};
 pub use signing::verify;
 
 use crate::{
-    api::{gateway::Gateway, grpc::GrpcApi, service::WebhookApi},
+    api::{
+        gateway::{Gateway, SseBinding},
+        grpc::{GrpcApi, Streams},
+        service::WebhookApi,
+    },
     clock::{Clock, SystemClock},
     config::{Config, QueueBackend},
-    events::LocalEventBus,
+    events::{EventBus, LocalEventBus, redis::RedisEventBus},
     pipeline::{
         Pipeline,
         delivery::DeliveryClient,
@@ -271,6 +275,16 @@ async fn open_queue(
     })
 }
 
+/// The OpenAPI 3 document of the REST API, generated from the descriptors
+/// (served at `GET /openapi.json`; `uploadhook openapi` prints it; checked
+/// in as `docs/openapi.json`).
+pub fn openapi_json() -> anyhow::Result<String> {
+    let gateway = Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
+        .context("building the REST gateway")?;
+    let doc = gateway.openapi("uploadhook", "v1");
+    Ok(serde_json::to_string_pretty(&doc)? + "\n")
+}
+
 /// Refuses roles that the configuration cannot serve.
 pub fn check_roles(cfg: &Config, roles: Roles) -> anyhow::Result<()> {
     if cfg.queue.backend == QueueBackend::Memory && roles != Roles::ALL {
@@ -301,7 +315,17 @@ pub async fn start(
     if cfg.database.migrate_on_start {
         store::migrate(&db).await.context("applying migrations")?;
     }
-    let bus = Arc::new(LocalEventBus::new(1024));
+    // Streams are woken by this process's events; with Redis, also by
+    // every other process's (workers commit most events).
+    let bus: Arc<dyn EventBus> = match cfg.queue.backend {
+        QueueBackend::Memory => Arc::new(LocalEventBus::new(1024)),
+        QueueBackend::Redis => {
+            let target =
+                pipeline::redis_conn::RedisTarget::parse(cfg.queue.redis_url.expose_secret())
+                    .context("config key `queue.redis_url`")?;
+            RedisEventBus::start(target, &cfg.queue.prefix, 1024, shutdown.clone())?
+        }
+    };
     let store = Store::new(db, bus, keyring.clone());
     // A secret sealed under a key that is not configured could never sign:
     // refuse to start rather than fail every delivery.
@@ -454,7 +478,12 @@ pub async fn start(
                 }
             }
         });
-        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api))
+        let streams = Streams::new(
+            cfg.streams.stream(),
+            cfg.streams.max_streams,
+            shutdown.clone(),
+        );
+        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api, streams))
             .max_decoding_message_size(cfg.api.max_request_bytes);
 
         // gRPC: the service, health and reflection.
@@ -493,6 +522,16 @@ pub async fn start(
 
         let gateway = Arc::new(
             Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
+                .and_then(|g| {
+                    g.with_sse(
+                        "StreamEvents",
+                        SseBinding {
+                            id: "event.event_id",
+                            comment: "heartbeat",
+                            last_event_id: "after_event_id",
+                        },
+                    )
+                })
                 .context("building the REST gateway")?
                 .with_max_request_bytes(cfg.api.max_request_bytes),
         );
@@ -500,7 +539,15 @@ pub async fn start(
             &metrics::RpcMetricsLayer::new("http", methods),
             grpc_service,
         );
-        http = http.merge(api::gateway::router(gateway, grpc_service));
+        let openapi = openapi_json()?;
+        http = http
+            .route(
+                "/openapi.json",
+                axum::routing::get(move || async move {
+                    ([(http::header::CONTENT_TYPE, "application/json")], openapi)
+                }),
+            )
+            .merge(api::gateway::router(gateway, grpc_service));
         if !cfg.events.token.expose_secret().is_empty() {
             http = http.merge(api::storage_events::router(
                 api::storage_events::StorageEvents {

@@ -70,6 +70,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Prints the OpenAPI 3 document of the REST API (as served at
+    /// /openapi.json): `uploadhook openapi > docs/openapi.json`.
+    Openapi,
     /// Manages API keys.
     Keys {
         #[command(subcommand)]
@@ -111,6 +114,10 @@ enum KeysCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        print!("{}", uploadhook::openapi_json()?);
+        return Ok(());
+    }
     let cfg = Config::load(cli.config.as_deref()).context("loading configuration")?;
     let format = match cli.log_format {
         LogFormat::Text => uploadhook::telemetry::LogFormat::Text,
@@ -170,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{report}");
             Ok(())
         }
+        Command::Openapi => unreachable!("handled before the configuration is loaded"),
         Command::Status => {
             uploadhook::migrate(&cfg).await?;
             print!("{}", uploadhook::ops::status(&cfg).await?);

@@ -26,7 +26,10 @@
 //!
 //! Server-streaming methods answer `text/event-stream`: one `data:` event
 //! per response message, and `event: error` carrying the status when the
-//! stream ends with an error. The body is streamed as the messages arrive,
+//! stream ends with an error. [`Gateway::with_sse`] can name, per method, a
+//! field that becomes the SSE `id:`, an output field that marks a message
+//! as a comment (a heartbeat), and the request field that a
+//! `Last-Event-ID` header fills, so that a reconnecting client resumes. The body is streamed as the messages arrive,
 //! and dropping the HTTP response drops the gRPC stream. Only a
 //! trailers-only gRPC answer (the method failed before it produced a stream)
 //! is turned into a plain JSON error with its mapped HTTP status: once the
@@ -61,6 +64,8 @@ use tonic::Code;
 use tower::{Service, ServiceExt};
 
 use crate::error::http_status;
+
+mod openapi;
 
 /// The largest request body the gateway reads by default; a larger one
 /// answers 413. `Gateway::with_max_request_bytes` sets it (`api.max_request_bytes`).
@@ -162,6 +167,47 @@ impl Gateway {
         })
     }
 
+    /// Gives the routes of the server-streaming `method` (its simple name,
+    /// e.g. `StreamEvents`) SSE ids, comments and `Last-Event-ID`.
+    pub fn with_sse(mut self, method: &str, binding: SseBinding<'_>) -> Result<Self, GatewayError> {
+        let mut found = false;
+        for route in self.routes.iter_mut().filter(|r| r.method.name() == method) {
+            let error = |message: String| GatewayError::Binding {
+                method: route.method.full_name().to_owned(),
+                message,
+            };
+            if !route.server_streaming {
+                return Err(error("SSE needs a server-streaming method".into()));
+            }
+            let output = route.method.output();
+            let names = |path: &str| path.split('.').map(str::to_owned).collect::<Vec<_>>();
+            let id = resolve_field_path(&output, &names(binding.id), false)
+                .map_err(|e| error(format!("SSE id `{}`: {e}", binding.id)))?;
+            let comment = output
+                .get_field_by_name(binding.comment)
+                .ok_or_else(|| error(format!("SSE comment field `{}`", binding.comment)))?;
+            let resume = route
+                .method
+                .input()
+                .get_field_by_name(binding.last_event_id)
+                .filter(|f| !f.is_list() && !f.is_map())
+                .ok_or_else(|| error(format!("Last-Event-ID field `{}`", binding.last_event_id)))?;
+            route.sse = Some(SseFields {
+                id,
+                comment,
+                resume,
+            });
+            found = true;
+        }
+        if !found {
+            return Err(GatewayError::Binding {
+                method: method.to_owned(),
+                message: "no REST binding of that name".into(),
+            });
+        }
+        Ok(self)
+    }
+
     /// Finds the route for an HTTP method and a raw (still percent-encoded)
     /// path. When several templates match, the most specific one wins: a
     /// custom verb first, then more literal segments, then no `**`.
@@ -194,6 +240,27 @@ impl Gateway {
             None => Lookup::NotFound,
         }
     }
+}
+
+/// How the messages of a server-streaming method map onto Server-Sent
+/// Events beyond `data:` (see [`Gateway::with_sse`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SseBinding<'a> {
+    /// Dotted field path of a message's SSE `id:`, e.g. `event.event_id`.
+    pub id: &'a str,
+    /// A top-level output field: a message that has it set is sent as an
+    /// SSE comment (a heartbeat), which clients do not see as an event.
+    pub comment: &'a str,
+    /// The request field that the `Last-Event-ID` header sets when the
+    /// request leaves it unset (a reconnecting `EventSource` sends it).
+    pub last_event_id: &'a str,
+}
+
+#[derive(Debug, Clone)]
+struct SseFields {
+    id: Vec<FieldDescriptor>,
+    comment: FieldDescriptor,
+    resume: FieldDescriptor,
 }
 
 /// What the route table says about a request.
@@ -267,9 +334,20 @@ where
     };
 
     let body = read_body(&parts.headers, body, gateway.max_request_bytes).await?;
-    let input = route
+    let mut input = route
         .transcode(&captures, parts.uri.query(), &body)
         .map_err(|message| Failure::grpc(Code::InvalidArgument, message))?;
+    if let Some(sse) = &route.sse
+        && let Some(last) = parts.headers.get("last-event-id")
+        && !input.has_field(&sse.resume)
+    {
+        let value = last
+            .to_str()
+            .map_err(|_| "is not ASCII".to_owned())
+            .and_then(|text| parse_text_value(&sse.resume, text.trim()))
+            .map_err(|e| Failure::grpc(Code::InvalidArgument, format!("Last-Event-ID: {e}")))?;
+        input.set_field(&sse.resume, value);
+    }
 
     let grpc_request = grpc_request(route, &input, &parts.headers, parts.extensions)?;
     let Ok(response) = grpc.oneshot(grpc_request).await;
@@ -298,6 +376,7 @@ where
             buffer: BytesMut::new(),
             output: route.method.output(),
             response_body: route.response_body.clone(),
+            sse: route.sse.clone(),
             done: false,
         };
         return Ok(sse_response(AxumBody::from_stream(stream.into_stream())));
@@ -445,9 +524,16 @@ fn render_message(
 ) -> Result<Vec<u8>, String> {
     let message = DynamicMessage::decode(output.clone(), encoded)
         .map_err(|e| format!("cannot decode the response message: {e}"))?;
+    render_dynamic(&message, response_body)
+}
+
+fn render_dynamic(
+    message: &DynamicMessage,
+    response_body: Option<&FieldDescriptor>,
+) -> Result<Vec<u8>, String> {
     let json = match response_body {
-        None => serde_json::to_vec(&message),
-        Some(field) => serde_json::to_vec(&response_field_json(&message, field)?),
+        None => serde_json::to_vec(message),
+        Some(field) => serde_json::to_vec(&response_field_json(message, field)?),
     };
     json.map_err(|e| format!("cannot render the response as JSON: {e}"))
 }
@@ -473,6 +559,7 @@ struct SseStream {
     buffer: BytesMut,
     output: MessageDescriptor,
     response_body: Option<FieldDescriptor>,
+    sse: Option<SseFields>,
     done: bool,
 }
 
@@ -492,9 +579,8 @@ impl SseStream {
         loop {
             match next_grpc_message(&mut self.buffer) {
                 Ok(Some(encoded)) => {
-                    return match render_message(&self.output, self.response_body.as_ref(), encoded)
-                    {
-                        Ok(json) => Some(sse_data(&json)),
+                    return match self.render(encoded) {
+                        Ok(event) => Some(event),
                         Err(e) => Some(self.fail(Failure::internal(&e))),
                     };
                 }
@@ -535,6 +621,24 @@ impl SseStream {
         }
     }
 
+    /// One message as an SSE event: `data:` with the JSON, plus `id:` when
+    /// the binding names one; or a comment line for a heartbeat.
+    fn render(&self, encoded: Bytes) -> Result<Bytes, String> {
+        let message = DynamicMessage::decode(self.output.clone(), encoded)
+            .map_err(|e| format!("cannot decode the response message: {e}"))?;
+        let json = render_dynamic(&message, self.response_body.as_ref())?;
+        let Some(sse) = &self.sse else {
+            return Ok(sse_data(None, &json));
+        };
+        if message.has_field(&sse.comment) {
+            let mut comment = b": ".to_vec();
+            comment.extend_from_slice(&json);
+            comment.extend_from_slice(b"\n\n");
+            return Ok(Bytes::from(comment));
+        }
+        Ok(sse_data(field_text(&message, &sse.id).as_deref(), &json))
+    }
+
     /// Ends the stream with an `error` event.
     fn fail(&mut self, failure: Failure) -> Bytes {
         self.done = true;
@@ -545,9 +649,42 @@ impl SseStream {
     }
 }
 
-/// One SSE `data:` event. Compact JSON never contains a raw newline.
-fn sse_data(json: &[u8]) -> Bytes {
-    let mut event = Vec::with_capacity(json.len() + 8);
+/// The text of a scalar at a field path, when every message on the way is
+/// set.
+fn field_text(message: &DynamicMessage, path: &[FieldDescriptor]) -> Option<String> {
+    let (leaf, parents) = path.split_last()?;
+    let mut current = Cow::Borrowed(message);
+    for parent in parents {
+        if !current.has_field(parent) {
+            return None;
+        }
+        let Value::Message(next) = current.get_field(parent).into_owned() else {
+            return None;
+        };
+        current = Cow::Owned(next);
+    }
+    if !current.has_field(leaf) {
+        return None;
+    }
+    match current.get_field(leaf).as_ref() {
+        Value::I64(n) => Some(n.to_string()),
+        Value::U64(n) => Some(n.to_string()),
+        Value::I32(n) => Some(n.to_string()),
+        Value::U32(n) => Some(n.to_string()),
+        Value::String(s) if !s.contains(['\n', '\r']) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// One SSE `data:` event, with its `id:` when it has one. Compact JSON
+/// never contains a raw newline.
+fn sse_data(id: Option<&str>, json: &[u8]) -> Bytes {
+    let mut event = Vec::with_capacity(json.len() + 32);
+    if let Some(id) = id {
+        event.extend_from_slice(b"id: ");
+        event.extend_from_slice(id.as_bytes());
+        event.push(b'\n');
+    }
     event.extend_from_slice(b"data: ");
     event.extend_from_slice(json);
     event.extend_from_slice(b"\n\n");
@@ -708,6 +845,8 @@ struct Route {
     path_fields: Vec<FieldPath>,
     body: BodyMapping,
     response_body: Option<FieldDescriptor>,
+    /// Set by [`Gateway::with_sse`].
+    sse: Option<SseFields>,
 }
 
 /// A resolved dotted field path, such as `webhook.url`.
@@ -869,6 +1008,7 @@ impl Route {
             path_fields,
             body,
             response_body,
+            sse: None,
         })
     }
 
@@ -2217,13 +2357,13 @@ mod tests {
             }
             let event = |n: i64| {
                 Ok(StreamEventsResponse {
-                    event: Some(WebhookEvent {
+                    kind: Some(proto::stream_events_response::Kind::Event(WebhookEvent {
                         event_id: request.after_event_id + n,
                         webhook_id: request.webhook_id.clone(),
                         r#type: "upload.verified".into(),
                         status: proto::Status::Verified as i32,
                         occurred_at: None,
-                    }),
+                    })),
                 })
             };
             if request.webhook_id == "wh_live" {

@@ -5,14 +5,17 @@
 use std::{pin::Pin, sync::Arc};
 
 use chrono::{DateTime, Utc};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use secrecy::ExposeSecret;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use super::{audit::AuthFailure, service::WebhookApi, validate};
 use crate::{
     domain::{Status, TenantId, Trigger},
     error::ApiError,
+    events::{self, EventFilter, StreamConfig, StreamEnd, StreamItem},
     pipeline::queue::Priority,
     proto::{self, webhook_service_server::WebhookService},
     store::{Webhook, attempts, metadata_of},
@@ -23,11 +26,32 @@ pub const MAX_PAGE_SIZE: u64 = 500;
 
 pub struct GrpcApi {
     api: Arc<WebhookApi>,
+    streams: Streams,
+}
+
+/// What StreamEvents needs beyond the service: tuning and the per-process
+/// cap on open streams.
+#[derive(Clone)]
+pub struct Streams {
+    pub config: StreamConfig,
+    pub open: Arc<Semaphore>,
+    /// Ends every open stream (UNAVAILABLE) when the server shuts down.
+    pub shutdown: CancellationToken,
+}
+
+impl Streams {
+    pub fn new(config: StreamConfig, max_open: usize, shutdown: CancellationToken) -> Self {
+        Self {
+            config,
+            open: Arc::new(Semaphore::new(max_open)),
+            shutdown,
+        }
+    }
 }
 
 impl GrpcApi {
-    pub fn new(api: Arc<WebhookApi>) -> Self {
-        Self { api }
+    pub fn new(api: Arc<WebhookApi>, streams: Streams) -> Self {
+        Self { api, streams }
     }
 
     async fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, ApiError> {
@@ -100,6 +124,34 @@ pub fn webhook_view(w: &Webhook, attempts: &[attempts::Model]) -> proto::Webhook
     }
 }
 
+/// The status that ends a stream early, with the cursor to resume after
+/// (the events are stored; nothing is lost): RESOURCE_EXHAUSTED for a slow
+/// reader or a failed read, UNAVAILABLE at shutdown.
+fn stream_end(end: StreamEnd) -> GrpcStatus {
+    let message = match end {
+        StreamEnd::SlowReader {
+            resume_after,
+            waited,
+        } => format!(
+            "the reader did not keep up for {}s; resume with after_event_id = {resume_after} \
+             (the last event id received)",
+            waited.as_secs_f64()
+        ),
+        StreamEnd::Failed { resume_after, .. } => format!(
+            "the event log could not be read; resume with after_event_id = {resume_after} \
+             (the last event id received)"
+        ),
+        StreamEnd::ShuttingDown { resume_after } => {
+            return ApiError::Unavailable(format!(
+                "the server is shutting down; resume with after_event_id = {resume_after} \
+                 (the last event id received)"
+            ))
+            .into();
+        }
+    };
+    ApiError::ResourceExhausted(message).into()
+}
+
 type EventStream =
     Pin<Box<dyn Stream<Item = Result<proto::StreamEventsResponse, GrpcStatus>> + Send>>;
 
@@ -158,13 +210,86 @@ impl WebhookService for GrpcApi {
         &self,
         req: Request<proto::StreamEventsRequest>,
     ) -> Result<Response<Self::StreamEventsStream>, GrpcStatus> {
-        // Authenticate first, so that an unauthenticated caller learns
-        // nothing, not even what is implemented.
-        self.tenant(&req).await?;
-        Err(ApiError::Unimplemented(
-            "StreamEvents is not available in this version; poll GetStatus".into(),
+        let tenant = self.tenant(&req).await?;
+        let req = req.into_inner();
+        let webhook = if req.webhook_id.is_empty() {
+            None
+        } else {
+            let id = validate::webhook_id("webhook_id", &req.webhook_id)?;
+            // Another tenant's webhook answers like an unknown one.
+            self.api
+                .store
+                .find_webhook(&tenant, &id)
+                .await
+                .map_err(|e| ApiError::internal("database error", &e))?
+                .ok_or_else(|| ApiError::webhook_not_found(id.as_str()))?;
+            Some(id)
+        };
+        let after = match req.after_event_id {
+            0 => None,
+            n if n < 0 => {
+                return Err(ApiError::invalid("after_event_id", "must not be negative").into());
+            }
+            n => Some(n),
+        };
+        let types = validate::event_types(&req.types)?;
+        let statuses = req
+            .statuses
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                proto::Status::try_from(s)
+                    .ok()
+                    .and_then(Status::from_proto)
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!("statuses[{i}]"), format!("unknown value {s}"))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let permit = self.streams.open.clone().try_acquire_owned().map_err(|_| {
+            ApiError::ResourceExhausted(
+                "too many open event streams on this server; retry later".into(),
+            )
+        })?;
+        let filter = EventFilter {
+            tenant,
+            webhook,
+            types,
+            statuses,
+        };
+        let followed = events::follow(
+            Arc::new(self.api.store.clone()),
+            self.api.store.bus().clone(),
+            filter,
+            after,
+            self.streams.config.clone(),
+            Some(permit),
+            self.streams.shutdown.clone(),
         )
-        .into())
+        .await
+        .map_err(|e| ApiError::internal("reading the event log", &e))?;
+        let stream = followed.into_stream().map(|item| match item {
+            Ok(StreamItem::Event(e)) => Ok(proto::StreamEventsResponse {
+                kind: Some(proto::stream_events_response::Kind::Event(
+                    proto::WebhookEvent {
+                        event_id: e.id,
+                        webhook_id: e.webhook_id.as_str().to_string(),
+                        r#type: e.kind,
+                        status: e.status.to_proto() as i32,
+                        occurred_at: Some(timestamp(e.occurred_at)),
+                    },
+                )),
+            }),
+            Ok(StreamItem::Heartbeat(at)) => Ok(proto::StreamEventsResponse {
+                kind: Some(proto::stream_events_response::Kind::Heartbeat(
+                    proto::Heartbeat {
+                        sent_at: Some(timestamp(at)),
+                    },
+                )),
+            }),
+            Err(end) => Err(stream_end(end)),
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_webhooks(

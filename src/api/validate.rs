@@ -91,6 +91,32 @@ pub fn webhook_id(field: &str, s: &str) -> Result<WebhookId, ApiError> {
     WebhookId::parse(s).map_err(|m| ApiError::invalid(field, m))
 }
 
+/// Event type names of a StreamEvents filter: `a.b` style, lowercase.
+pub fn event_types(types: &[String]) -> Result<Vec<String>, ApiError> {
+    const MAX: usize = 32;
+    if types.len() > MAX {
+        return Err(ApiError::invalid("types", format!("at most {MAX} entries")));
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let ok = !t.is_empty()
+                && t.len() <= 64
+                && t.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_');
+            if ok {
+                Ok(t.clone())
+            } else {
+                Err(ApiError::invalid(
+                    format!("types[{i}]"),
+                    "must be an event type such as `delivery.succeeded`",
+                ))
+            }
+        })
+        .collect()
+}
+
 fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
 }

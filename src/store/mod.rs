@@ -27,7 +27,7 @@ pub use entities::{attempts, dead_letters, webhooks};
 
 use crate::{
     domain::{ApiKeyId, Status, TenantId, WebhookId},
-    events::{Event, EventBus},
+    events::{Event, EventBus, EventLog},
     secrets::{Keyring, SealError, Sealed},
 };
 use secrecy::SecretString;
@@ -999,6 +999,63 @@ impl Store {
             .iter()
             .map(event_of)
             .collect()
+    }
+}
+
+/// The follower's view of the log. `committed_ids_after` and
+/// `last_event_id` are the only queries on the events table not scoped by
+/// tenant: they return bare ids, never shown to a caller, so that a
+/// follower can tell a hole in the sequence (a transaction still
+/// committing) from another tenant's event.
+#[async_trait::async_trait]
+impl EventLog for Store {
+    async fn committed_ids_after(&self, after: i64, limit: u64) -> Result<Vec<i64>, String> {
+        events::Entity::find()
+            .select_only()
+            .column(events::Column::Id)
+            .filter(events::Column::Id.gt(after))
+            .order_by_asc(events::Column::Id)
+            .limit(limit)
+            .into_tuple::<i64>()
+            .all(&self.db)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn events_between(
+        &self,
+        tenant: &TenantId,
+        webhook: Option<&WebhookId>,
+        after: i64,
+        upto: i64,
+        limit: u64,
+    ) -> Result<Vec<Event>, String> {
+        let mut q = events::Entity::find()
+            .filter(events::Column::TenantId.eq(tenant.as_str()))
+            .filter(events::Column::Id.gt(after))
+            .filter(events::Column::Id.lte(upto));
+        if let Some(w) = webhook {
+            q = q.filter(events::Column::WebhookId.eq(w.as_str()));
+        }
+        q.order_by_asc(events::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|row| event_of(row).map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    async fn last_event_id(&self) -> Result<i64, String> {
+        let max: Option<Option<i64>> = events::Entity::find()
+            .select_only()
+            .column_as(events::Column::Id.max(), "max")
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(max.flatten().unwrap_or(0))
     }
 }
 

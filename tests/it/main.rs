@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod clients;
 mod detect;
 mod flow;
 mod ops;
@@ -11,3 +12,4 @@ mod rest;
 mod scale;
 mod security;
 mod ssrf;
+mod streams;

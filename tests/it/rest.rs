@@ -104,11 +104,46 @@ async fn rest_flow_delivers_and_reports(db: &TestDb) {
     assert_eq!(p["metadata"]["album"], "summer");
     assert_eq!(p["file"]["contentType"], "image/png");
 
-    // REST and gRPC return the same data for the same webhook.
+    // REST and gRPC return the same data for the same webhook, field by
+    // field, in their own encodings.
     let grpc = crate::helpers::get(&app, &app.key_a, &id).await;
+    let ts = |t: &Option<prost_types::Timestamp>| {
+        let t = t.as_ref().unwrap();
+        chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32).unwrap()
+    };
+    let rest_ts = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .to_utc()
+    };
     assert_eq!(w["id"], grpc.id.as_str());
-    assert_eq!(w["etag"], grpc.etag.as_str());
+    assert_eq!(w["status"], grpc.status().as_str_name());
+    assert_eq!(w["storage"], grpc.storage.as_str());
+    assert_eq!(w["bucket"], grpc.bucket.as_str());
     assert_eq!(w["key"], grpc.key.as_str());
+    assert_eq!(w["filename"], grpc.filename.as_str());
+    assert_eq!(w["contentType"], grpc.content_type.as_str());
+    assert_eq!(w["size"], grpc.size.to_string());
+    assert_eq!(w["etag"], grpc.etag.as_str());
+    assert_eq!(w["trigger"], grpc.trigger().as_str_name());
+    assert_eq!(w["priority"], grpc.priority().as_str_name());
+    assert_eq!(w["url"], grpc.url.as_str());
+    assert_eq!(w["attemptCount"], grpc.attempt_count);
+    assert_eq!(w["metadata"], serde_json::to_value(&grpc.metadata).unwrap());
+    assert_eq!(rest_ts(&w["createdAt"]), ts(&grpc.created_at));
+    assert_eq!(rest_ts(&w["verifiedAt"]), ts(&grpc.verified_at));
+    assert_eq!(rest_ts(&w["completedAt"]), ts(&grpc.completed_at));
+    assert_eq!(rest_ts(&w["expiresAt"]), ts(&grpc.expires_at));
+    assert_eq!(
+        rest_ts(&w["objectLastModified"]),
+        ts(&grpc.object_last_modified)
+    );
+    let (ra, ga) = (&w["attempts"][0], &grpc.attempts[0]);
+    assert_eq!(w["attempts"].as_array().unwrap().len(), grpc.attempts.len());
+    assert_eq!(ra["number"], ga.number);
+    assert_eq!(ra["responseStatus"], ga.response_status);
+    assert_eq!(ra["durationMs"], ga.duration_ms.to_string());
+    assert_eq!(rest_ts(&ra["startedAt"]), ts(&ga.started_at));
     app.stop().await;
 }
 
@@ -170,4 +205,27 @@ async fn rest_errors_are_google_rpc_status(db: &TestDb) {
     let r = http.get(app.http_url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     app.stop().await;
+}
+
+/// The checked-in OpenAPI document is the one the server serves; it is
+/// generated from the descriptors, so a proto change makes it stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_is_served_and_the_checked_in_copy_is_current() {
+    const REGENERATE: &str = "cargo run -- openapi > docs/openapi.json";
+    let generated = uploadhook::openapi_json().unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
+    let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        checked_in == generated,
+        "docs/openapi.json is stale; regenerate it with:\n\n    {REGENERATE}\n"
+    );
+
+    let db = TestDb::new(crate::helpers::Backend::Sqlite).await.unwrap();
+    let mut app = TestApp::start(&db, "").await;
+    let r = reqwest::get(app.http_url("/openapi.json")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(r.text().await.unwrap(), generated);
+    app.stop().await;
+    db.cleanup().await;
 }

@@ -1,0 +1,251 @@
+//! The cross-process bus: Redis pub/sub on `<prefix>:events`.
+//!
+//! Every process keeps its in-process broadcast for its own streams and
+//! also publishes each committed event to Redis; every process subscribes
+//! and re-broadcasts what other processes published. A message is only a
+//! wake-up (followers re-read the store), so a lost message costs latency,
+//! never an event.
+//!
+//! Both connections are made in the background and remade by themselves:
+//! the publisher through a reconnecting connection manager, the subscriber
+//! in a loop that pings its connection and starts over when it breaks.
+//! While the subscription is down [`EventBus::live`] is `false` and
+//! followers poll the store instead. On a Redis Cluster, classic pub/sub
+//! reaches every node's subscribers, so the subscriber uses one connection
+//! to the URL's node.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::DateTime;
+use futures_util::StreamExt;
+use redis::Client;
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{Event, EventBus, LocalEventBus};
+use crate::{
+    domain::{Status, TenantId, WebhookId},
+    pipeline::redis_conn::{RedisTarget, Timeouts},
+};
+
+const TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(5),
+    response: Duration::from_secs(5),
+};
+/// Pause between two attempts to (re)connect the subscriber.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// The subscriber pings this often, to notice a connection that died
+/// silently.
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// Events waiting to be published; beyond this, wake-ups are dropped (the
+/// store still has the events; followers on other processes catch up at
+/// the next wake-up).
+const OUTBOX: usize = 4096;
+
+pub struct RedisEventBus {
+    local: LocalEventBus,
+    outbox: mpsc::Sender<String>,
+    origin: String,
+    live: Arc<AtomicBool>,
+}
+
+impl RedisEventBus {
+    /// Starts publishing and subscribing in the background; stops when
+    /// `shutdown` is cancelled.
+    pub fn start(
+        target: RedisTarget,
+        prefix: &str,
+        capacity: usize,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let channel = format!("{prefix}:events");
+        let (outbox, rx) = mpsc::channel(OUTBOX);
+        let bus = Arc::new(Self {
+            local: LocalEventBus::new(capacity),
+            outbox,
+            origin: uuid::Uuid::new_v4().simple().to_string(),
+            live: Arc::new(AtomicBool::new(false)),
+        });
+        let client = match &target {
+            RedisTarget::Single(c) => c.clone(),
+            RedisTarget::Cluster(seed) => Client::open(seed.clone())?,
+        };
+        tokio::spawn(publish_loop(target, channel.clone(), rx, shutdown.clone()));
+        tokio::spawn(subscribe_loop(
+            client,
+            channel,
+            Arc::downgrade(&bus),
+            shutdown,
+        ));
+        Ok(bus)
+    }
+
+    fn encode(&self, e: &Event) -> String {
+        json!({
+            "o": self.origin,
+            "id": e.id,
+            "t": e.tenant_id.as_str(),
+            "w": e.webhook_id.as_str(),
+            "k": e.kind,
+            "s": e.status.as_str(),
+            "at": e.occurred_at.timestamp_micros(),
+        })
+        .to_string()
+    }
+
+    /// The event of a message from another process; `None` for our own
+    /// messages (already broadcast locally) and for garbage.
+    fn decode(&self, payload: &str) -> Option<Event> {
+        let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+        if v["o"].as_str()? == self.origin {
+            return None;
+        }
+        Some(Event {
+            id: v["id"].as_i64()?,
+            tenant_id: TenantId::from_trusted(v["t"].as_str()?.to_string()),
+            webhook_id: WebhookId::from_trusted(v["w"].as_str()?.to_string()),
+            kind: v["k"].as_str()?.to_string(),
+            status: Status::parse(v["s"].as_str()?)?,
+            occurred_at: DateTime::from_timestamp_micros(v["at"].as_i64()?)?,
+        })
+    }
+}
+
+impl EventBus for RedisEventBus {
+    fn publish(&self, event: Event) {
+        if self.outbox.try_send(self.encode(&event)).is_err() {
+            tracing::debug!("event bus outbox full; a cross-process wake-up is dropped");
+        }
+        self.local.publish(event);
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.local.subscribe()
+    }
+
+    fn live(&self) -> bool {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+async fn publish_loop(
+    target: RedisTarget,
+    channel: String,
+    mut rx: mpsc::Receiver<String>,
+    shutdown: CancellationToken,
+) {
+    let mut conn = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = target.connect(TIMEOUTS) => match c {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event bus: cannot connect to Redis to publish; retrying");
+                    tokio::time::sleep(RETRY_EVERY).await;
+                }
+            },
+        }
+    };
+    loop {
+        let payload = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = rx.recv() => match p { Some(p) => p, None => return },
+        };
+        // The manager reconnects by itself; a failed publish is a lost
+        // wake-up only.
+        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "event bus: publish failed");
+        }
+    }
+}
+
+async fn subscribe_loop(
+    client: Client,
+    channel: String,
+    bus: std::sync::Weak<RedisEventBus>,
+    shutdown: CancellationToken,
+) {
+    let mut logged = false;
+    loop {
+        let Some(live) = bus.upgrade().map(|b| b.live.clone()) else {
+            return;
+        };
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = subscribed(&client, &channel, &bus, &live) => r,
+        };
+        match result {
+            Ok(()) => return, // the bus is gone
+            Err(e) => {
+                // A subscription that was up is a fresh loss: say so once.
+                if live.swap(false, Ordering::Relaxed) {
+                    logged = false;
+                }
+                if !logged {
+                    tracing::warn!(error = %e, "event bus: Redis subscription lost; streams poll the database until it is back");
+                    logged = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RETRY_EVERY) => {}
+        }
+    }
+}
+
+/// One subscription, until its connection breaks (`Err`) or the bus is
+/// dropped (`Ok`).
+async fn subscribed(
+    client: &Client,
+    channel: &str,
+    bus: &std::sync::Weak<RedisEventBus>,
+    live: &AtomicBool,
+) -> anyhow::Result<()> {
+    let pubsub = tokio::time::timeout(TIMEOUTS.connect, client.get_async_pubsub())
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
+    let (mut sink, mut stream) = pubsub.split();
+    sink.subscribe(channel).await?;
+    live.store(true, Ordering::Relaxed);
+    tracing::info!("event bus: subscribed to Redis");
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            msg = stream.next() => {
+                let Some(msg) = msg else {
+                    anyhow::bail!("connection closed");
+                };
+                let Some(bus) = bus.upgrade() else { return Ok(()) };
+                if let Some(event) = msg
+                    .get_payload::<String>()
+                    .ok()
+                    .and_then(|p| bus.decode(&p))
+                {
+                    bus.local.publish(event);
+                }
+            }
+            _ = ping.tick() => {
+                if bus.strong_count() == 0 {
+                    return Ok(());
+                }
+                tokio::time::timeout(TIMEOUTS.response, sink.ping::<String>())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("ping timed out"))??;
+            }
+        }
+    }
+}

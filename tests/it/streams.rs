@@ -1,0 +1,514 @@
+//! StreamEvents: resume without loss or repeat, tenant isolation, SSE with
+//! `Last-Event-ID` and heartbeats, and events from another process.
+
+use std::{sync::Arc, time::Duration};
+
+use tonic::{Code, Streaming};
+use uploadhook::{
+    Roles,
+    clock::SystemClock,
+    proto::{self, stream_events_response::Kind},
+};
+
+use crate::{
+    backend_tests,
+    helpers::{
+        Backend, Receiver, SharedS3, TestApp, TestDb, authed, create_request, start_process, upload,
+    },
+};
+
+backend_tests!(
+    resume_after_disconnect_loses_no_event_and_repeats_none,
+    streams_never_show_another_tenant,
+    sse_resumes_with_last_event_id_and_sends_heartbeats
+);
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+async fn open(
+    app: &TestApp,
+    key: &str,
+    req: proto::StreamEventsRequest,
+) -> Result<Streaming<proto::StreamEventsResponse>, tonic::Status> {
+    app.client()
+        .await
+        .stream_events(authed(key, req))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The next event, skipping heartbeats; bounded so that a hang fails.
+async fn next_event(s: &mut Streaming<proto::StreamEventsResponse>) -> proto::WebhookEvent {
+    // One deadline for the event: heartbeats do not extend it.
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, s.message())
+            .await
+            .expect("no event in time")
+            .expect("stream failed")
+            .expect("stream ended");
+        if let Some(Kind::Event(e)) = msg.kind {
+            return e;
+        }
+    }
+}
+
+async fn create(app: &TestApp, key: &str) -> String {
+    app.client()
+        .await
+        .create_upload_webhook(authed(key, create_request("http://127.0.0.1:9/", "a.txt")))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap()
+        .id
+}
+
+async fn cancel(app: &TestApp, key: &str, id: &str) {
+    app.client()
+        .await
+        .cancel_webhook(authed(
+            key,
+            proto::CancelWebhookRequest {
+                webhook_id: id.into(),
+            },
+        ))
+        .await
+        .unwrap();
+}
+
+async fn resume_after_disconnect_loses_no_event_and_repeats_none(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let key = app.key_a.clone();
+    let mut s = open(&app, &key, Default::default()).await.unwrap();
+
+    // Live from now: two events arrive, then the client goes away.
+    let first = create(&app, &key).await;
+    cancel(&app, &key, &first).await;
+    let mut got = vec![next_event(&mut s).await, next_event(&mut s).await];
+    drop(s);
+    assert_eq!(got[0].r#type, "webhook.created");
+    assert_eq!(got[1].r#type, "webhook.cancelled");
+    assert_eq!(got[1].status, proto::Status::Cancelled as i32);
+
+    // Events committed while disconnected, from both tenants.
+    let mut mine = vec![first.clone()];
+    for _ in 0..3 {
+        mine.push(create(&app, &key).await);
+        create(&app, &app.key_b.clone()).await;
+    }
+    let cursor = got[1].event_id;
+    let mut s = open(
+        &app,
+        &key,
+        proto::StreamEventsRequest {
+            after_event_id: cursor,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        got.push(next_event(&mut s).await);
+    }
+    // Then live again, on the same stream.
+    cancel(&app, &key, &mine[3]).await;
+    got.push(next_event(&mut s).await);
+
+    // Exactly the tenant's stored events, in order, once each.
+    let stored = app
+        .store()
+        .events_after(
+            &uploadhook::domain::TenantId::from_trusted(
+                app.store()
+                    .authenticate(&key, chrono::Utc::now())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .as_str()
+                    .to_string(),
+            ),
+            None,
+            0,
+            100,
+        )
+        .await
+        .unwrap();
+    let stored: Vec<(i64, String)> = stored.into_iter().map(|e| (e.id, e.kind)).collect();
+    let streamed: Vec<(i64, String)> = got.iter().map(|e| (e.event_id, e.r#type.clone())).collect();
+    assert_eq!(streamed, stored);
+    assert!(got.iter().all(|e| mine.contains(&e.webhook_id)));
+    app.stop().await;
+}
+
+async fn streams_never_show_another_tenant(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let (a, b) = (app.key_a.clone(), app.key_b.clone());
+    let theirs = create(&app, &b).await;
+
+    // Naming another tenant's webhook answers like an unknown one.
+    let err = open(
+        &app,
+        &a,
+        proto::StreamEventsRequest {
+            webhook_id: theirs.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), format!("webhook {theirs} not found"));
+
+    // A replay from the start and a live stream see only the caller's.
+    let mut replay = open(
+        &app,
+        &a,
+        proto::StreamEventsRequest {
+            after_event_id: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut live = open(&app, &a, Default::default()).await.unwrap();
+    cancel(&app, &b, &theirs).await;
+    create(&app, &b).await;
+    let mine = create(&app, &a).await;
+    assert_eq!(next_event(&mut live).await.webhook_id, mine);
+    assert_eq!(next_event(&mut replay).await.webhook_id, mine);
+
+    // Filters: one webhook, by type and status.
+    let other = create(&app, &a).await;
+    let mut only = open(
+        &app,
+        &a,
+        proto::StreamEventsRequest {
+            webhook_id: other.clone(),
+            after_event_id: 1,
+            types: vec!["webhook.cancelled".into()],
+            statuses: vec![proto::Status::Cancelled as i32],
+        },
+    )
+    .await
+    .unwrap();
+    cancel(&app, &a, &mine).await;
+    cancel(&app, &a, &other).await;
+    let e = next_event(&mut only).await;
+    assert_eq!(
+        (e.webhook_id.as_str(), e.r#type.as_str()),
+        (other.as_str(), "webhook.cancelled")
+    );
+
+    // Bad filters name their field; no key, no stream.
+    let err = open(
+        &app,
+        &a,
+        proto::StreamEventsRequest {
+            types: vec!["Not A Type".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("types[0]: "), "{}", err.message());
+    let err = app
+        .client()
+        .await
+        .stream_events(proto::StreamEventsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    app.stop().await;
+}
+
+async fn sse_resumes_with_last_event_id_and_sends_heartbeats(db: &TestDb) {
+    let mut app = TestApp::start(db, "[streams]\nheartbeat_every = \"100ms\"\n").await;
+    let key = app.key_a.clone();
+    let mut live = open(&app, &key, Default::default()).await.unwrap();
+    let id = create(&app, &key).await;
+    cancel(&app, &key, &id).await;
+    let created = next_event(&mut live).await;
+    let cancelled = next_event(&mut live).await;
+    drop(live);
+
+    // Resumed after the first event: only the second, with its id, then
+    // heartbeats as comments.
+    let mut r = reqwest::Client::new()
+        .get(app.http_url(&format!("/v1/events:stream?webhookId={id}")))
+        .header("authorization", format!("Bearer {key}"))
+        .header("last-event-id", created.event_id.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    while !text.contains("\n\n: ") {
+        let chunk = tokio::time::timeout(WITHIN, r.chunk())
+            .await
+            .expect("no SSE data in time")
+            .unwrap()
+            .expect("SSE stream ended");
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let first = text.split("\n\n").next().unwrap();
+    let mut lines = first.lines();
+    assert_eq!(lines.next().unwrap(), format!("id: {}", cancelled.event_id));
+    let data: serde_json::Value =
+        serde_json::from_str(lines.next().unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(data["event"]["eventId"], cancelled.event_id.to_string());
+    assert_eq!(data["event"]["type"], "webhook.cancelled");
+    assert_eq!(data["event"]["status"], "STATUS_CANCELLED");
+    let comment = text.split("\n\n").nth(1).unwrap();
+    assert!(
+        comment.starts_with(": {\"heartbeat\":{\"sentAt\":"),
+        "{comment}"
+    );
+    drop(r);
+
+    // A bad Last-Event-ID names the header.
+    let r = reqwest::Client::new()
+        .get(app.http_url("/v1/events:stream"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("last-event-id", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Last-Event-ID: "),
+        "{body}"
+    );
+    app.stop().await;
+}
+
+/// The API process serves the stream; a worker process commits the
+/// verification and delivery events. Only Redis pub/sub connects them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_from_another_process_arrives_on_a_stream() {
+    let Some(db) = TestDb::new(Backend::PostgresRedis).await else {
+        return;
+    };
+    let s3 = SharedS3::start().await;
+    // Polling would also find the events: make it too slow to matter.
+    let slow_poll = "[streams]\npoll_every = \"1h\"\n";
+    let api = start_process(
+        &db,
+        &[&s3.toml, slow_poll],
+        Roles::API,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let key = api
+        .store
+        .create_api_key("tenant-a", chrono::Utc::now())
+        .await
+        .unwrap()
+        .plaintext;
+    let worker = start_process(
+        &db,
+        &[&s3.toml, slow_poll],
+        Roles::WORKER,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !(api.store.bus().live() && worker.store.bus().live()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never subscribed to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rx = Receiver::start().await;
+    let mut client = proto::webhook_service_client::WebhookServiceClient::connect(format!(
+        "http://{}",
+        api.grpc_addr.unwrap()
+    ))
+    .await
+    .unwrap();
+    let created = client
+        .create_upload_webhook(authed(&key, create_request(&rx.url, "a.txt")))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.webhook.clone().unwrap().id;
+    upload(&created, b"hello").await;
+
+    let mut s = client
+        .stream_events(authed(
+            &key,
+            proto::StreamEventsRequest {
+                webhook_id: id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .confirm(authed(
+            &key,
+            proto::ConfirmRequest {
+                webhook_id: id.clone(),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    let mut types = vec![];
+    while types.last().map(String::as_str) != Some("delivery.succeeded") {
+        types.push(next_event(&mut s).await.r#type);
+    }
+    assert_eq!(
+        types,
+        [
+            "upload.confirmed",
+            "upload.verified",
+            "delivery.started",
+            "delivery.succeeded"
+        ]
+    );
+    worker.stop().await;
+    api.stop().await;
+    db.cleanup().await;
+}
+
+/// Forwards loopback TCP connections to `upstream`; `cut` drops every
+/// open connection (as a network failure would) and keeps accepting.
+struct CuttableProxy {
+    addr: std::net::SocketAddr,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: std::net::SocketAddr) -> CuttableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let list = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (down, up) = (Arc::new(down), Arc::new(up));
+                let task = tokio::spawn(async move {
+                    tokio::select! {
+                        _ = pump(&down, &up) => {}
+                        _ = pump(&up, &down) => {}
+                    }
+                });
+                list.lock().unwrap().push(task);
+            }
+        });
+        CuttableProxy { addr, conns }
+    }
+
+    fn cut(&self) {
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+async fn pump(from: &tokio::net::TcpStream, to: &tokio::net::TcpStream) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if from.readable().await.is_err() {
+            return;
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        };
+        let mut sent = 0;
+        while sent < n {
+            if to.writable().await.is_err() {
+                return;
+            }
+            match to.try_write(&buf[sent..n]) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// A pub/sub connection that breaks is made again by itself; meanwhile
+/// the bus says it is not live (so followers poll), and afterwards events
+/// from another process wake it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_redis_subscription_reconnects_by_itself() {
+    use uploadhook::{
+        domain::{Status, TenantId, WebhookId},
+        events::{Event, EventBus, redis::RedisEventBus},
+        pipeline::redis_conn::RedisTarget,
+    };
+    let Some(url) = crate::helpers::required_env("UPLOADHOOK_TEST_REDIS_URL") else {
+        return;
+    };
+    let upstream = {
+        let hostport = url.trim_start_matches("redis://").trim_end_matches('/');
+        tokio::net::lookup_host(hostport)
+            .await
+            .unwrap()
+            .next()
+            .unwrap()
+    };
+    let proxy = CuttableProxy::start(upstream).await;
+    let prefix = format!("test-bus-{}", uuid::Uuid::new_v4().simple());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let through_proxy = RedisEventBus::start(
+        RedisTarget::parse(&format!("redis://{}", proxy.addr)).unwrap(),
+        &prefix,
+        16,
+        stop.clone(),
+    )
+    .unwrap();
+    let direct =
+        RedisEventBus::start(RedisTarget::parse(&url).unwrap(), &prefix, 16, stop.clone()).unwrap();
+    let wait = |cond: Box<dyn Fn() -> bool + Send>, what: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let (a, b) = (through_proxy.clone(), direct.clone());
+    wait(Box::new(move || a.live() && b.live()), "never subscribed").await;
+
+    proxy.cut();
+    let a = through_proxy.clone();
+    wait(Box::new(move || !a.live()), "the cut was not noticed").await;
+    let a = through_proxy.clone();
+    wait(Box::new(move || a.live()), "never subscribed again").await;
+
+    let mut rx = through_proxy.subscribe();
+    let event = Event {
+        id: 7,
+        tenant_id: TenantId::from_trusted("ten_x".into()),
+        webhook_id: WebhookId::from_trusted("wh_x".into()),
+        kind: "webhook.created".into(),
+        status: Status::Pending,
+        occurred_at: chrono::Utc::now(),
+    };
+    direct.publish(event.clone());
+    let got = tokio::time::timeout(WITHIN, rx.recv())
+        .await
+        .expect("no wake-up after reconnecting")
+        .unwrap();
+    assert_eq!(got.id, event.id);
+    assert_eq!(got.tenant_id, event.tenant_id);
+    stop.cancel();
+}
