@@ -393,7 +393,7 @@ async fn run(
     );
     if args.no_confirm {
         println!("RESULT {result}");
-        return Ok(());
+        return check(0, 0, &errors, created.len(), n);
     }
 
     // Phase 2: Confirm (or the floor), then wait for the receiver.
@@ -521,7 +521,7 @@ async fn run(
         report_errors(&errors);
         print_memory(procs, &mut result, "confirmed, receiver holding", "held");
         println!("RESULT {result}");
-        return Ok(());
+        return check(0, 0, &errors, created.len(), n);
     }
 
     // Wait for every delivery (or for no progress during drain_timeout).
@@ -638,14 +638,24 @@ async fn run(
         .into();
     print_memory(procs, &mut result, "end", "end");
     println!("RESULT {result}");
-    // A run that lost or garbled webhooks is a failure, not a figure.
     let bad = receiver.state.bad_signatures.load(Ordering::Relaxed);
+    check(missing, bad, &errors, created.len(), n)
+}
+
+/// A run that lost or garbled webhooks, or had failed requests, is a
+/// failure (exit code 1), not a figure.
+fn check(
+    missing: usize,
+    bad: u64,
+    errors: &Mutex<Vec<String>>,
+    created: usize,
+    n: usize,
+) -> anyhow::Result<()> {
     let failed = errors.lock().unwrap().len();
-    if missing > 0 || bad > 0 || failed > 0 || created.len() < n {
+    if missing > 0 || bad > 0 || failed > 0 || created < n {
         anyhow::bail!(
             "{missing} webhooks missing, {bad} bad signatures, {failed} failed requests, \
-             {} of {n} created",
-            created.len()
+             {created} of {n} created"
         );
     }
     Ok(())
