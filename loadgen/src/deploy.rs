@@ -1,0 +1,382 @@
+//! Starting a deployment from the release `uploadhook` binary: config
+//! files, a fresh database (and Redis prefix), an API key, the processes,
+//! and cleaning all of it up afterwards.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use std::process::{Child, Command, Output};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Kind {
+    /// `serve`: SQLite, in-process queue, embedded S3 server.
+    Embedded,
+    /// PostgreSQL + Redis, one `api` and one `worker`.
+    PgRedis1,
+    /// PostgreSQL + Redis, one `api` and two `worker`s.
+    PgRedis2,
+}
+
+pub struct Options {
+    pub kind: Kind,
+    pub bin: PathBuf,
+    pub database_url: String,
+    pub redis_url: String,
+    /// TOML lines added to every process's `[delivery]` section (e.g. a
+    /// retry schedule).
+    pub delivery_toml: String,
+    /// Environment variables for every process (`UPLOADHOOK_SECTION__KEY`).
+    pub env: Vec<(String, String)>,
+}
+
+pub struct Process {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+pub struct Deployment {
+    pub grpc_url: String,
+    pub api_key: String,
+    /// The storage connection to name in Create ("" when there is one).
+    pub storage: String,
+    pub s3_endpoint: String,
+    /// The base config (for building the floor's clients from it).
+    pub base_toml: String,
+    pub processes: Vec<Process>,
+    pub dir: PathBuf,
+    /// The PostgreSQL database and Redis prefix to drop afterwards.
+    pg: Option<(String, String)>,
+    redis: Option<(String, String)>,
+    env: Vec<(String, String)>,
+}
+
+/// Runs a short command to completion off the async runtime.
+async fn output(mut cmd: Command) -> std::io::Result<Output> {
+    tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn random_name(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())[..prefix.len() + 12].to_string()
+}
+
+/// Replaces the database name of a postgres:// URL.
+fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
+    let (base, _) = url
+        .rsplit_once('/')
+        .filter(|(b, _)| b.contains("://"))
+        .context("--database-url must end with /<database>")?;
+    Ok(format!("{base}/{db}"))
+}
+
+async fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
+    let mut cmd = Command::new("psql");
+    cmd.args([url, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql]);
+    let out = output(cmd)
+        .await
+        .context("running psql (PostgreSQL client)")?;
+    if !out.status.success() {
+        bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn run_cli(bin: &Path, config: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env("NO_COLOR", "1");
+    let out = output(cmd)
+        .await
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "uploadhook {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The master key of a throwaway benchmark deployment (its database is
+/// dropped after the run). The per-tenant rate limit is off: the load
+/// generator is one tenant by design.
+const BENCH_MASTER_KEY: &str = "bench:YmVuY2htYXJrLW9ubHktbWFzdGVyLWtleS0zMmJ5dGU=";
+
+impl Deployment {
+    pub async fn start(opts: &Options) -> anyhow::Result<Deployment> {
+        if !opts.bin.exists() {
+            bail!(
+                "--bin {}: not found; build it with `cargo build --release -p loadgen -p uploadhook`",
+                opts.bin.display()
+            );
+        }
+        let dir = std::env::temp_dir().join(random_name("uploadhook-loadgen-"));
+        std::fs::create_dir_all(&dir)?;
+        let (grpc, http, s3) = (free_port()?, free_port()?, free_port()?);
+        let s3_endpoint = format!("http://127.0.0.1:{s3}");
+        let common = format!(
+            "[delivery]\nallow_cidrs = [\"127.0.0.1/32\"]\n{}\
+             [api]\nrate_limit_per_second = 0.0\n\
+             [encryption]\nkeys = \"{BENCH_MASTER_KEY}\"\n\
+             [bootstrap]\ndev_tenant = \"\"\n\
+             [embedded_s3]\naddr = \"127.0.0.1:{s3}\"\nroot = \"{}\"\n",
+            opts.delivery_toml,
+            dir.join("objects").display()
+        );
+        let mut d = Deployment {
+            grpc_url: format!("http://127.0.0.1:{grpc}"),
+            api_key: String::new(),
+            storage: String::new(),
+            s3_endpoint,
+            base_toml: common.clone(),
+            processes: Vec::new(),
+            dir: dir.clone(),
+            pg: None,
+            redis: None,
+            env: Vec::new(),
+        };
+        let api_toml;
+        let mut worker_tomls = Vec::new();
+        match opts.kind {
+            Kind::Embedded => {
+                api_toml = format!(
+                    "{common}[server]\ngrpc_addr = \"127.0.0.1:{grpc}\"\nhttp_addr = \"127.0.0.1:{http}\"\n\
+                     [database]\nurl = \"sqlite://{}?mode=rwc\"\n",
+                    dir.join("uploadhook.db").display(),
+                );
+            }
+            Kind::PgRedis1 | Kind::PgRedis2 => {
+                let db = random_name("uh_bench_");
+                psql(&opts.database_url, &format!("CREATE DATABASE {db}")).await?;
+                d.pg = Some((opts.database_url.clone(), db.clone()));
+                let prefix = random_name("uhbench-");
+                d.redis = Some((opts.redis_url.clone(), prefix.clone()));
+                let url = with_database(&opts.database_url, &db)?;
+                d.storage = "main".into();
+                let shared = format!(
+                    "{common}[database]\nurl = \"{url}\"\n\
+                     [queue]\nbackend = \"redis\"\nredis_url = \"{}\"\nprefix = \"{prefix}\"\n\
+                     [storage.main]\nkind = \"s3-compatible\"\nbucket = \"uploads\"\n\
+                     endpoint = \"{}\"\npath_style = true\naccess_key_id = \"uploadhook-dev\"\n\
+                     secret_access_key = \"uploadhook-dev-secret\"\n",
+                    opts.redis_url, d.s3_endpoint
+                );
+                api_toml = format!(
+                    "{shared}[server]\ngrpc_addr = \"127.0.0.1:{grpc}\"\nhttp_addr = \"127.0.0.1:{http}\"\n"
+                )
+                .replace("[embedded_s3]\n", "[embedded_s3]\nmode = \"on\"\n");
+                let workers = if opts.kind == Kind::PgRedis1 { 1 } else { 2 };
+                for _ in 0..workers {
+                    worker_tomls.push(
+                        format!(
+                            "{shared}[server]\nhttp_addr = \"127.0.0.1:{}\"\n",
+                            free_port()?,
+                        )
+                        .replace("[embedded_s3]\n", "[embedded_s3]\nmode = \"off\"\n"),
+                    );
+                }
+            }
+        }
+        d.base_toml = api_toml.clone();
+        let api_cfg = dir.join("api.toml");
+        std::fs::write(&api_cfg, &api_toml)?;
+        run_cli(&opts.bin, &api_cfg, &["migrate"]).await?;
+        let out = run_cli(
+            &opts.bin,
+            &api_cfg,
+            &["keys", "create", "--tenant", "bench"],
+        )
+        .await?;
+        d.api_key = out
+            .lines()
+            .find_map(|l| l.strip_prefix("api key (shown once): "))
+            .context("`uploadhook keys create` printed no key")?
+            .trim()
+            .to_string();
+
+        let role = if opts.kind == Kind::Embedded {
+            "serve"
+        } else {
+            "api"
+        };
+        d.env = opts.env.clone();
+        d.spawn(&opts.bin, "api", &api_cfg, role, http).await?;
+        for (i, toml) in worker_tomls.iter().enumerate() {
+            let cfg = dir.join(format!("worker-{i}.toml"));
+            std::fs::write(&cfg, toml)?;
+            let port: u16 = toml
+                .split("http_addr = \"127.0.0.1:")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .and_then(|p| p.parse().ok())
+                .context("worker port")?;
+            d.spawn(&opts.bin, &format!("worker-{i}"), &cfg, "worker", port)
+                .await?;
+        }
+        Ok(d)
+    }
+
+    async fn spawn(
+        &mut self,
+        bin: &Path,
+        name: &str,
+        cfg: &Path,
+        role: &str,
+        http_port: u16,
+    ) -> anyhow::Result<()> {
+        let log = self.dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(cfg)
+            .arg(role)
+            .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        self.processes.push(Process {
+            name: name.to_string(),
+            child,
+        });
+        // Ready when /readyz answers 200 (database and queue reachable).
+        let url = format!("http://127.0.0.1:{http_port}/readyz");
+        let http = reqwest::Client::new();
+        for _ in 0..600 {
+            if let Ok(r) = http.get(&url).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(p) = self.processes.last_mut()
+                && let Ok(Some(status)) = p.child.try_wait()
+            {
+                bail!(
+                    "{name} exited ({status}); log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("{name} not ready after 60 s; log in {}", log.display())
+    }
+
+    /// PostgreSQL processes serving this deployment's database (backends),
+    /// and the server's shared ones (WAL writer, checkpointer, ...), which
+    /// other databases on the same server use too.
+    pub async fn postgres_pids(&self) -> anyhow::Result<Option<(Vec<u32>, Vec<u32>)>> {
+        let Some((url, db)) = &self.pg else {
+            return Ok(None);
+        };
+        let pids =
+            |s: String| -> Vec<u32> { s.lines().filter_map(|l| l.trim().parse().ok()).collect() };
+        let backends = pids(
+            psql(
+                url,
+                &format!("SELECT pid FROM pg_stat_activity WHERE datname = '{db}'"),
+            )
+            .await?,
+        );
+        let aux = pids(
+            psql(
+                url,
+                "SELECT pid FROM pg_stat_activity WHERE backend_type <> 'client backend'",
+            )
+            .await?,
+        );
+        Ok(Some((backends, aux)))
+    }
+
+    /// The redis-server process (from `INFO server`).
+    pub async fn redis_pid(&self) -> anyhow::Result<Option<u32>> {
+        let Some((url, _)) = &self.redis else {
+            return Ok(None);
+        };
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-u", url, "INFO", "server"]);
+        let out = output(cmd).await.context("running redis-cli")?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok()))
+    }
+
+    /// Stops the processes (SIGTERM, then SIGKILL after 20 s) and drops
+    /// the database, the Redis keys and the data folder.
+    pub async fn stop(mut self) {
+        for p in &self.processes {
+            let mut kill = Command::new("kill");
+            kill.args(["-TERM", &p.pid().to_string()]);
+            let _ = output(kill).await;
+        }
+        for p in &mut self.processes {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while matches!(p.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        if let Some((url, db)) = self.pg.take()
+            && let Err(e) = psql(&url, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await
+        {
+            eprintln!("dropping database {db}: {e}");
+        }
+        if let Some((url, prefix)) = self.redis.take() {
+            let script = "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+                          redis.call('DEL', k) n = n + 1 end return n";
+            let mut cmd = Command::new("redis-cli");
+            cmd.args(["-u", &url, "EVAL", script, "0", &format!("*{prefix}*")]);
+            let _ = output(cmd).await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Deployment {
+    /// Never leaves a service process behind, even on an error or a panic
+    /// (`stop` has already reaped them on the normal path).
+    fn drop(&mut self) {
+        for p in &mut self.processes {
+            if matches!(p.child.try_wait(), Ok(None)) {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_database_of_a_url() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/test", "x").unwrap(),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert!(with_database("nothing", "x").is_err());
+    }
+}

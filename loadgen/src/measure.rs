@@ -1,0 +1,157 @@
+//! What the report is made of: latency percentiles, and CPU time and peak
+//! memory of processes read from /proc.
+
+use std::time::Duration;
+
+/// Nearest-rank percentiles of a set of durations.
+pub struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    pub fn new(mut v: Vec<Duration>) -> Self {
+        v.sort_unstable();
+        Self(v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// `p` in 0..=100; zero when empty.
+    pub fn pct(&self, p: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * self.0.len() as f64).ceil() as usize;
+        self.0[rank.clamp(1, self.0.len()) - 1]
+    }
+
+    pub fn max(&self) -> Duration {
+        self.0.last().copied().unwrap_or_default()
+    }
+
+    /// `p50 1.23 ms, p95 …, p99 …, max …`
+    pub fn line(&self) -> String {
+        format!(
+            "p50 {} · p95 {} · p99 {} · max {} (n={})",
+            ms(self.pct(50.0)),
+            ms(self.pct(95.0)),
+            ms(self.pct(99.0)),
+            ms(self.max()),
+            self.len()
+        )
+    }
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Clock ticks per second of /proc/<pid>/stat times (`getconf CLK_TCK`;
+/// 100 on every Linux this runs on).
+fn clk_tck() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of one process in seconds; None when it is gone.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3, utime 14, stime 15 (1-based).
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clk_tck_cached())
+}
+
+fn clk_tck_cached() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(clk_tck)
+}
+
+/// A `/proc/<pid>/status` value in kB (e.g. `VmHWM`, `VmRSS`).
+pub fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// A named group of processes whose CPU time is summed.
+#[derive(Clone)]
+pub struct Group {
+    pub name: String,
+    pub pids: Vec<u32>,
+}
+
+/// CPU seconds of every group at one moment.
+pub struct Snapshot(Vec<(String, Vec<(u32, f64)>)>);
+
+pub fn snapshot(groups: &[Group]) -> Snapshot {
+    Snapshot(
+        groups
+            .iter()
+            .map(|g| {
+                let per = g
+                    .pids
+                    .iter()
+                    .filter_map(|&p| cpu_seconds(p).map(|c| (p, c)))
+                    .collect();
+                (g.name.clone(), per)
+            })
+            .collect(),
+    )
+}
+
+/// CPU seconds used by each group between two snapshots. A pid that is
+/// only in `after` (a connection opened meanwhile) counts from zero.
+pub fn cpu_delta(before: &Snapshot, after: &Snapshot) -> Vec<(String, f64)> {
+    after
+        .0
+        .iter()
+        .map(|(name, pids)| {
+            let old = before.0.iter().find(|(n, _)| n == name).map(|(_, p)| p);
+            let used: f64 = pids
+                .iter()
+                .map(|(pid, c)| {
+                    let was = old
+                        .and_then(|o| o.iter().find(|(p, _)| p == pid))
+                        .map(|(_, c)| *c)
+                        .unwrap_or(0.0);
+                    c - was
+                })
+                .sum();
+            (name.clone(), used)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let l = Latencies::new((1..=100).rev().map(Duration::from_millis).collect());
+        assert_eq!(l.pct(50.0), Duration::from_millis(50));
+        assert_eq!(l.pct(99.0), Duration::from_millis(99));
+        assert_eq!(l.pct(100.0), Duration::from_millis(100));
+        assert_eq!(l.max(), Duration::from_millis(100));
+        assert_eq!(Latencies::new(vec![]).pct(50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn reads_own_cpu_and_memory() {
+        let me = std::process::id();
+        assert!(cpu_seconds(me).is_some());
+        assert!(status_kb(me, "VmHWM").unwrap() > 0);
+        assert!(cpu_seconds(u32::MAX).is_none());
+    }
+}
