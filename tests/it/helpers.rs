@@ -544,3 +544,87 @@ pub async fn start_process(
         .await
         .unwrap()
 }
+
+/// Forwards loopback TCP connections to `upstream`; `cut` drops every
+/// open connection (as a network failure would) and keeps accepting.
+pub struct CuttableProxy {
+    down: Arc<std::sync::atomic::AtomicBool>,
+    pub addr: std::net::SocketAddr,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl CuttableProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> CuttableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let list = conns.clone();
+        let is_down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let refusing = is_down.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                if refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Down: the connection is closed at once.
+                    continue;
+                }
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (down, up) = (Arc::new(down), Arc::new(up));
+                let task = tokio::spawn(async move {
+                    tokio::select! {
+                        _ = pump(&down, &up) => {}
+                        _ = pump(&up, &down) => {}
+                    }
+                });
+                list.lock().unwrap().push(task);
+            }
+        });
+        CuttableProxy {
+            down: is_down,
+            addr,
+            conns,
+        }
+    }
+
+    /// Down: open connections are cut and new ones closed at once, as
+    /// when the upstream is unreachable. Up: forwarding again.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            self.cut();
+        }
+    }
+
+    pub fn cut(&self) {
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+async fn pump(from: &tokio::net::TcpStream, to: &tokio::net::TcpStream) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if from.readable().await.is_err() {
+            return;
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        };
+        let mut sent = 0;
+        while sent < n {
+            if to.writable().await.is_err() {
+                return;
+            }
+            match to.try_write(&buf[sent..n]) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}

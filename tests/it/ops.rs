@@ -197,6 +197,27 @@ async fn metrics_count_what_happened(db: &TestDb) {
     assert!(!text.contains(&id), "a webhook id leaked into a label");
     assert!(!text.contains("127.0.0.1"), "a URL leaked into a label");
 
+    // While a delivery is held by the receiver, its job is in the queue
+    // (taken, not acked) and the webhook is DELIVERING.
+    rx.hold_next(std::time::Duration::from_secs(3));
+    let held = create_and_upload(&app, &rx.url, Some(b"held"), None).await;
+    let held_id = held.webhook.unwrap().id;
+    confirm(&app, &held_id, "").await.unwrap();
+    wait_for(&app, &app.key_a, &held_id, Status::Delivering).await;
+    let text = http
+        .get(app.http_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let pending = sample(&text, "uploadhook_queue_pending", &[]).unwrap_or(0.0);
+    assert!(pending >= 1.0, "queue_pending {pending}\n{text}");
+    let delivering = sample(&text, "uploadhook_webhooks", &["status=\"delivering\""]);
+    assert!(delivering.unwrap_or(0.0) >= 1.0, "{text}");
+    wait_for(&app, &app.key_a, &held_id, Status::Completed).await;
+
     let readyz = http.get(app.http_url("/readyz")).send().await.unwrap();
     assert_eq!(readyz.status(), 200);
     let body = readyz.text().await.unwrap();
@@ -207,4 +228,54 @@ async fn metrics_count_what_happened(db: &TestDb) {
         "{body}"
     );
     app.stop().await;
+}
+
+/// `/readyz` answers 503 while the database is unreachable (a loopback
+/// proxy in front of PostgreSQL refuses connections), and 200 again once
+/// it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_the_database_is_unreachable_and_recovers() {
+    let Some(db) = TestDb::new(crate::helpers::Backend::Postgres).await else {
+        return;
+    };
+    let mut url = reqwest::Url::parse(&db.url).unwrap();
+    let upstream = std::net::ToSocketAddrs::to_socket_addrs(&(
+        url.host_str().unwrap().to_string(),
+        url.port().unwrap_or(5432),
+    ))
+    .unwrap()
+    .next()
+    .unwrap();
+    let proxy = crate::helpers::CuttableProxy::start(upstream).await;
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    let mut app = TestApp::start(&db, &format!("[database]\nurl = \"{url}\"\n")).await;
+    let http = reqwest::Client::new();
+    let readyz = || async {
+        let r = http.get(app.http_url("/readyz")).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let wait_for = |want: u16| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let (status, body) = readyz().await;
+            if status == want {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/readyz still {status}: {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    assert_eq!(readyz().await.0, 200);
+    proxy.set_down(true);
+    let body = wait_for(503).await;
+    assert!(body.contains("database: unavailable"), "{body}");
+    proxy.set_down(false);
+    let body = wait_for(200).await;
+    assert!(body.contains("database: ok"), "{body}");
+    app.stop().await;
+    db.cleanup().await;
 }

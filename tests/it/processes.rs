@@ -1083,12 +1083,20 @@ async fn a_trace_continues_from_confirm_to_the_receiver_and_the_collector() {
     let raw_id = hex::decode(trace_id).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let found = bodies
+        // The RPC span and the delivery job's span, both in that trace.
+        let spans_of_trace: Vec<bytes::Bytes> = bodies
             .lock()
             .unwrap()
             .iter()
-            .any(|b| b.windows(16).any(|w| w == raw_id.as_slice()));
-        if found {
+            .filter(|b| b.windows(16).any(|w| w == raw_id.as_slice()))
+            .cloned()
+            .collect();
+        let named = |name: &str| {
+            spans_of_trace
+                .iter()
+                .any(|b| b.windows(name.len()).any(|w| w == name.as_bytes()))
+        };
+        if named("uploadhook.v1.WebhookService/Confirm") && named("deliver webhook") {
             break;
         }
         assert!(

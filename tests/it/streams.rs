@@ -381,70 +381,6 @@ async fn an_event_from_another_process_arrives_on_a_stream() {
     db.cleanup().await;
 }
 
-/// Forwards loopback TCP connections to `upstream`; `cut` drops every
-/// open connection (as a network failure would) and keeps accepting.
-struct CuttableProxy {
-    addr: std::net::SocketAddr,
-    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl CuttableProxy {
-    async fn start(upstream: std::net::SocketAddr) -> CuttableProxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let list = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((down, _)) = listener.accept().await {
-                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                let (down, up) = (Arc::new(down), Arc::new(up));
-                let task = tokio::spawn(async move {
-                    tokio::select! {
-                        _ = pump(&down, &up) => {}
-                        _ = pump(&up, &down) => {}
-                    }
-                });
-                list.lock().unwrap().push(task);
-            }
-        });
-        CuttableProxy { addr, conns }
-    }
-
-    fn cut(&self) {
-        for task in self.conns.lock().unwrap().drain(..) {
-            task.abort();
-        }
-    }
-}
-
-async fn pump(from: &tokio::net::TcpStream, to: &tokio::net::TcpStream) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if from.readable().await.is_err() {
-            return;
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return,
-        };
-        let mut sent = 0;
-        while sent < n {
-            if to.writable().await.is_err() {
-                return;
-            }
-            match to.try_write(&buf[sent..n]) {
-                Ok(k) => sent += k,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
-    }
-}
-
 /// A pub/sub connection that breaks is made again by itself; meanwhile
 /// the bus says it is not live (so followers poll), and afterwards events
 /// from another process wake it again.
@@ -466,7 +402,7 @@ async fn a_lost_redis_subscription_reconnects_by_itself() {
             .next()
             .unwrap()
     };
-    let proxy = CuttableProxy::start(upstream).await;
+    let proxy = crate::helpers::CuttableProxy::start(upstream).await;
     let prefix = format!("test-bus-{}", uuid::Uuid::new_v4().simple());
     let stop = tokio_util::sync::CancellationToken::new();
     let through_proxy = RedisEventBus::start(
