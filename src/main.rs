@@ -115,8 +115,7 @@ enum KeysCommand {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Openapi = cli.command {
-        print!("{}", uploadhook::openapi_json()?);
-        return Ok(());
+        return out(&uploadhook::openapi_json()?);
     }
     let cfg = Config::load(cli.config.as_deref()).context("loading configuration")?;
     let format = match cli.log_format {
@@ -174,15 +173,23 @@ async fn main() -> anyhow::Result<()> {
                 until: until.map(|s| parse_time("--until", &s, now)).transpose()?,
             };
             let report = uploadhook::ops::bulk_redrive(&cfg, &filter, limit, dry_run).await?;
-            print!("{report}");
-            Ok(())
+            out(&report.to_string())
         }
         Command::Openapi => unreachable!("handled before the configuration is loaded"),
         Command::Status => {
             uploadhook::migrate(&cfg).await?;
-            print!("{}", uploadhook::ops::status(&cfg).await?);
-            Ok(())
+            out(&uploadhook::ops::status(&cfg).await?.to_string())
         }
+    }
+}
+
+/// Writes a command's report to stdout. A reader that went away
+/// (`uploadhook status | head`) is not an error.
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
 }
 
