@@ -24,8 +24,6 @@ pub enum ApiError {
     #[error("rate limit exceeded for this tenant; retry in {retry_after_secs}s")]
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
-    Unimplemented(String),
-    #[error("{0}")]
     Unavailable(String),
     /// The cause is logged, not shown to the caller.
     #[error("internal error")]
@@ -61,7 +59,6 @@ impl ApiError {
             ApiError::ResourceExhausted(_) | ApiError::RateLimited { .. } => {
                 Code::ResourceExhausted
             }
-            ApiError::Unimplemented(_) => Code::Unimplemented,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal => Code::Internal,
         }
