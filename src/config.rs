@@ -46,6 +46,142 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+    pub tls: TlsConfig,
+}
+
+/// TLS on the gRPC and HTTP listeners (`server.tls`), and mutual TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; empty: no TLS.
+    pub cert_file: String,
+    /// PEM private key of `cert_file`.
+    pub key_file: String,
+    /// PEM CA bundle that client certificates must chain to.
+    pub client_ca_file: String,
+    pub client_auth: ClientAuth,
+    /// How often the files are checked for changes (certificate renewal).
+    #[serde(deserialize_with = "de_duration")]
+    pub reload_every: Duration,
+    /// Client certificates that authenticate as a tenant without an API key.
+    pub client_tenants: Vec<ClientTenant>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
+}
+
+fn invalid(key: &str, message: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.to_string(),
+    })
+}
+
+impl TlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let tls_only = |key: &str| {
+            invalid(
+                &format!("server.tls.{key}"),
+                "needs TLS: set server.tls.cert_file and server.tls.key_file",
+            )
+        };
+        if self.cert_file.is_empty() != self.key_file.is_empty() {
+            return invalid(
+                if self.cert_file.is_empty() {
+                    "server.tls.cert_file"
+                } else {
+                    "server.tls.key_file"
+                },
+                "cert_file and key_file are set together",
+            );
+        }
+        if !self.enabled() {
+            if self.client_auth != ClientAuth::Off {
+                return tls_only("client_auth");
+            }
+            if !self.client_ca_file.is_empty() {
+                return tls_only("client_ca_file");
+            }
+        }
+        match (self.client_auth, self.client_ca_file.is_empty()) {
+            (ClientAuth::Off, false) => {
+                return invalid(
+                    "server.tls.client_ca_file",
+                    "is set but server.tls.client_auth is \"off\"; set it to \"optional\" or \"required\"",
+                );
+            }
+            (ClientAuth::Optional | ClientAuth::Required, true) => {
+                return invalid(
+                    "server.tls.client_ca_file",
+                    "is required when server.tls.client_auth is not \"off\"",
+                );
+            }
+            _ => {}
+        }
+        if self.reload_every.is_zero() {
+            return invalid("server.tls.reload_every", "must be more than 0");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, entry) in self.client_tenants.iter().enumerate() {
+            let key = format!("server.tls.client_tenants[{i}]");
+            if self.client_auth == ClientAuth::Off {
+                return invalid(
+                    &key,
+                    "needs server.tls.client_auth \"optional\" or \"required\"",
+                );
+            }
+            if entry.tenant.trim().is_empty() {
+                return invalid(&format!("{key}.tenant"), "is empty");
+            }
+            let matchers = [&entry.subject, &entry.san_dns, &entry.san_uri];
+            let set: Vec<&String> = matchers.iter().filter_map(|m| m.as_ref()).collect();
+            if set.len() != 1 || set[0].trim().is_empty() {
+                return invalid(
+                    &key,
+                    "needs exactly one non-empty matcher: subject, san_dns or san_uri",
+                );
+            }
+            let matcher = (
+                entry.subject.is_some(),
+                entry.san_dns.is_some(),
+                set[0].to_ascii_lowercase(),
+            );
+            if !seen.insert(matcher) {
+                return invalid(&key, "repeats the matcher of an earlier entry");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether clients must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificates are asked for.
+    Off,
+    /// A certificate is checked when the client sends one.
+    Optional,
+    /// Every API call needs a certificate that chains to `client_ca_file`.
+    Required,
+}
+
+/// One entry of `server.tls.client_tenants`: a certificate that matches
+/// exactly one of `subject`, `san_dns`, `san_uri` is `tenant`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTenant {
+    /// The tenant's name (created when missing, as `keys create` does).
+    pub tenant: String,
+    /// The subject distinguished name, RFC 4514 (`CN=billing,O=Acme`).
+    pub subject: Option<String>,
+    /// A DNS name in the certificate's subject alternative names.
+    pub san_dns: Option<String>,
+    /// A URI in the subject alternative names (a SPIFFE id, say).
+    pub san_uri: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -615,6 +751,7 @@ impl Config {
                 );
             }
         }
+        self.server.tls.validate()?;
         if self.embedded_s3.mode == EmbeddedMode::On && self.storage.contains_key("embedded") {
             return invalid(
                 "storage.embedded",
@@ -748,6 +885,53 @@ mod tests {
         let err = Config::from_toml("[delivery]\ntimeout = \"15 parsecs\"").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("delivery.timeout"), "{msg}");
+    }
+
+    #[test]
+    fn tls_settings_are_checked_naming_the_key() {
+        let err = |toml: &str| Config::from_toml(toml).unwrap_err().to_string();
+        let e = err("[server.tls]\ncert_file = \"c.pem\"");
+        assert!(e.contains("server.tls.key_file"), "{e}");
+        let e = err("[server.tls]\nclient_auth = \"required\"");
+        assert!(
+            e.contains("server.tls.client_auth") && e.contains("cert_file"),
+            "{e}"
+        );
+        let tls = "[server.tls]\ncert_file = \"c\"\nkey_file = \"k\"\n";
+        let e = err(&format!("{tls}client_auth = \"required\""));
+        assert!(e.contains("server.tls.client_ca_file"), "{e}");
+        let e = err(&format!("{tls}client_ca_file = \"ca\""));
+        assert!(
+            e.contains("server.tls.client_ca_file") && e.contains("off"),
+            "{e}"
+        );
+        let e = err(&format!("{tls}client_auth = \"sometimes\""));
+        assert!(e.contains("client_auth"), "{e}");
+        let mtls = format!("{tls}client_auth = \"optional\"\nclient_ca_file = \"ca\"\n");
+        let e = err(&format!(
+            "{mtls}[[server.tls.client_tenants]]\ntenant = \"t\"\nsan_dns = \"a\"\nsan_uri = \"b\""
+        ));
+        assert!(
+            e.contains("server.tls.client_tenants[0]") && e.contains("exactly one"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{mtls}[[server.tls.client_tenants]]\ntenant = \"\"\nsan_dns = \"a\""
+        ));
+        assert!(e.contains("server.tls.client_tenants[0].tenant"), "{e}");
+        let e = err(&format!(
+            "{mtls}[[server.tls.client_tenants]]\ntenant = \"a\"\nsan_dns = \"x\"\n[[server.tls.client_tenants]]\ntenant = \"b\"\nsan_dns = \"X\""
+        ));
+        assert!(
+            e.contains("server.tls.client_tenants[1]") && e.contains("repeats"),
+            "{e}"
+        );
+        let ok = Config::from_toml(&format!(
+            "{mtls}[[server.tls.client_tenants]]\ntenant = \"a\"\nsubject = \"CN=a\""
+        ))
+        .unwrap();
+        assert_eq!(ok.server.tls.client_tenants.len(), 1);
+        assert!(!Config::from_toml("").unwrap().server.tls.enabled());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod signing;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -311,6 +312,8 @@ pub async fn start(
     let mut tasks = tokio::task::JoinSet::new();
 
     let keyring = Arc::new(master_keyring(&cfg)?);
+    // TLS files first: a wrong path fails the start before anything runs.
+    let tls = tls::Tls::load(&cfg.server.tls)?;
     let db = open_db(&cfg).await?;
     if cfg.database.migrate_on_start {
         store::migrate(&db).await.context("applying migrations")?;
@@ -356,6 +359,20 @@ pub async fn start(
             cfg.bootstrap.dev_tenant, key.plaintext
         );
         bootstrap_key = Some(key.plaintext);
+    }
+
+    // Mutual TLS: the tenants that client certificates stand for.
+    let mut client_tenants = tls::ClientTenants::default();
+    if roles.api && !cfg.server.tls.client_tenants.is_empty() {
+        let mut ids = Vec::new();
+        for entry in &cfg.server.tls.client_tenants {
+            ids.push(
+                store
+                    .ensure_tenant(entry.tenant.trim(), clock.now())
+                    .await?,
+            );
+        }
+        client_tenants = tls::ClientTenants::new(&cfg.server.tls.client_tenants, ids);
     }
 
     let mut s3_endpoint = None;
@@ -461,6 +478,10 @@ pub async fn start(
                 )
             }),
             auth_failures: api::audit::AuthFailures::new(AUTH_FAILURE_WINDOW),
+            client_tenants,
+            require_client_cert: tls
+                .as_ref()
+                .is_some_and(|t| t.client_auth() == config::ClientAuth::Required),
         });
         // Summarise bursts of authentication failures once per window.
         let flusher = api.clone();
@@ -503,7 +524,6 @@ pub async fn start(
             .build_v1()
             .context("building gRPC reflection")?;
         grpc_addr = Some(grpc_listener.local_addr()?);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
         let methods = metrics::served_methods();
         let grpc_router = tonic::transport::Server::builder()
             .layer(metrics::RpcMetricsLayer::new("grpc", methods.clone()))
@@ -511,14 +531,33 @@ pub async fn start(
             .add_service(reflection)
             .add_service(grpc_service.clone());
         let token = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = grpc_router
-                .serve_with_incoming_shutdown(incoming, async move { token.cancelled().await })
-                .await
-            {
-                warn!(error = %e, "gRPC server stopped");
+        let stopped = async move { token.cancelled().await };
+        match &tls {
+            Some(tls) => {
+                let incoming = tls
+                    .incoming(grpc_listener, tls::Listener::Grpc, shutdown.clone())?
+                    .into_stream();
+                tasks.spawn(async move {
+                    if let Err(e) = grpc_router
+                        .serve_with_incoming_shutdown(incoming, stopped)
+                        .await
+                    {
+                        warn!(error = %e, "gRPC server stopped");
+                    }
+                });
             }
-        });
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+                tasks.spawn(async move {
+                    if let Err(e) = grpc_router
+                        .serve_with_incoming_shutdown(incoming, stopped)
+                        .await
+                    {
+                        warn!(error = %e, "gRPC server stopped");
+                    }
+                });
+            }
+        }
 
         let gateway = Arc::new(
             Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
@@ -567,14 +606,35 @@ pub async fn start(
     let http_addr = listeners.http.local_addr()?;
     let token = shutdown.clone();
     let http_listener = listeners.http;
-    tasks.spawn(async move {
-        if let Err(e) = axum::serve(http_listener, http)
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await
-        {
-            warn!(error = %e, "HTTP server stopped");
+    let stopped = async move { token.cancelled().await };
+    match &tls {
+        Some(tls) => {
+            let incoming = tls.incoming(http_listener, tls::Listener::Http, shutdown.clone())?;
+            let http = http.into_make_service_with_connect_info::<tls::PeerInfo>();
+            tasks.spawn(async move {
+                if let Err(e) = axum::serve(incoming, http)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
+                    warn!(error = %e, "HTTP server stopped");
+                }
+            });
+            tasks.spawn(
+                tls.clone()
+                    .watch(cfg.server.tls.reload_every, shutdown.clone()),
+            );
         }
-    });
+        None => {
+            tasks.spawn(async move {
+                if let Err(e) = axum::serve(http_listener, http)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
+                    warn!(error = %e, "HTTP server stopped");
+                }
+            });
+        }
+    }
 
     info!(?grpc_addr, %http_addr, api = roles.api, worker = roles.worker, "uploadhook running");
     Ok(Running {

@@ -54,7 +54,21 @@ impl GrpcApi {
         Self { api, streams }
     }
 
+    /// The caller's tenant: by its API key when it sends one, otherwise by
+    /// its client certificate (mutual TLS, `server.tls.client_tenants`).
     async fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, ApiError> {
+        let cert = crate::tls::peer_of(req.extensions()).and_then(|p| p.client.as_deref());
+        if self.api.require_client_cert && cert.is_none() {
+            self.api.auth_failed(AuthFailure::Malformed);
+            return Err(ApiError::Unauthenticated(
+                "a client certificate is required (server.tls.client_auth = \"required\")".into(),
+            ));
+        }
+        if let Some(cert) = cert
+            && req.metadata().get("authorization").is_none()
+        {
+            return self.api.authenticate_cert(cert);
+        }
         let key = bearer(req).inspect_err(|_| self.api.auth_failed(AuthFailure::Malformed))?;
         self.api.authenticate(key.trim()).await
     }

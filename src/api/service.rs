@@ -29,6 +29,7 @@ use crate::{
         priority_of, status_of,
         webhooks::{Column as C, StoredSecret},
     },
+    tls::{ClientCert, ClientTenants},
 };
 
 pub struct CreateOutput {
@@ -62,6 +63,12 @@ pub struct WebhookApi {
     pub rate_limit: Option<RateLimiter>,
     /// Authentication failures, summarised into audit lines.
     pub auth_failures: AuthFailures,
+    /// Client certificates that stand for a tenant (mutual TLS).
+    pub client_tenants: ClientTenants,
+    /// `server.tls.client_auth = "required"`: every call needs a verified
+    /// client certificate (REST calls too; the gRPC handshake already
+    /// refuses a client without one).
+    pub require_client_cert: bool,
 }
 
 fn db(e: StoreError) -> ApiError {
@@ -87,6 +94,27 @@ impl WebhookApi {
                 self.auth_failed(AuthFailure::Rejected);
                 ApiError::Unauthenticated("invalid, expired or revoked API key".into())
             })?;
+        self.admit(tenant)
+    }
+
+    /// The tenant of a verified client certificate
+    /// (`server.tls.client_tenants`), within its rate limit.
+    pub fn authenticate_cert(&self, cert: &ClientCert) -> Result<TenantId, ApiError> {
+        match self.client_tenants.tenant_for(cert) {
+            Some(tenant) => self.admit(tenant.clone()),
+            None => {
+                self.auth_failed(AuthFailure::Rejected);
+                Err(ApiError::Unauthenticated(format!(
+                    "the client certificate ({}) matches no entry of server.tls.client_tenants; \
+                     send `authorization: Bearer <api key>` instead",
+                    cert.describe()
+                )))
+            }
+        }
+    }
+
+    /// Applies the tenant's rate limit.
+    fn admit(&self, tenant: TenantId) -> Result<TenantId, ApiError> {
         if let Some(limit) = &self.rate_limit
             && let Err(wait) = limit.check(&tenant, std::time::Instant::now())
         {

@@ -13,3 +13,4 @@ mod scale;
 mod security;
 mod ssrf;
 mod streams;
+mod tls;

@@ -73,15 +73,15 @@ spec:
           {{- include "uploadhook.env" (dict "root" $root "secretName" (include "uploadhook.secretName" $root)) | nindent 10 }}
           {{- with $v.startupProbe }}
           startupProbe:
-            {{- toYaml . | nindent 12 }}
+            {{- include "uploadhook.probe" (dict "probe" . "root" $root) | nindent 12 }}
           {{- end }}
           {{- with $v.livenessProbe }}
           livenessProbe:
-            {{- toYaml . | nindent 12 }}
+            {{- include "uploadhook.probe" (dict "probe" . "root" $root) | nindent 12 }}
           {{- end }}
           {{- with $v.readinessProbe }}
           readinessProbe:
-            {{- toYaml . | nindent 12 }}
+            {{- include "uploadhook.probe" (dict "probe" . "root" $root) | nindent 12 }}
           {{- end }}
           {{- with $v.resources }}
           resources:
@@ -90,9 +90,9 @@ spec:
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           volumeMounts:
-            {{- include "uploadhook.volumeMounts" $root | nindent 12 }}
+            {{- include "uploadhook.volumeMounts" (dict "tlsSecret" $root.Values.tls.secretName) | nindent 12 }}
       volumes:
-        {{- include "uploadhook.volumes" (dict "configMap" (include "uploadhook.fullname" $root)) | nindent 8 }}
+        {{- include "uploadhook.volumes" (dict "configMap" (include "uploadhook.fullname" $root) "tlsSecret" $root.Values.tls.secretName) | nindent 8 }}
       {{- with $v.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}

@@ -93,6 +93,10 @@ numbers (whole ones without the float64 exponent YAML gives them), arrays.
 {{- $items := list }}
 {{- range . }}{{ $items = append $items (include "uploadhook.tomlValue" .) }}{{ end }}
 {{- printf "[%s]" (join ", " $items) }}
+{{- else if kindIs "map" . }}
+{{- $items := list }}
+{{- range $k, $v := . }}{{ if not (kindIs "invalid" $v) }}{{ $items = append $items (printf "%s = %s" (include "uploadhook.tomlKey" $k) (include "uploadhook.tomlValue" $v)) }}{{ end }}{{ end }}
+{{- printf "{%s}" (join ", " $items) }}
 {{- else }}
 {{- fail (printf "config: cannot write %v (%s) as TOML" . (kindOf .)) }}
 {{- end }}
@@ -140,6 +144,18 @@ it (listen addresses, Redis queue, no migrations at start, no embedded S3).
 {{- $server := default dict (get $cfg "server") }}
 {{- $_ := set $server "grpc_addr" (include "uploadhook.listen" (dict "root" . "port" .Values.ports.grpc)) }}
 {{- $_ = set $server "http_addr" (include "uploadhook.listen" (dict "root" . "port" .Values.ports.http)) }}
+{{- $tls := default dict (get $server "tls") }}
+{{- $clientAuth := default "off" (get $tls "client_auth") }}
+{{- if .Values.tls.secretName }}
+{{- $_ = set $tls "cert_file" "/etc/uploadhook/tls/tls.crt" }}
+{{- $_ = set $tls "key_file" "/etc/uploadhook/tls/tls.key" }}
+{{- if ne $clientAuth "off" }}
+{{- $_ = set $tls "client_ca_file" "/etc/uploadhook/tls/ca.crt" }}
+{{- end }}
+{{- $_ = set $server "tls" $tls }}
+{{- else if ne $clientAuth "off" }}
+{{- fail "config.server.tls.client_auth: mutual TLS needs TLS; set tls.secretName (a kubernetes.io/tls Secret with ca.crt)" }}
+{{- end }}
 {{- $_ = set $cfg "server" $server }}
 {{- $database := default dict (get $cfg "database") }}
 {{- $_ = set $database "migrate_on_start" false }}
@@ -202,6 +218,11 @@ UPLOADHOOK_STORAGE__{{ upper $name }}__SECRET_ACCESS_KEY: {{ $creds.secretAccess
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- with .tlsSecret }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
 {{- end }}
 
 {{- define "uploadhook.volumeMounts" -}}
@@ -210,6 +231,20 @@ UPLOADHOOK_STORAGE__{{ upper $name }}__SECRET_ACCESS_KEY: {{ $creds.secretAccess
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- with .tlsSecret }}
+- name: tls
+  mountPath: /etc/uploadhook/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A probe from values; over HTTPS when the listeners serve TLS. */}}
+{{- define "uploadhook.probe" -}}
+{{- $probe := deepCopy .probe }}
+{{- if and .root.Values.tls.secretName $probe.httpGet }}
+{{- $_ := set $probe.httpGet "scheme" "HTTPS" }}
+{{- end }}
+{{- toYaml $probe }}
 {{- end }}
 
 {{/* Environment: the Secret (all of its keys), then the log filter and extraEnv. */}}
