@@ -17,7 +17,7 @@ use uploadhook::{
 
 use crate::{
     backend_tests,
-    helpers::{FAST, Receiver, TestApp, TestDb, authed, create_request, upload, wait_for},
+    helpers::{FAST, Receiver, TestApp, TestDb, authed, create_request, get, upload, wait_for},
 };
 
 backend_tests!(
@@ -28,6 +28,7 @@ backend_tests!(
     idempotency_keys_expire,
     expired_and_revoked_keys_are_refused_at_once,
     secret_rotation_signs_with_both_secrets_during_the_grace_period,
+    authorization_matrix_another_tenants_ids_look_unknown,
 );
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -1114,4 +1115,146 @@ async fn secrets_and_keys_never_reach_the_logs() {
         assert!(!text.contains(needle), "`{needle}` is in the logs");
     }
     db.cleanup().await;
+}
+
+/// Every RPC that takes an id, called by tenant B with tenant A's id,
+/// answers exactly as for an id that does not exist, and changes nothing.
+async fn authorization_matrix_another_tenants_ids_look_unknown(db: &TestDb) {
+    let mut app = TestApp::start(db, "").await;
+    let rx = Receiver::start().await;
+    let mut client = app.client().await;
+    let mut req = create_request(&rx.url, "a.txt");
+    req.idempotency_key = "order-1".into();
+    let created = client
+        .create_upload_webhook(authed(&app.key_a, req))
+        .await
+        .unwrap()
+        .into_inner();
+    upload(&created, b"a's file").await;
+    let id = created.webhook.unwrap().id;
+    let unknown = format!("wh_{}", "0".repeat(32));
+
+    // (rpc, answer for A's id, answer for an unknown id), both as B.
+    let b = app.key_b.clone();
+    let mut answers: Vec<(&str, tonic::Status, tonic::Status)> = Vec::new();
+    for target in [&id, &unknown] {
+        let webhook_id = target.clone();
+        let calls: Vec<(&str, tonic::Status)> = vec![
+            (
+                "GetStatus",
+                client
+                    .get_status(authed(
+                        &b,
+                        proto::GetStatusRequest {
+                            webhook_id: webhook_id.clone(),
+                        },
+                    ))
+                    .await
+                    .unwrap_err(),
+            ),
+            (
+                "Confirm",
+                client
+                    .confirm(authed(
+                        &b,
+                        proto::ConfirmRequest {
+                            webhook_id: webhook_id.clone(),
+                            etag: String::new(),
+                        },
+                    ))
+                    .await
+                    .unwrap_err(),
+            ),
+            (
+                "Redeliver",
+                client
+                    .redeliver(authed(
+                        &b,
+                        proto::RedeliverRequest {
+                            webhook_id: webhook_id.clone(),
+                        },
+                    ))
+                    .await
+                    .unwrap_err(),
+            ),
+            (
+                "CancelWebhook",
+                client
+                    .cancel_webhook(authed(
+                        &b,
+                        proto::CancelWebhookRequest {
+                            webhook_id: webhook_id.clone(),
+                        },
+                    ))
+                    .await
+                    .unwrap_err(),
+            ),
+            (
+                "RotateSecret",
+                client
+                    .rotate_secret(authed(
+                        &b,
+                        proto::RotateSecretRequest {
+                            webhook_id: webhook_id.clone(),
+                            ..Default::default()
+                        },
+                    ))
+                    .await
+                    .unwrap_err(),
+            ),
+            (
+                "StreamEvents",
+                client
+                    .stream_events(authed(
+                        &b,
+                        proto::StreamEventsRequest {
+                            webhook_id: webhook_id.clone(),
+                            ..Default::default()
+                        },
+                    ))
+                    .await
+                    .map(drop)
+                    .unwrap_err(),
+            ),
+        ];
+        for (rpc, status) in calls {
+            match answers.iter_mut().find(|(r, _, _)| *r == rpc) {
+                Some(entry) => entry.2 = status,
+                None => answers.push((rpc, status.clone(), status)),
+            }
+        }
+    }
+    assert_eq!(answers.len(), 6);
+    for (rpc, theirs, missing) in &answers {
+        assert_eq!(theirs.code(), tonic::Code::NotFound, "{rpc}: {theirs:?}");
+        assert_eq!(
+            theirs.message().replace(&id, "ID"),
+            missing.message().replace(&unknown, "ID"),
+            "{rpc}: another tenant's webhook must look like an unknown one"
+        );
+    }
+
+    // Listing and idempotency keys are per tenant too: B sees nothing, and
+    // B's "order-1" is its own (a new webhook, not a conflict with A's).
+    let listed = client
+        .list_webhooks(authed(&b, proto::ListWebhooksRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.webhooks.is_empty());
+    let mut req = create_request(&rx.url, "other.txt");
+    req.idempotency_key = "order-1".into();
+    let theirs = client
+        .create_upload_webhook(authed(&b, req))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(theirs.webhook.unwrap().id, id);
+
+    // A's webhook is untouched: still PENDING, its secret not rotated.
+    let w = get(&app, &app.key_a, &id).await;
+    assert_eq!(w.status(), Status::Pending);
+    assert_eq!(w.attempt_count, 0);
+    assert!(rx.received().is_empty());
+    app.stop().await;
 }
