@@ -195,6 +195,9 @@ pub struct ApiConfig {
     pub rate_limit_burst: u32,
     /// Tenants tracked at once (bounds the limiter's memory).
     pub rate_limit_tenants: usize,
+    /// Unary calls running at once in this process; beyond it, UNAVAILABLE
+    /// at once (admission control). 0: no limit.
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -504,8 +504,11 @@ pub async fn start(
             cfg.streams.max_streams,
             shutdown.clone(),
         );
-        let grpc_service = WebhookServiceServer::new(GrpcApi::new(api, streams))
-            .max_decoding_message_size(cfg.api.max_request_bytes);
+        let grpc_service = api::admission::Admission::new(
+            WebhookServiceServer::new(GrpcApi::new(api, streams))
+                .max_decoding_message_size(cfg.api.max_request_bytes),
+            cfg.api.max_in_flight,
+        );
 
         // gRPC: the service, health and reflection.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub verifications: Family<Labels, Counter>,
     /// Open StreamEvents streams (gRPC and SSE) in this process.
     pub event_streams: Gauge,
+    /// Calls refused by admission control (`api.max_in_flight`).
+    pub rpc_shed: Counter,
     // Read at scrape time.
     queue_entries: Family<Labels, Gauge>,
     queue_pending: Gauge,
@@ -147,6 +149,12 @@ impl Metrics {
             "Open StreamEvents streams in this process",
             event_streams.clone(),
         );
+        let rpc_shed = Counter::default();
+        registry.register(
+            "rpc_shed",
+            "Calls refused with UNAVAILABLE because api.max_in_flight calls were running",
+            rpc_shed.clone(),
+        );
         let queue_entries = Family::<Labels, Gauge>::default();
         registry.register(
             "queue_entries",
@@ -205,6 +213,7 @@ impl Metrics {
             attempts,
             verifications,
             event_streams,
+            rpc_shed,
             queue_entries,
             queue_pending,
             queue_delayed,

@@ -3,6 +3,7 @@
 //!
 //! Architecture Invariant: only `api/` knows tonic and HTTP.
 
+pub mod admission;
 pub mod audit;
 pub mod gateway;
 pub mod grpc;
