@@ -226,6 +226,28 @@ pub struct QueueConfig {
     pub max_deliveries: u32,
     #[serde(deserialize_with = "de_duration")]
     pub reconcile_every: Duration,
+    /// PEM CA bundle trusted for a `rediss://` URL instead of the system's
+    /// roots; None (`""`) for the system's.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; with the key.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub redis_client_cert_file: Option<PathBuf>,
+    /// PEM private key of `redis_client_cert_file`.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub redis_client_key_file: Option<PathBuf>,
+}
+
+impl QueueConfig {
+    /// Whether `redis_url` asks for TLS (`rediss://`, `rediss+cluster://`,
+    /// `valkeys://`).
+    pub fn redis_tls(&self) -> bool {
+        let url = self.redis_url.expose_secret();
+        let scheme = url.split_once("://").map_or("", |(s, _)| s);
+        ["rediss", "rediss+cluster", "valkeys"]
+            .iter()
+            .any(|s| scheme.eq_ignore_ascii_case(s))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -658,6 +680,39 @@ impl Config {
             if self.queue.max_deliveries == 0 {
                 return invalid("queue.max_deliveries", "must be at least 1");
             }
+            let q = &self.queue;
+            match (&q.redis_client_cert_file, &q.redis_client_key_file) {
+                (Some(_), None) => {
+                    return invalid(
+                        "queue.redis_client_key_file",
+                        "must be set with queue.redis_client_cert_file (the client certificate's private key)",
+                    );
+                }
+                (None, Some(_)) => {
+                    return invalid(
+                        "queue.redis_client_cert_file",
+                        "must be set with queue.redis_client_key_file",
+                    );
+                }
+                _ => {}
+            }
+            if !q.redis_tls() {
+                for (key, set) in [
+                    ("queue.redis_ca_file", q.redis_ca_file.is_some()),
+                    (
+                        "queue.redis_client_cert_file",
+                        q.redis_client_cert_file.is_some(),
+                    ),
+                ] {
+                    if set {
+                        return invalid(
+                            key,
+                            "applies to TLS only, but queue.redis_url is not a rediss:// \
+                             (or rediss+cluster://) URL",
+                        );
+                    }
+                }
+            }
         }
         let d = &self.detect;
         if d.first_check.is_zero() {
@@ -838,6 +893,12 @@ fn de_duration_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration
     parse_duration(&s)
         .map(Some)
         .map_err(|e| serde::de::Error::custom(format!("{e} (or \"off\")")))
+}
+
+/// A path, or None for `""`.
+fn de_opt_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok((!s.trim().is_empty()).then(|| PathBuf::from(s)))
 }
 
 fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {

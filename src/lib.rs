@@ -47,6 +47,7 @@ use crate::{
         leader::{Alone, Leader},
         memory::MemoryQueue,
         queue::Queue,
+        redis_conn::RedisTarget,
         redis_queue::RedisQueueConfig,
     },
     proto::webhook_service_server::WebhookServiceServer,
@@ -248,18 +249,16 @@ async fn open_db(cfg: &Config) -> anyhow::Result<sea_orm::DatabaseConnection> {
 /// The queue and the reconciler's lease for the configured backend.
 async fn open_queue(
     cfg: &Config,
+    redis: Option<RedisTarget>,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<(Arc<dyn Queue>, Arc<dyn Leader>)> {
-    Ok(match cfg.queue.backend {
-        QueueBackend::Memory => (Arc::new(MemoryQueue::new(clock)), Arc::new(Alone)),
-        QueueBackend::Redis => {
+    Ok(match redis {
+        None => (Arc::new(MemoryQueue::new(clock)), Arc::new(Alone)),
+        Some(target) => {
             // Connected on first use and retried while Redis is down, so
             // that the API answers (and records Confirms) without it.
-            let url = cfg.queue.redis_url.expose_secret();
-            pipeline::redis_conn::RedisTarget::parse(url)
-                .context("config key `queue.redis_url`")?;
             let queue = LazyRedisQueue::new(
-                url,
+                target.clone(),
                 RedisQueueConfig {
                     prefix: cfg.queue.prefix.clone(),
                     visibility_timeout: cfg.queue.visibility_timeout,
@@ -270,7 +269,7 @@ async fn open_queue(
             );
             // Start connecting now; work waits in the database meanwhile.
             let _ = queue.get();
-            let leader = LazyRedisLeader::new(url, &cfg.queue.prefix);
+            let leader = LazyRedisLeader::new(target, &cfg.queue.prefix);
             (Arc::new(queue), Arc::new(leader))
         }
     })
@@ -311,6 +310,11 @@ pub async fn start(
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
+    // Read before anything else: a bad URL or TLS file stops the start.
+    let redis = match cfg.queue.backend {
+        QueueBackend::Memory => None,
+        QueueBackend::Redis => Some(RedisTarget::from_config(&cfg.queue)?),
+    };
     let keyring = Arc::new(master_keyring(&cfg)?);
     // TLS files first: a wrong path fails the start before anything runs.
     let tls = tls::Tls::load(&cfg.server.tls)?;
@@ -320,13 +324,10 @@ pub async fn start(
     }
     // Streams are woken by this process's events; with Redis, also by
     // every other process's (workers commit most events).
-    let bus: Arc<dyn EventBus> = match cfg.queue.backend {
-        QueueBackend::Memory => Arc::new(LocalEventBus::new(1024)),
-        QueueBackend::Redis => {
-            let target =
-                pipeline::redis_conn::RedisTarget::parse(cfg.queue.redis_url.expose_secret())
-                    .context("config key `queue.redis_url`")?;
-            RedisEventBus::start(target, &cfg.queue.prefix, 1024, shutdown.clone())?
+    let bus: Arc<dyn EventBus> = match &redis {
+        None => Arc::new(LocalEventBus::new(1024)),
+        Some(target) => {
+            RedisEventBus::start(target.clone(), &cfg.queue.prefix, 1024, shutdown.clone())?
         }
     };
     let store = Store::new(db, bus, keyring.clone());
@@ -398,7 +399,7 @@ pub async fn start(
     let storages = Arc::new(
         Storages::from_config(&cfg, s3_endpoint.as_deref()).context("storage connections")?,
     );
-    let (queue, leader) = open_queue(&cfg, clock.clone()).await?;
+    let (queue, leader) = open_queue(&cfg, redis, clock.clone()).await?;
 
     let allow = cfg.delivery_allow_list();
     if cfg.dev_loopback_allowed() {

@@ -2,10 +2,9 @@
 //! at first; the same numbers are what the metrics endpoint exports) and
 //! `uploadhook redrive` (bulk redrive by filter).
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use anyhow::Context;
-use secrecy::ExposeSecret;
 
 use crate::{
     clock::{Clock, SystemClock},
@@ -13,6 +12,7 @@ use crate::{
     domain::Status,
     pipeline::{
         queue::enqueue_logged,
+        redis_conn::RedisTarget,
         redis_queue::{QueueStats, RedisQueue, RedisQueueConfig},
         redrive::{self, Outcome},
     },
@@ -54,14 +54,15 @@ async fn redis_queue(cfg: &Config) -> anyhow::Result<Option<RedisQueue>> {
     Ok(match cfg.queue.backend {
         QueueBackend::Memory => None,
         QueueBackend::Redis => Some(
-            RedisQueue::connect(
-                cfg.queue.redis_url.expose_secret(),
+            RedisQueue::connect_target(
+                RedisTarget::from_config(&cfg.queue)?,
                 RedisQueueConfig {
                     prefix: cfg.queue.prefix.clone(),
                     visibility_timeout: cfg.queue.visibility_timeout,
                     max_deliveries: cfg.queue.max_deliveries,
                     ..RedisQueueConfig::default()
                 },
+                Arc::new(SystemClock),
             )
             .await
             .context("connecting to Redis (queue.redis_url)")?,

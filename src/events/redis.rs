@@ -24,7 +24,6 @@ use std::{
 
 use chrono::DateTime;
 use futures_util::StreamExt;
-use redis::Client;
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -73,10 +72,7 @@ impl RedisEventBus {
             origin: uuid::Uuid::new_v4().simple().to_string(),
             live: Arc::new(AtomicBool::new(false)),
         });
-        let client = match &target {
-            RedisTarget::Single(c) => c.clone(),
-            RedisTarget::Cluster(seed) => Client::open(seed.clone())?,
-        };
+        let client = target.seed_client()?;
         tokio::spawn(publish_loop(target, channel.clone(), rx, shutdown.clone()));
         tokio::spawn(subscribe_loop(
             client,
@@ -172,7 +168,7 @@ async fn publish_loop(
 }
 
 async fn subscribe_loop(
-    client: Client,
+    client: redis::Client,
     channel: String,
     bus: std::sync::Weak<RedisEventBus>,
     shutdown: CancellationToken,
@@ -209,7 +205,7 @@ async fn subscribe_loop(
 /// One subscription, until its connection breaks (`Err`) or the bus is
 /// dropped (`Ok`).
 async fn subscribed(
-    client: &Client,
+    client: &redis::Client,
     channel: &str,
     bus: &std::sync::Weak<RedisEventBus>,
     live: &AtomicBool,

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use super::{
     leader::{Leader, RedisLeader},
     queue::{Job, Lease, Queue, QueueError},
+    redis_conn::RedisTarget,
     redis_queue::{QueueStats, RedisQueue, RedisQueueConfig},
 };
 use crate::clock::Clock;
@@ -82,16 +83,16 @@ impl<T: Send + Sync + 'static> Lazy<T> {
 
 /// [`RedisQueue`], connected on first use.
 pub struct LazyRedisQueue {
-    url: String,
+    target: RedisTarget,
     cfg: RedisQueueConfig,
     clock: Arc<dyn Clock>,
     inner: Lazy<RedisQueue>,
 }
 
 impl LazyRedisQueue {
-    pub fn new(url: &str, cfg: RedisQueueConfig, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(target: RedisTarget, cfg: RedisQueueConfig, clock: Arc<dyn Clock>) -> Self {
         Self {
-            url: url.to_string(),
+            target,
             cfg,
             clock,
             inner: Lazy::new(),
@@ -99,9 +100,9 @@ impl LazyRedisQueue {
     }
 
     pub fn get(&self) -> Result<Arc<RedisQueue>, QueueError> {
-        let (url, cfg, clock) = (self.url.clone(), self.cfg.clone(), self.clock.clone());
+        let (target, cfg, clock) = (self.target.clone(), self.cfg.clone(), self.clock.clone());
         self.inner
-            .get(move || async move { RedisQueue::connect_with_clock(&url, cfg, clock).await })
+            .get(move || async move { RedisQueue::connect_target(target, cfg, clock).await })
             .map_err(QueueError::Backend)
     }
 }
@@ -143,15 +144,15 @@ impl Queue for LazyRedisQueue {
 /// [`RedisLeader`], connected on first use; never leads while Redis is
 /// unreachable.
 pub struct LazyRedisLeader {
-    url: String,
+    target: RedisTarget,
     prefix: String,
     inner: Lazy<RedisLeader>,
 }
 
 impl LazyRedisLeader {
-    pub fn new(url: &str, prefix: &str) -> Self {
+    pub fn new(target: RedisTarget, prefix: &str) -> Self {
         Self {
-            url: url.to_string(),
+            target,
             prefix: prefix.to_string(),
             inner: Lazy::new(),
         }
@@ -161,10 +162,10 @@ impl LazyRedisLeader {
 #[async_trait]
 impl Leader for LazyRedisLeader {
     async fn try_lead(&self, ttl: Duration) -> bool {
-        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        let (target, prefix) = (self.target.clone(), self.prefix.clone());
         match self
             .inner
-            .get(move || async move { RedisLeader::connect(&url, &prefix, "reconciler").await })
+            .get(move || async move { RedisLeader::connect(&target, &prefix, "reconciler").await })
         {
             Ok(l) => l.try_lead(ttl).await,
             Err(_) => false,

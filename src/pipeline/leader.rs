@@ -55,8 +55,12 @@ return 0
 "#;
 
 impl RedisLeader {
-    pub async fn connect(url: &str, prefix: &str, name: &str) -> Result<Self, redis::RedisError> {
-        let conn = RedisTarget::parse(url)?.connect(COMMAND_TIMEOUTS).await?;
+    pub async fn connect(
+        target: &RedisTarget,
+        prefix: &str,
+        name: &str,
+    ) -> Result<Self, redis::RedisError> {
+        let conn = target.connect(COMMAND_TIMEOUTS).await?;
         let mut raw = [0u8; 16];
         rand::fill(&mut raw);
         Ok(Self {
@@ -116,10 +120,11 @@ mod tests {
 
     async fn one_holder_at_a_time(url: &str) {
         let prefix = format!("uh-test-{}", uuid::Uuid::new_v4().simple());
-        let a = RedisLeader::connect(url, &prefix, "reconciler")
+        let target = RedisTarget::parse(url).unwrap();
+        let a = RedisLeader::connect(&target, &prefix, "reconciler")
             .await
             .unwrap();
-        let b = RedisLeader::connect(url, &prefix, "reconciler")
+        let b = RedisLeader::connect(&target, &prefix, "reconciler")
             .await
             .unwrap();
         assert!(a.try_lead(Duration::from_millis(300)).await);

@@ -32,6 +32,8 @@ pub mod retry;
 pub mod ssrf;
 #[cfg(test)]
 pub(crate) mod test_cluster;
+#[cfg(test)]
+pub(crate) mod test_pki;
 pub mod verify;
 
 use std::{sync::Arc, time::Duration};

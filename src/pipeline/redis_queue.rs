@@ -442,8 +442,18 @@ impl RedisQueue {
         cfg: RedisQueueConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, QueueError> {
-        validate(&cfg)?;
         let target = RedisTarget::parse(url).map_err(|e| backend("url", e))?;
+        Self::connect_target(target, cfg, clock).await
+    }
+
+    /// Like [`RedisQueue::connect_with_clock`], to a target already read
+    /// (with its TLS settings, see [`RedisTarget::from_config`]).
+    pub async fn connect_target(
+        target: RedisTarget,
+        cfg: RedisQueueConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, QueueError> {
+        validate(&cfg)?;
         let conn = target
             .connect(COMMAND_TIMEOUTS)
             .await
@@ -1870,6 +1880,70 @@ mod tests {
         ] {
             assert!(validate(&bad).is_err());
         }
+    }
+
+    /// `rediss+cluster://`: the queue on a Redis Cluster that speaks TLS
+    /// only, its nodes' certificate from a private CA named by
+    /// `queue.redis_ca_file`; a blocking read's own connection and the
+    /// reconciler's lease go over TLS too. Without that CA (the system's
+    /// roots) the nodes are refused.
+    #[tokio::test]
+    async fn works_on_a_tls_cluster() {
+        let Some(cluster) = TestCluster::get_tls() else {
+            return;
+        };
+        let ca = cluster
+            .ca_file()
+            .expect("a TLS cluster")
+            .display()
+            .to_string();
+        let queue_cfg = crate::config::Config::from_toml(&format!(
+            "[queue]\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_ca_file = \"{ca}\"\n",
+            cluster.url()
+        ))
+        .unwrap()
+        .queue;
+        let target = RedisTarget::from_config(&queue_cfg).unwrap();
+        assert!(target.is_cluster());
+        let cfg = RedisQueueConfig {
+            prefix: format!("uploadhook-test-{:016x}", rand::random::<u64>()),
+            block: Duration::from_millis(200),
+            ..RedisQueueConfig::default()
+        };
+        let q = RedisQueue::connect_target(target.clone(), cfg, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let jobs = [job(), job_of(Priority::High), job()];
+        for j in &jobs {
+            q.enqueue(j.clone(), None).await.unwrap();
+        }
+        assert_eq!(counts(q.stats().await.unwrap()), stats(3, 1, 0, 0, 0));
+        // Waiting: a blocking read on a connection of its own.
+        let mut got = Vec::new();
+        while got.len() < jobs.len() {
+            let leases = q.take(10, Duration::from_secs(1)).await.unwrap();
+            assert!(!leases.is_empty(), "no job came back");
+            got.extend(leases);
+        }
+        assert_eq!(got[0].job, jobs[1], "high priority first");
+        for l in &got {
+            q.ack(l).await.unwrap();
+        }
+        assert_eq!(counts(q.stats().await.unwrap()), stats(0, 0, 0, 0, 0));
+        q.ping().await.unwrap();
+        let leader = super::super::leader::RedisLeader::connect(&target, &q.cfg.prefix, "tls")
+            .await
+            .unwrap();
+        assert!(super::super::leader::Leader::try_lead(&leader, Duration::from_secs(1)).await);
+        // The system's roots do not know the test's CA.
+        let e = RedisTarget::parse(&cluster.url())
+            .unwrap()
+            .connect(COMMAND_TIMEOUTS)
+            .await
+            .err()
+            .expect("a certificate from an unknown CA is refused")
+            .to_string();
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
     }
 
     #[test]

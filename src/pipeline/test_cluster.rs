@@ -6,13 +6,20 @@
 //! Tests running at the same time share one cluster (each works under a
 //! key prefix of its own). Skipped, with a message, when `redis-server` or
 //! `redis-cli` is missing, unless `UPLOADHOOK_REQUIRE_SERVICES=1`.
+//!
+//! [`TestCluster::get_tls`] starts another one that speaks TLS only (no
+//! plain port; `tls-cluster yes`), with a CA and a certificate made by
+//! the test.
 
 use std::{
     net::TcpListener,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
+
+use super::test_pki::{TestCa, write_pem};
 
 const NODES: usize = 3;
 /// Each of the start-up steps must be done within this.
@@ -22,7 +29,16 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct TestCluster {
     children: Vec<Child>,
     ports: Vec<u16>,
+    tls: Option<Tls>,
     _dir: tempfile::TempDir,
+}
+
+/// The PEM files of a TLS cluster: the CA, and the one certificate (for
+/// 127.0.0.1) that every node shows as a server and to each other.
+struct Tls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 impl TestCluster {
@@ -30,6 +46,16 @@ impl TestCluster {
     /// the Redis binaries are missing.
     pub(crate) fn get() -> Option<Arc<Self>> {
         static SHARED: Mutex<Weak<TestCluster>> = Mutex::new(Weak::new());
+        Self::shared(&SHARED, false)
+    }
+
+    /// The shared TLS cluster, as [`TestCluster::get`].
+    pub(crate) fn get_tls() -> Option<Arc<Self>> {
+        static SHARED: Mutex<Weak<TestCluster>> = Mutex::new(Weak::new());
+        Self::shared(&SHARED, true)
+    }
+
+    fn shared(shared: &Mutex<Weak<TestCluster>>, tls: bool) -> Option<Arc<Self>> {
         if !tools_present() {
             assert_ne!(
                 std::env::var("UPLOADHOOK_REQUIRE_SERVICES").as_deref(),
@@ -40,33 +66,69 @@ impl TestCluster {
             return None;
         }
         // A poisoned lock only means a test panicked while holding it.
-        let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shared = shared.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = shared.upgrade() {
             return Some(c);
         }
-        let c = Arc::new(Self::start());
+        let c = Arc::new(Self::start(tls));
         *shared = Arc::downgrade(&c);
         Some(c)
     }
 
-    /// `redis+cluster://` through the first node.
+    /// `redis+cluster://` (`rediss+cluster://` on TLS) through the first
+    /// node.
     pub(crate) fn url(&self) -> String {
-        format!("redis+cluster://127.0.0.1:{}", self.ports[0])
+        let scheme = if self.tls.is_some() {
+            "rediss+cluster"
+        } else {
+            "redis+cluster"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.ports[0])
     }
 
-    fn start() -> Self {
+    /// The CA that signed a TLS cluster's certificate (PEM file).
+    pub(crate) fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.ca.as_path())
+    }
+
+    fn start(tls: bool) -> Self {
         let began = Instant::now();
         let dir = tempfile::tempdir().expect("temporary directory");
         let ports = free_ports(NODES);
+        let tls = tls.then(|| {
+            let ca = TestCa::new("uploadhook test cluster CA");
+            let (cert, key) = ca.issue(&["127.0.0.1", "localhost"]);
+            Tls {
+                ca: write_pem(dir.path(), "ca.pem", &ca.cert_pem),
+                cert: write_pem(dir.path(), "node.pem", &cert),
+                key: write_pem(dir.path(), "node.key", &key),
+            }
+        });
         let mut cluster = Self {
             children: Vec::new(),
             ports: ports.clone(),
+            tls,
             _dir: dir,
         };
         let dir = cluster._dir.path().to_path_buf();
         for &port in &ports {
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string()])
+            let mut cmd = Command::new("redis-server");
+            match &cluster.tls {
+                None => {
+                    cmd.args(["--port", &port.to_string()]);
+                }
+                Some(t) => {
+                    cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                        .args(["--tls-cluster", "yes", "--tls-auth-clients", "no"])
+                        .arg("--tls-cert-file")
+                        .arg(&t.cert)
+                        .arg("--tls-key-file")
+                        .arg(&t.key)
+                        .arg("--tls-ca-cert-file")
+                        .arg(&t.ca);
+                }
+            }
+            let child = cmd
                 .args(["--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes"])
                 .arg("--cluster-config-file")
@@ -82,10 +144,15 @@ impl TestCluster {
             cluster.children.push(child);
         }
         for &port in &ports {
-            wait_until(|| cli(port, &["PING"]).is_some_and(|o| o.trim() == "PONG"));
+            wait_until(|| {
+                cluster
+                    .cli(port, &["PING"])
+                    .is_some_and(|o| o.trim() == "PONG")
+            });
         }
         let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new("redis-cli")
+        let out = cluster
+            .cli_command()
             .arg("--cluster")
             .arg("create")
             .args(&nodes)
@@ -102,14 +169,47 @@ impl TestCluster {
         // them for the layout.
         for &port in &ports {
             wait_until(|| {
-                cli(port, &["CLUSTER", "INFO"]).is_some_and(|o| o.contains("cluster_state:ok"))
+                cluster
+                    .cli(port, &["CLUSTER", "INFO"])
+                    .is_some_and(|o| o.contains("cluster_state:ok"))
             });
         }
         eprintln!(
-            "started a Redis Cluster on ports {ports:?} in {:?}",
+            "started a{} Redis Cluster on ports {ports:?} in {:?}",
+            if cluster.tls.is_some() { " TLS" } else { "" },
             began.elapsed()
         );
         cluster
+    }
+
+    /// `redis-cli`, with the TLS options a TLS cluster needs.
+    fn cli_command(&self) -> Command {
+        let mut cmd = Command::new("redis-cli");
+        if let Some(t) = &self.tls {
+            cmd.arg("--tls")
+                .arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.cert)
+                .arg("--key")
+                .arg(&t.key);
+        }
+        cmd
+    }
+
+    /// `redis-cli -p port args…`'s output, or None when it failed.
+    fn cli(&self, port: u16, args: &[&str]) -> Option<String> {
+        let out = self
+            .cli_command()
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 
@@ -131,20 +231,6 @@ fn tools_present() -> bool {
             .status()
             .is_ok_and(|s| s.success())
     })
-}
-
-/// `redis-cli -p port args…`'s output, or None when it failed.
-fn cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Polls `ready` every 20 ms, for at most [`STEP_TIMEOUT`].

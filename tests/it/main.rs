@@ -7,10 +7,13 @@ mod detect;
 mod flow;
 mod ops;
 mod processes;
+mod redis_tls;
 mod redrive;
 mod rest;
 mod scale;
 mod security;
 mod ssrf;
 mod streams;
+#[path = "../../src/pipeline/test_pki.rs"]
+mod test_pki;
 mod tls;

@@ -91,8 +91,23 @@ spec:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           volumeMounts:
             {{- include "uploadhook.volumeMounts" (dict "tlsSecret" $root.Values.tls.secretName) | nindent 12 }}
+            {{- with $root.Values.redisTls }}
+            {{- if .secretName }}
+            - name: redis-tls
+              mountPath: {{ .mountPath }}
+              readOnly: true
+            {{- end }}
+            {{- end }}
       volumes:
         {{- include "uploadhook.volumes" (dict "configMap" (include "uploadhook.fullname" $root) "tlsSecret" $root.Values.tls.secretName) | nindent 8 }}
+        {{- /* redisTls: the Secret with Redis's CA and client certificate. */}}
+        {{- with $root.Values.redisTls }}
+        {{- if .secretName }}
+        - name: redis-tls
+          secret:
+            secretName: {{ .secretName }}
+        {{- end }}
+        {{- end }}
       {{- with $v.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}

@@ -162,6 +162,24 @@ it (listen addresses, Redis queue, no migrations at start, no embedded S3).
 {{- $_ = set $cfg "database" $database }}
 {{- $queue := default dict (get $cfg "queue") }}
 {{- $_ = set $queue "backend" "redis" }}
+{{- with .Values.redisTls }}
+{{- if .secretName }}
+{{- if and .certKey (not .keyKey) }}
+{{- fail "redisTls.keyKey: set it with redisTls.certKey (the client certificate's private key)" }}
+{{- end }}
+{{- if and .keyKey (not .certKey) }}
+{{- fail "redisTls.certKey: set it with redisTls.keyKey" }}
+{{- end }}
+{{- range $key, $file := dict "redis_ca_file" .caKey "redis_client_cert_file" .certKey "redis_client_key_file" .keyKey }}
+{{- if $file }}
+{{- if hasKey $queue $key }}
+{{- fail (printf "config.queue.%s: set by redisTls (the mounted Secret); leave it out of config" $key) }}
+{{- end }}
+{{- $_ = set $queue $key (printf "%s/%s" (trimSuffix "/" $.Values.redisTls.mountPath) $file) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $_ = set $cfg "queue" $queue }}
 {{- $_ = set $cfg "embedded_s3" (dict "mode" "off") -}}
 # Rendered by the uploadhook chart from .Values.config; defaults for every
@@ -180,7 +198,7 @@ it (listen addresses, Redis queue, no migrations at start, no embedded S3).
 {{- define "uploadhook.secretData" -}}
 {{- include "uploadhook.requireStorage" . }}
 UPLOADHOOK_DATABASE__URL: {{ required "secrets.databaseUrl: set the PostgreSQL URL (postgres://user:password@host:5432/db), or secrets.existingSecret" .Values.secrets.databaseUrl | b64enc | quote }}
-UPLOADHOOK_QUEUE__REDIS_URL: {{ required "secrets.redisUrl: set the Redis URL (redis://host:6379 or redis+cluster://host:6379), or secrets.existingSecret" .Values.secrets.redisUrl | b64enc | quote }}
+UPLOADHOOK_QUEUE__REDIS_URL: {{ required "secrets.redisUrl: set the Redis URL (redis://host:6379, redis+cluster://host:6379, rediss://… for TLS), or secrets.existingSecret" .Values.secrets.redisUrl | b64enc | quote }}
 UPLOADHOOK_ENCRYPTION__KEYS: {{ required "secrets.encryptionKeys: set the master key ring, \"id:base64(32 bytes)\" (uploadhook keys new-master-key --id k1 prints one); on PostgreSQL the service refuses to start without it" .Values.secrets.encryptionKeys | b64enc | quote }}
 {{- with .Values.secrets.storageEventsToken }}
 UPLOADHOOK_EVENTS__TOKEN: {{ . | b64enc | quote }}
