@@ -374,6 +374,9 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     pub batch_size: usize,
     pub per_host_concurrency: usize,
+    /// Status changes written per database transaction, at most (1: each
+    /// its own transaction).
+    pub write_batch_max: usize,
 }
 
 /// StreamEvents (`[streams]`).
@@ -663,6 +666,9 @@ impl Config {
         }
         if self.worker.per_host_concurrency == 0 {
             return invalid("worker.per_host_concurrency", "must be at least 1");
+        }
+        if !(1..=1000).contains(&self.worker.write_batch_max) {
+            return invalid("worker.write_batch_max", "must be between 1 and 1000");
         }
         if self.queue.backend == QueueBackend::Redis {
             if self.queue.visibility_timeout <= self.delivery.timeout {
@@ -1004,6 +1010,12 @@ mod tests {
         assert!(err.to_string().contains("delivery.jitter"));
         let err = Config::from_toml("[storage.r]\nkind = \"r2\"\nbucket = \"b\"").unwrap_err();
         assert!(err.to_string().contains("storage.r.endpoint"), "{err}");
+        for bad in ["0", "1001"] {
+            let err = Config::from_toml(&format!("[worker]\nwrite_batch_max = {bad}")).unwrap_err();
+            assert!(err.to_string().contains("worker.write_batch_max"), "{err}");
+        }
+        let cfg = Config::from_toml("[worker]\nwrite_batch_max = 1").unwrap();
+        assert_eq!(cfg.worker.write_batch_max, 1);
     }
 
     #[test]

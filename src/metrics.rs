@@ -57,6 +57,13 @@ fn lag_buckets() -> Histogram {
     ])
 }
 
+/// Writes per grouped transaction, 1 to the largest `worker.write_batch_max`.
+fn group_buckets() -> Histogram {
+    Histogram::new([
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0,
+    ])
+}
+
 fn attempt_buckets() -> Histogram {
     Histogram::new([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0])
 }
@@ -81,6 +88,11 @@ pub struct Metrics {
     pub event_streams: Gauge,
     /// Calls refused by admission control (`api.max_in_flight`).
     pub rpc_shed: Counter,
+    /// Writes per grouped transaction of the pipeline (its sum is the
+    /// number of writes, its count the number of transactions).
+    write_groups: Histogram,
+    /// Grouped transactions that failed and were written one by one.
+    write_group_splits: Counter,
     // Read at scrape time.
     queue_entries: Family<Labels, Gauge>,
     queue_pending: Gauge,
@@ -155,6 +167,18 @@ impl Metrics {
             "Calls refused with UNAVAILABLE because api.max_in_flight calls were running",
             rpc_shed.clone(),
         );
+        let write_groups = group_buckets();
+        registry.register(
+            "write_group_size",
+            "Status changes written per database transaction by a worker's write batcher (its _count is the transactions, its _sum the writes)",
+            write_groups.clone(),
+        );
+        let write_group_splits = Counter::default();
+        registry.register(
+            "write_group_splits",
+            "Grouped transactions that failed and were written again one write at a time",
+            write_group_splits.clone(),
+        );
         let queue_entries = Family::<Labels, Gauge>::default();
         registry.register(
             "queue_entries",
@@ -214,6 +238,8 @@ impl Metrics {
             verifications,
             event_streams,
             rpc_shed,
+            write_groups,
+            write_group_splits,
             queue_entries,
             queue_pending,
             queue_delayed,
@@ -231,6 +257,16 @@ impl Metrics {
         self.delivery_duration
             .get_or_create(&l)
             .observe(took.as_secs_f64());
+    }
+
+    /// A grouped transaction of `writes` writes was attempted.
+    pub fn write_group(&self, writes: usize) {
+        self.write_groups.observe(writes as f64);
+    }
+
+    /// A grouped transaction failed and its writes went one by one.
+    pub fn write_group_split(&self) {
+        self.write_group_splits.inc();
     }
 
     pub fn verification(&self, outcome: &'static str) {

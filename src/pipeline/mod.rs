@@ -60,10 +60,22 @@ use crate::{
     signing::SigningKey,
     storage::Storages,
     store::{
-        Changes, NewAttempt, RedriveSource, Store, StoreError, Transition, Webhook, metadata_of,
-        priority_of, status_of, webhooks::Column as C,
+        Changes, NewAttempt, RedriveSource, Store, StoreError, Transition, Webhook, WriteBatcher,
+        metadata_of, priority_of, status_of, webhooks::Column as C,
     },
 };
+
+/// Webhook rows read for a batch of jobs, by id.
+struct Rows(std::collections::HashMap<String, Webhook>);
+
+impl Rows {
+    /// The row of this job's webhook, of the job's tenant (`None`: gone).
+    fn of(&self, job: &Job) -> Option<Webhook> {
+        let w = self.0.get(job.webhook.as_str())?;
+        // A batch can hold two jobs of one webhook: each gets a copy.
+        (w.tenant_id == job.tenant.as_str()).then(|| w.clone())
+    }
+}
 
 /// What to do with a lease after its job ran.
 enum Step {
@@ -73,6 +85,8 @@ enum Step {
 
 pub struct Pipeline {
     store: Store,
+    /// The jobs' status changes go through it: written in groups.
+    writes: WriteBatcher,
     queue: Arc<dyn Queue>,
     storages: Arc<Storages>,
     delivery: DeliveryClient,
@@ -148,6 +162,7 @@ impl Pipeline {
         leader: Arc<dyn leader::Leader>,
     ) -> Self {
         Self {
+            writes: WriteBatcher::start(store.clone(), cfg.worker.write_batch_max),
             store,
             queue,
             storages,
@@ -389,15 +404,18 @@ impl Pipeline {
                     continue;
                 }
             };
+            // The rows of the jobs taken together, in one query.
+            let rows = self.read_rows(&leases).await;
             for lease in leases {
                 let permit = permits
                     .clone()
                     .acquire_owned()
                     .await
                     .expect("semaphore open");
+                let row = rows.as_ref().map(|rows| rows.of(&lease.job));
                 let this = self.clone();
                 tasks.spawn(async move {
-                    this.process(lease).await;
+                    this.process(lease, row).await;
                     drop(permit);
                 });
             }
@@ -417,10 +435,34 @@ impl Pipeline {
         }
     }
 
-    async fn process(&self, lease: Lease) {
+    /// The rows of the taken jobs' webhooks, read together; `None` if that
+    /// failed (each job then reads its own, and fails on its own).
+    async fn read_rows(&self, leases: &[Lease]) -> Option<Rows> {
+        if leases.len() < 2 {
+            return None;
+        }
+        let keys: Vec<(&TenantId, &WebhookId)> = leases
+            .iter()
+            .map(|l| (&l.job.tenant, &l.job.webhook))
+            .collect();
+        match self.store.find_webhooks(&keys).await {
+            Ok(found) => Some(Rows(found.into_iter().map(|w| (w.id.clone(), w)).collect())),
+            Err(e) => {
+                warn!(error = %e, jobs = leases.len(), "reading the batch's webhooks failed; each job reads its own");
+                None
+            }
+        }
+    }
+
+    /// Runs one job. `row` is its webhook as read with its batch (`None`:
+    /// not read yet).
+    async fn process(&self, lease: Lease, row: Option<Option<Webhook>>) {
         let job = &lease.job;
         // The row first: its trace is the parent of this job's span.
-        let row = self.store.find_webhook(&job.tenant, &job.webhook).await;
+        let row = match row {
+            Some(row) => Ok(row),
+            None => self.store.find_webhook(&job.tenant, &job.webhook).await,
+        };
         let span = info_span!(
             "job",
             otel.name = %format_args!("{} webhook", job.kind.as_str()),
@@ -498,7 +540,7 @@ impl Pipeline {
         let storage = match self.storages.resolve(&w.storage) {
             Ok(s) => s,
             Err(e) => {
-                self.store
+                self.writes
                     .transition(fail(format!(
                         "storage connection `{}` is no longer configured: {e}",
                         w.storage
@@ -537,7 +579,7 @@ impl Pipeline {
                             .set(C::VerifiedAt, Some(now))
                             .set(C::LastError, None::<String>);
                         let moved = self
-                            .store
+                            .writes
                             .transition(
                                 Transition::new(
                                     &job.tenant,
@@ -562,7 +604,7 @@ impl Pipeline {
                     }
                     Err(reason) => {
                         METRICS.verification("mismatch");
-                        self.store.transition(fail(reason)).await?;
+                        self.writes.transition(fail(reason)).await?;
                     }
                 }
                 return Ok(Step::Ack);
@@ -579,21 +621,21 @@ impl Pipeline {
                 // own expiry; only then give up, visibly.
                 let reason = format!("HEAD {}/{} failed: {e}", w.bucket, w.object_key);
                 if now >= w.expires_at {
-                    self.store
+                    self.writes
                         .transition(fail(format!("{reason}; gave up at expires_at")))
                         .await?;
                     return Ok(Step::Ack);
                 }
                 if w.last_error.as_deref() != Some(reason.as_str()) {
                     warn!(error = %reason, "storage error during verification; retrying");
-                    self.store
+                    self.writes
                         .transition(look_again(Changes::new().set(C::LastError, Some(reason))))
                         .await?;
                 } else {
                     // Same error again: no new event, but show that the
                     // webhook is being worked on, so that the reconciler
                     // does not queue another copy of this job.
-                    self.store
+                    self.writes
                         .touch(&job.tenant, &job.webhook, Status::Verifying, now)
                         .await?;
                 }
@@ -607,7 +649,7 @@ impl Pipeline {
         let done = w.verify_attempts as usize;
         if let Some(delay) = self.verify_delays.get(done) {
             let moved = self
-                .store
+                .writes
                 .transition(look_again(
                     Changes::new()
                         .set(C::VerifyAttempts, w.verify_attempts + 1)
@@ -621,7 +663,7 @@ impl Pipeline {
             }
             return Ok(Step::Ack);
         }
-        self.store
+        self.writes
             .transition(fail(format!("{missing_reason} after {} checks", done + 1)))
             .await?;
         Ok(Step::Ack)
@@ -652,7 +694,7 @@ impl Pipeline {
             // A job waiting this way for long is still being worked on:
             // say so now and then, or the reconciler would queue copies.
             if now - w.updated_at > chrono::Duration::from_std(self.lease / 2).unwrap_or_default() {
-                self.store
+                self.writes
                     .touch(&job.tenant, &job.webhook, status, now)
                     .await?;
             }
@@ -660,7 +702,7 @@ impl Pipeline {
         };
         // Claim the attempt: only one worker moves it to DELIVERING.
         let Some(w) = self
-            .store
+            .writes
             .transition(
                 Transition::new(
                     &job.tenant,
@@ -788,7 +830,7 @@ impl Pipeline {
         let mut tries = 0;
         let moved = loop {
             let res = self
-                .store
+                .writes
                 .transition(
                     Transition::new(
                         &job.tenant,

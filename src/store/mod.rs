@@ -9,16 +9,19 @@
 //!
 //! Every query on tenant data takes the tenant id.
 
+mod batch;
 mod detect;
 pub mod entities;
+
+pub use batch::WriteBatcher;
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::NotSet, ColumnTrait, ConnectOptions, ConnectionTrait, Database,
-    DatabaseConnection, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    Set, TransactionTrait, sea_query::Expr,
+    ActiveModelTrait, ColumnTrait, ConnectOptions, Database, DatabaseConnection, DbErr,
+    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
+    sea_query::Expr,
 };
 use sha2::{Digest, Sha256};
 
@@ -634,9 +637,9 @@ impl Store {
             }
             return Err(e.into());
         }
-        let ev = insert_event(&txn, &new, event, new.created_at).await?;
+        let events = batch::insert_events(&txn, &[(&new, event, new.created_at)]).await?;
         txn.commit().await?;
-        self.bus.publish(ev);
+        self.publish_all(events);
         Ok(Created::New(new))
     }
 
@@ -699,77 +702,33 @@ impl Store {
 
     /// Changes the status from one of `t.from` to `t.to`, atomically with
     /// its event (and attempt / dead-letter rows). `None` when the webhook
-    /// was not in one of `t.from` (someone else moved it first).
+    /// was not in one of `t.from` (someone else moved it first). A group of
+    /// one write (see `batch.rs`); the event is published after commit.
     pub async fn transition(&self, t: Transition<'_>) -> Result<Option<Webhook>> {
-        let txn = self.db.begin().await?;
-        let mut update = webhooks::Entity::update_many()
-            .col_expr(webhooks::Column::Status, Expr::value(t.to.as_str()))
-            .col_expr(webhooks::Column::UpdatedAt, Expr::value(t.now));
-        for (col, value) in t.changes.0 {
-            update = update.col_expr(col, Expr::value(value));
-        }
-        if let Some(at) = t.unchanged_since {
-            update = update.filter(webhooks::Column::UpdatedAt.lte(at));
-        }
-        let res = update
-            .filter(webhooks::Column::Id.eq(t.id.as_str()))
-            .filter(webhooks::Column::TenantId.eq(t.tenant.as_str()))
-            .filter(webhooks::Column::Status.is_in(t.from.iter().map(|s| s.as_str())))
-            .exec(&txn)
+        let applied = self
+            .write_group(&[batch::Write::Transition(t.into())])
             .await?;
-        if res.rows_affected != 1 {
-            txn.rollback().await?;
-            return Ok(None);
+        self.publish_all(applied.events);
+        Ok(applied.rows.into_iter().next().flatten())
+    }
+
+    /// The webhooks of these (tenant, id) pairs that exist, in one query
+    /// (the jobs a worker took together). Each row is matched on its own
+    /// tenant.
+    pub async fn find_webhooks(&self, keys: &[(&TenantId, &WebhookId)]) -> Result<Vec<Webhook>> {
+        use sea_orm::Condition;
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
-        let row = webhooks::Entity::find_by_id(t.id.as_str())
-            .one(&txn)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("webhook {} vanished", t.id)))?;
-        if let Some(a) = t.attempt {
-            attempts::ActiveModel {
-                id: NotSet,
-                webhook_id: Set(row.id.clone()),
-                number: Set(a.number),
-                started_at: Set(a.started_at),
-                duration_ms: Set(a.duration_ms),
-                response_status: Set(a.response_status),
-                response_body: Set(a.response_body),
-                error: Set(a.error),
-            }
-            .insert(&txn)
-            .await?;
+        let mut any = Condition::any();
+        for (tenant, id) in keys {
+            any = any.add(
+                Condition::all()
+                    .add(webhooks::Column::Id.eq(id.as_str()))
+                    .add(webhooks::Column::TenantId.eq(tenant.as_str())),
+            );
         }
-        if let Some(reason) = t.dead_letter {
-            dead_letters::ActiveModel {
-                id: NotSet,
-                tenant_id: Set(row.tenant_id.clone()),
-                webhook_id: Set(row.id.clone()),
-                reason: Set(reason),
-                created_at: Set(t.now),
-                redriven_at: Set(None),
-                redriven_by: Set(None),
-            }
-            .insert(&txn)
-            .await?;
-        }
-        if t.from.contains(&Status::DeadLetter) && t.to != Status::DeadLetter {
-            // Leaving DEAD_LETTER (a redrive, or a cancel): close the open
-            // dead-letter rows, saying who redrove them.
-            dead_letters::Entity::update_many()
-                .col_expr(dead_letters::Column::RedrivenAt, Expr::value(t.now))
-                .col_expr(
-                    dead_letters::Column::RedrivenBy,
-                    Expr::value(t.redriven_by.map(|b| b.as_str().to_string())),
-                )
-                .filter(dead_letters::Column::WebhookId.eq(row.id.clone()))
-                .filter(dead_letters::Column::RedrivenAt.is_null())
-                .exec(&txn)
-                .await?;
-        }
-        let ev = insert_event(&txn, &row, t.event, t.now).await?;
-        txn.commit().await?;
-        self.bus.publish(ev);
-        Ok(Some(row))
+        Ok(webhooks::Entity::find().filter(any).all(&self.db).await?)
     }
 
     /// Delivery attempts of a webhook, oldest first.
@@ -970,11 +929,7 @@ impl Store {
         status: Status,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        webhooks::Entity::update_many()
-            .col_expr(webhooks::Column::UpdatedAt, Expr::value(now))
-            .filter(webhooks::Column::Id.eq(id.as_str()))
-            .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
-            .filter(webhooks::Column::Status.eq(status.as_str()))
+        batch::touch_query(tenant, id, status, now)
             .exec(&self.db)
             .await?;
         Ok(())
@@ -1067,23 +1022,4 @@ impl EventLog for Store {
             .map_err(|e| e.to_string())?;
         Ok(max.flatten().unwrap_or(0))
     }
-}
-
-async fn insert_event<C: ConnectionTrait>(
-    conn: &C,
-    w: &Webhook,
-    kind: &'static str,
-    now: DateTime<Utc>,
-) -> Result<Event> {
-    let row = events::ActiveModel {
-        id: NotSet,
-        tenant_id: Set(w.tenant_id.clone()),
-        webhook_id: Set(w.id.clone()),
-        kind: Set(kind.to_string()),
-        status: Set(w.status.clone()),
-        occurred_at: Set(now),
-    }
-    .insert(conn)
-    .await?;
-    event_of(&row)
 }

@@ -1,0 +1,1215 @@
+//! Group commit of status changes.
+//!
+//! [`Store::write_group`] applies several writes in one transaction, in the
+//! order given, each still its own compare-and-set: `UPDATE webhooks …
+//! WHERE id AND tenant_id AND status IN (from) [AND updated_at <= …]
+//! RETURNING *`, and only when that matched, its event (and attempt or
+//! dead-letter) rows. The event, attempt and dead-letter rows of the whole
+//! group are inserted with one multi-row `INSERT` each. [`Store::transition`]
+//! is a group of one.
+//!
+//! [`WriteBatcher`] is what the pipeline's jobs write through: each job
+//! sends its write over a channel and awaits its own answer; one task takes
+//! whatever is waiting (up to `max`), writes it as one group and answers
+//! each job. It never waits for more work: when idle a write goes alone,
+//! and while a group is being written the next one gathers. That makes it
+//! the pipeline's only writer, so on SQLite the jobs no longer queue for
+//! the write lock one transaction each.
+//!
+//! If a group fails (a deadlock, a constraint that one write breaks, a
+//! lost connection), nothing of it was stored; each write is then tried on
+//! its own, so that one bad write cannot fail the others, and each job gets
+//! its own answer. Events are published to the bus after the commit that
+//! stored them, in id order.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::NotSet,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryTrait,
+    RuntimeErr, Set, TransactionTrait,
+    sea_query::{Expr, Query},
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use super::{
+    Changes, NewAttempt, RedriveSource, Result, Store, StoreError, Transition, Webhook, attempts,
+    dead_letters, entities::events, webhooks,
+};
+use crate::{
+    domain::{Status, TenantId, WebhookId},
+    events::Event,
+    metrics::METRICS,
+};
+
+/// A [`Transition`] that owns its data, so that it can wait in a queue.
+pub(crate) struct OwnedTransition {
+    tenant: TenantId,
+    id: WebhookId,
+    from: Vec<Status>,
+    to: Status,
+    event: &'static str,
+    changes: Changes,
+    attempt: Option<NewAttempt>,
+    dead_letter: Option<String>,
+    now: DateTime<Utc>,
+    unchanged_since: Option<DateTime<Utc>>,
+    redriven_by: Option<RedriveSource>,
+}
+
+impl From<Transition<'_>> for OwnedTransition {
+    fn from(t: Transition<'_>) -> Self {
+        Self {
+            tenant: t.tenant.clone(),
+            id: t.id.clone(),
+            from: t.from.to_vec(),
+            to: t.to,
+            event: t.event,
+            changes: t.changes,
+            attempt: t.attempt,
+            dead_letter: t.dead_letter,
+            now: t.now,
+            unchanged_since: t.unchanged_since,
+            redriven_by: t.redriven_by,
+        }
+    }
+}
+
+/// One write of a group.
+pub(crate) enum Write {
+    /// A status change (see [`Store::transition`]).
+    Transition(OwnedTransition),
+    /// `updated_at` only, while the status is `status` (see [`Store::touch`]).
+    Touch {
+        tenant: TenantId,
+        id: WebhookId,
+        status: Status,
+        now: DateTime<Utc>,
+    },
+}
+
+impl Write {
+    fn webhook(&self) -> &str {
+        match self {
+            Write::Transition(t) => t.id.as_str(),
+            Write::Touch { id, .. } => id.as_str(),
+        }
+    }
+}
+
+/// What a committed group did: per write, the row it moved (`None`: its
+/// compare-and-set did not match, or a touch), and the events it stored,
+/// in id order.
+pub(crate) struct Applied {
+    pub rows: Vec<Option<Webhook>>,
+    pub events: Vec<Event>,
+}
+
+impl Store {
+    /// Applies `writes` in one transaction, in the given order for each
+    /// webhook (rows are locked in webhook id order, so that two groups
+    /// never wait for each other's rows in a cycle). Each write is its own
+    /// compare-and-set, scoped by its tenant. On error nothing was stored.
+    /// The caller publishes the events, after this returns.
+    pub(crate) async fn write_group(&self, writes: &[Write]) -> Result<Applied> {
+        let txn = self.db.begin().await?;
+        let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        // Stable: writes to one webhook keep their order.
+        order.sort_by(|&a, &b| writes[a].webhook().cmp(writes[b].webhook()));
+        // (write index, event type, time), in the order they happened.
+        let mut new_events: Vec<(usize, &'static str, DateTime<Utc>)> = Vec::new();
+        let mut new_attempts: Vec<attempts::ActiveModel> = Vec::new();
+        let mut new_dead_letters: Vec<dead_letters::ActiveModel> = Vec::new();
+        for i in order {
+            let t = match &writes[i] {
+                Write::Touch {
+                    tenant,
+                    id,
+                    status,
+                    now,
+                } => {
+                    touch_query(tenant, id, *status, *now).exec(&txn).await?;
+                    continue;
+                }
+                Write::Transition(t) => t,
+            };
+            let mut update = webhooks::Entity::update_many()
+                .col_expr(webhooks::Column::Status, Expr::value(t.to.as_str()))
+                .col_expr(webhooks::Column::UpdatedAt, Expr::value(t.now));
+            for (col, value) in &t.changes.0 {
+                update = update.col_expr(*col, Expr::value(value.clone()));
+            }
+            if let Some(at) = t.unchanged_since {
+                update = update.filter(webhooks::Column::UpdatedAt.lte(at));
+            }
+            let mut update = update
+                .filter(webhooks::Column::Id.eq(t.id.as_str()))
+                .filter(webhooks::Column::TenantId.eq(t.tenant.as_str()))
+                .filter(webhooks::Column::Status.is_in(t.from.iter().map(|s| s.as_str())))
+                .into_query();
+            update.returning_all();
+            let found = txn.query_all(&update).await?;
+            let row = match found.as_slice() {
+                [] => continue, // someone else moved it first
+                [r] => Webhook::from_query_result(r, "")?,
+                _ => {
+                    return Err(StoreError::Corrupt(format!(
+                        "webhook id {} matched {} rows",
+                        t.id,
+                        found.len()
+                    )));
+                }
+            };
+            if let Some(a) = &t.attempt {
+                new_attempts.push(attempts::ActiveModel {
+                    id: NotSet,
+                    webhook_id: Set(row.id.clone()),
+                    number: Set(a.number),
+                    started_at: Set(a.started_at),
+                    duration_ms: Set(a.duration_ms),
+                    response_status: Set(a.response_status),
+                    response_body: Set(a.response_body.clone()),
+                    error: Set(a.error.clone()),
+                });
+            }
+            if let Some(reason) = &t.dead_letter {
+                new_dead_letters.push(dead_letters::ActiveModel {
+                    id: NotSet,
+                    tenant_id: Set(row.tenant_id.clone()),
+                    webhook_id: Set(row.id.clone()),
+                    reason: Set(reason.clone()),
+                    created_at: Set(t.now),
+                    redriven_at: Set(None),
+                    redriven_by: Set(None),
+                });
+            }
+            if t.from.contains(&Status::DeadLetter) && t.to != Status::DeadLetter {
+                // Leaving DEAD_LETTER (a redrive, or a cancel): close the
+                // open dead-letter rows, saying who redrove them. Rows an
+                // earlier write of this group opened are written first.
+                insert_dead_letters(&txn, &mut new_dead_letters).await?;
+                dead_letters::Entity::update_many()
+                    .col_expr(dead_letters::Column::RedrivenAt, Expr::value(t.now))
+                    .col_expr(
+                        dead_letters::Column::RedrivenBy,
+                        Expr::value(t.redriven_by.map(|b| b.as_str().to_string())),
+                    )
+                    .filter(dead_letters::Column::WebhookId.eq(row.id.clone()))
+                    .filter(dead_letters::Column::RedrivenAt.is_null())
+                    .exec(&txn)
+                    .await?;
+            }
+            new_events.push((i, t.event, t.now));
+            rows[i] = Some(row);
+        }
+        if !new_attempts.is_empty() {
+            attempts::Entity::insert_many(new_attempts)
+                .exec_without_returning(&txn)
+                .await?;
+        }
+        insert_dead_letters(&txn, &mut new_dead_letters).await?;
+        let events = {
+            let items: Vec<(&Webhook, &'static str, DateTime<Utc>)> = new_events
+                .iter()
+                .filter_map(|(i, kind, at)| rows[*i].as_ref().map(|w| (w, *kind, *at)))
+                .collect();
+            insert_events(&txn, &items).await?
+        };
+        txn.commit().await?;
+        Ok(Applied { rows, events })
+    }
+
+    /// Publishes committed events to the bus, in order.
+    pub(crate) fn publish_all(&self, events: Vec<Event>) {
+        for ev in events {
+            self.bus.publish(ev);
+        }
+    }
+
+    /// One write in its own transaction, its events published after commit.
+    async fn write_one(&self, write: &Write) -> Result<Option<Webhook>> {
+        if let Write::Touch {
+            tenant,
+            id,
+            status,
+            now,
+        } = write
+        {
+            // A single UPDATE needs no transaction of its own.
+            touch_query(tenant, id, *status, *now)
+                .exec(&self.db)
+                .await?;
+            return Ok(None);
+        }
+        let applied = self.write_group(std::slice::from_ref(write)).await?;
+        self.publish_all(applied.events);
+        Ok(applied.rows.into_iter().next().flatten())
+    }
+}
+
+pub(super) fn touch_query(
+    tenant: &TenantId,
+    id: &WebhookId,
+    status: Status,
+    now: DateTime<Utc>,
+) -> sea_orm::UpdateMany<webhooks::Entity> {
+    webhooks::Entity::update_many()
+        .col_expr(webhooks::Column::UpdatedAt, Expr::value(now))
+        .filter(webhooks::Column::Id.eq(id.as_str()))
+        .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
+        .filter(webhooks::Column::Status.eq(status.as_str()))
+}
+
+async fn insert_dead_letters<C: ConnectionTrait>(
+    conn: &C,
+    rows: &mut Vec<dead_letters::ActiveModel>,
+) -> Result<()> {
+    if !rows.is_empty() {
+        dead_letters::Entity::insert_many(std::mem::take(rows))
+            .exec_without_returning(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Inserts the event rows of `items` (the webhook as it now is, the event
+/// type, when) with one statement, and returns them in id order, which is
+/// the order of `items`.
+pub(super) async fn insert_events<C: ConnectionTrait>(
+    conn: &C,
+    items: &[(&Webhook, &'static str, DateTime<Utc>)],
+) -> Result<Vec<Event>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut insert = Query::insert();
+    insert.into_table(events::Entity).columns([
+        events::Column::TenantId,
+        events::Column::WebhookId,
+        events::Column::Kind,
+        events::Column::Status,
+        events::Column::OccurredAt,
+    ]);
+    let mut out = Vec::with_capacity(items.len());
+    for (w, kind, at) in items {
+        insert
+            .values([
+                Expr::value(w.tenant_id.clone()),
+                Expr::value(w.id.clone()),
+                Expr::value(*kind),
+                Expr::value(w.status.clone()),
+                Expr::value(*at),
+            ])
+            .map_err(|e| DbErr::Custom(format!("building the events insert: {e}")))?;
+        out.push(Event {
+            id: 0,
+            tenant_id: TenantId::from_trusted(w.tenant_id.clone()),
+            webhook_id: WebhookId::from_trusted(w.id.clone()),
+            kind: kind.to_string(),
+            status: super::status_of(w)?,
+            occurred_at: *at,
+        });
+    }
+    insert.returning(Query::returning().columns([events::Column::Id, events::Column::WebhookId]));
+    let mut ids = conn
+        .query_all(&insert)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get::<i64>("", "id")?,
+                r.try_get::<String>("", "webhook_id")?,
+            ))
+        })
+        .collect::<Result<Vec<_>, DbErr>>()?;
+    // RETURNING does not promise an order; ids are given in insertion
+    // order, which the webhook ids confirm. A group whose ids do not line
+    // up is not committed (and its writes are retried one by one).
+    ids.sort_unstable_by_key(|(id, _)| *id);
+    if ids.len() != out.len()
+        || ids
+            .iter()
+            .zip(&out)
+            .any(|((_, wid), ev)| wid != ev.webhook_id.as_str())
+    {
+        return Err(
+            DbErr::Custom("event ids were not assigned in insertion order".to_string()).into(),
+        );
+    }
+    for (ev, (id, _)) in out.iter_mut().zip(ids) {
+        ev.id = id;
+    }
+    Ok(out)
+}
+
+/// Whether an error says the database could not be reached at all (rather
+/// than that one statement failed): trying the rest of a group one by one
+/// would only fail the same way, slowly.
+fn unreachable(e: &StoreError) -> bool {
+    use sea_orm::sqlx::Error as X;
+    match e {
+        StoreError::Db(DbErr::ConnectionAcquire(_) | DbErr::Conn(_)) => true,
+        StoreError::Db(
+            DbErr::Exec(RuntimeErr::SqlxError(x)) | DbErr::Query(RuntimeErr::SqlxError(x)),
+        ) => {
+            matches!(
+                **x,
+                X::Io(_) | X::Tls(_) | X::PoolTimedOut | X::PoolClosed | X::WorkerCrashed
+            )
+        }
+        _ => false,
+    }
+}
+
+fn same_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Db(d) => StoreError::Db(d.clone()),
+        StoreError::Corrupt(s) => StoreError::Corrupt(s.clone()),
+        other => StoreError::Db(DbErr::Custom(other.to_string())),
+    }
+}
+
+struct Pending {
+    write: Write,
+    reply: oneshot::Sender<Result<Option<Webhook>>>,
+}
+
+/// Writes jobs' status changes in groups (see the module doc). Cheap to
+/// clone; the writing task stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct WriteBatcher {
+    tx: Option<mpsc::Sender<Pending>>,
+    store: Store,
+    /// Groups begun by the writing task.
+    groups: Arc<AtomicU64>,
+}
+
+impl WriteBatcher {
+    /// Starts the writing task, which writes up to `max` writes per
+    /// transaction. `max` = 1 starts nothing: each write is then its own
+    /// transaction, run by its caller (as `Store::transition` does).
+    pub fn start(store: Store, max: usize) -> Self {
+        let groups = Arc::new(AtomicU64::new(0));
+        if max <= 1 {
+            return Self {
+                tx: None,
+                store,
+                groups,
+            };
+        }
+        let (tx, rx) = mpsc::channel(max.saturating_mul(4));
+        tokio::spawn(run(store.clone(), rx, max, groups.clone()));
+        Self {
+            tx: Some(tx),
+            store,
+            groups,
+        }
+    }
+
+    /// How many grouped transactions the writing task has begun.
+    pub fn groups_written(&self) -> u64 {
+        self.groups.load(Ordering::Relaxed)
+    }
+
+    /// [`Store::transition`], written in a group.
+    pub async fn transition(&self, t: Transition<'_>) -> Result<Option<Webhook>> {
+        self.submit(Write::Transition(t.into())).await
+    }
+
+    /// [`Store::touch`], written in a group.
+    pub async fn touch(
+        &self,
+        tenant: &TenantId,
+        id: &WebhookId,
+        status: Status,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.submit(Write::Touch {
+            tenant: tenant.clone(),
+            id: id.clone(),
+            status,
+            now,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn submit(&self, write: Write) -> Result<Option<Webhook>> {
+        let Some(tx) = &self.tx else {
+            return self.store.write_one(&write).await;
+        };
+        let (reply, answer) = oneshot::channel();
+        if let Err(mpsc::error::SendError(p)) = tx.send(Pending { write, reply }).await {
+            // The writing task is gone (the runtime is stopping): write here.
+            return self.store.write_one(&p.write).await;
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(DbErr::Custom(
+                "the write batcher stopped before answering; the write may not be stored".into(),
+            )
+            .into())
+        })
+    }
+}
+
+async fn run(store: Store, mut rx: mpsc::Receiver<Pending>, max: usize, groups: Arc<AtomicU64>) {
+    let mut batch = Vec::with_capacity(max);
+    // Takes what is waiting, at least one: never waits for more.
+    while rx.recv_many(&mut batch, max).await > 0 {
+        groups.fetch_add(1, Ordering::Relaxed);
+        flush(&store, std::mem::take(&mut batch)).await;
+    }
+}
+
+async fn flush(store: &Store, batch: Vec<Pending>) {
+    METRICS.write_group(batch.len());
+    let (writes, replies): (Vec<Write>, Vec<_>) =
+        batch.into_iter().map(|p| (p.write, p.reply)).unzip();
+    let err = match store.write_group(&writes).await {
+        Ok(applied) => {
+            store.publish_all(applied.events);
+            for (reply, row) in replies.into_iter().zip(applied.rows) {
+                // A caller that went away (its task was cancelled) is fine:
+                // its job runs again and finds the status moved.
+                let _ = reply.send(Ok(row));
+            }
+            return;
+        }
+        Err(e) => e,
+    };
+    if writes.len() == 1 || unreachable(&err) {
+        for reply in replies {
+            let _ = reply.send(Err(same_error(&err)));
+        }
+        return;
+    }
+    METRICS.write_group_split();
+    warn!(error = %err, writes = writes.len(), "a grouped write failed; writing each on its own");
+    let mut down: Option<StoreError> = None;
+    for (write, reply) in writes.iter().zip(replies) {
+        let res = match &down {
+            Some(e) => Err(same_error(e)),
+            None => store.write_one(write).await,
+        };
+        if let Err(e) = &res
+            && unreachable(e)
+        {
+            down = Some(same_error(e));
+        }
+        let _ = reply.send(res);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The batcher against a real database: a SQLite file always, and a
+    //! fresh PostgreSQL database when `UPLOADHOOK_TEST_DATABASE_URL` is set
+    //! (required when `UPLOADHOOK_REQUIRE_SERVICES=1`).
+
+    use std::{sync::Mutex, time::Duration};
+
+    use sea_orm::{Database, DatabaseConnection, PaginatorTrait, QueryOrder};
+    use tokio::sync::broadcast;
+
+    use super::*;
+    use crate::{
+        domain::event_type,
+        events::{EventBus, LocalEventBus},
+        secrets::Keyring,
+        store::webhooks::StoredSecret,
+    };
+
+    /// A database for one test; a PostgreSQL one is dropped at the end.
+    struct TestDb {
+        url: String,
+        drop: Option<(String, String)>,
+        _dir: Option<tempfile::TempDir>,
+    }
+
+    impl TestDb {
+        fn sqlite() -> TestDb {
+            let dir = tempfile::tempdir().unwrap();
+            TestDb {
+                url: format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display()),
+                drop: None,
+                _dir: Some(dir),
+            }
+        }
+
+        async fn postgres() -> Option<TestDb> {
+            let Ok(admin) = std::env::var("UPLOADHOOK_TEST_DATABASE_URL") else {
+                assert!(
+                    std::env::var("UPLOADHOOK_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                    "UPLOADHOOK_REQUIRE_SERVICES=1 but UPLOADHOOK_TEST_DATABASE_URL is not set"
+                );
+                eprintln!("skipping PostgreSQL: UPLOADHOOK_TEST_DATABASE_URL is not set");
+                return None;
+            };
+            let name = format!("uh_test_{}", uuid::Uuid::new_v4().simple());
+            let conn = Database::connect(&admin).await.unwrap();
+            conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+            conn.close().await.ok();
+            let (base, query) = match admin.split_once('?') {
+                Some((b, q)) => (b.to_string(), format!("?{q}")),
+                None => (admin.clone(), String::new()),
+            };
+            let base = base
+                .rsplit_once('/')
+                .map_or(base.clone(), |(b, _)| b.to_string());
+            Some(TestDb {
+                url: format!("{base}/{name}{query}"),
+                drop: Some((
+                    admin,
+                    format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                )),
+                _dir: None,
+            })
+        }
+
+        async fn store(&self, bus: Arc<dyn EventBus>) -> Store {
+            let db = crate::store::connect(&self.url, 5).await.unwrap();
+            crate::store::migrate(&db).await.unwrap();
+            let keyring = Keyring::parse(&Keyring::generate_entry("t")).unwrap();
+            Store::new(db, bus, Arc::new(keyring))
+        }
+
+        async fn cleanup(self) {
+            if let Some((admin, sql)) = self.drop
+                && let Ok(conn) = Database::connect(&admin).await
+            {
+                let _ = conn.execute_unprepared(&sql).await;
+                let _ = conn.close().await;
+            }
+        }
+    }
+
+    /// Runs a test body on SQLite, then on PostgreSQL when configured.
+    macro_rules! on_both {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let db = super::TestDb::sqlite();
+                        super::$name(&db).await;
+                        db.cleanup().await;
+                    }
+                )*
+            }
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let Some(db) = super::TestDb::postgres().await else { return };
+                        super::$name(&db).await;
+                        db.cleanup().await;
+                    }
+                )*
+            }
+        };
+    }
+
+    on_both!(
+        a_group_gives_each_write_its_own_result,
+        conflicting_writes_in_one_group_one_wins,
+        writes_to_one_webhook_keep_their_order,
+        one_failing_write_does_not_fail_the_others,
+        what_waits_is_written_as_one_group,
+        events_are_published_after_commit,
+    );
+
+    fn bus() -> Arc<dyn EventBus> {
+        Arc::new(LocalEventBus::new(1024))
+    }
+
+    /// A webhook of a new tenant `tenant`, in `status`.
+    async fn webhook(store: &Store, tenant: &TenantId, status: Status) -> WebhookId {
+        let id = WebhookId::generate();
+        let now = Utc::now();
+        let row = Webhook {
+            id: id.as_str().to_string(),
+            tenant_id: tenant.as_str().to_string(),
+            status: status.as_str().to_string(),
+            trigger: "CONFIRM".into(),
+            provider: "s3".into(),
+            storage: String::new(),
+            bucket: "b".into(),
+            object_key: format!("k/{id}"),
+            filename: "f.txt".into(),
+            content_type: "text/plain".into(),
+            expected_size: None,
+            size: None,
+            client_etag: None,
+            etag: None,
+            object_last_modified: None,
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: StoredSecret("x".into()),
+            secret_generated: false,
+            secret_key_id: None,
+            previous_secret: None,
+            previous_secret_key_id: None,
+            previous_secret_until: None,
+            request_fingerprint: None,
+            metadata: "{}".into(),
+            idempotency_key: None,
+            attempt_count: 0,
+            attempt_base: 0,
+            verify_attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+            created_at: now,
+            updated_at: now,
+            verified_at: None,
+            completed_at: None,
+            expires_at: now + chrono::Duration::hours(1),
+            priority: "NORMAL".into(),
+            next_check_at: None,
+            check_count: 0,
+            seen_etag: None,
+            seen_size: None,
+            traceparent: None,
+        };
+        store
+            .create_webhook(row, event_type::CREATED, now)
+            .await
+            .unwrap();
+        id
+    }
+
+    async fn tenant(store: &Store, name: &str) -> TenantId {
+        store.ensure_tenant(name, Utc::now()).await.unwrap()
+    }
+
+    fn verified(tenant: &TenantId, id: &WebhookId, size: i64) -> Write {
+        Write::Transition(
+            Transition::new(
+                tenant,
+                id,
+                &[Status::Verifying],
+                Status::Verified,
+                event_type::VERIFIED,
+                Utc::now(),
+            )
+            .changes(Changes::new().set(webhooks::Column::Size, Some(size)))
+            .into(),
+        )
+    }
+
+    fn claim(tenant: &TenantId, id: &WebhookId) -> Write {
+        Write::Transition(
+            Transition::new(
+                tenant,
+                id,
+                &[Status::Verified],
+                Status::Delivering,
+                event_type::DELIVERING,
+                Utc::now(),
+            )
+            .into(),
+        )
+    }
+
+    /// Events of a webhook as stored: (type, status), oldest first.
+    async fn stored_events(
+        store: &Store,
+        tenant: &TenantId,
+        id: &WebhookId,
+    ) -> Vec<(String, Status)> {
+        store
+            .events_after(tenant, Some(id), 0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.kind, e.status))
+            .collect()
+    }
+
+    /// Sends `writes` to `flush` as one batch; the answers in order.
+    async fn flush_all(store: &Store, writes: Vec<Write>) -> Vec<Result<Option<Webhook>>> {
+        let mut answers = Vec::new();
+        let batch = writes
+            .into_iter()
+            .map(|write| {
+                let (reply, rx) = oneshot::channel();
+                answers.push(rx);
+                Pending { write, reply }
+            })
+            .collect();
+        flush(store, batch).await;
+        let mut out = Vec::new();
+        for a in answers {
+            out.push(a.await.expect("every write is answered"));
+        }
+        out
+    }
+
+    async fn a_group_gives_each_write_its_own_result(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let a = tenant(&store, "a").await;
+        let b = tenant(&store, "b").await;
+        let mut ids = Vec::new();
+        for _ in 0..40 {
+            ids.push(webhook(&store, &a, Status::Verifying).await);
+        }
+        let other = webhook(&store, &b, Status::Verifying).await;
+        let pending = webhook(&store, &a, Status::Pending).await;
+        let mut writes: Vec<Write> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| verified(&a, id, i as i64))
+            .collect();
+        // Another tenant's webhook answers like an unknown one.
+        writes.push(verified(&a, &other, 1));
+        writes.push(verified(&a, &WebhookId::generate(), 1));
+        // Not in a `from` status.
+        writes.push(verified(&a, &pending, 1));
+        // One transaction for all of them.
+        let applied = store.write_group(&writes).await.unwrap();
+        assert_eq!(applied.rows.len(), writes.len());
+        for (i, id) in ids.iter().enumerate() {
+            let row = applied.rows[i].as_ref().expect("moved");
+            assert_eq!(row.id, id.as_str());
+            assert_eq!(row.status, Status::Verified.as_str());
+            assert_eq!(row.size, Some(i as i64));
+        }
+        assert!(applied.rows[40..].iter().all(Option::is_none));
+        // One event per moved webhook, in id order, naming its webhook.
+        assert_eq!(applied.events.len(), 40);
+        assert!(applied.events.windows(2).all(|w| w[0].id < w[1].id));
+        for (ev, id) in applied.events.iter().zip(&ids) {
+            assert_eq!(ev.webhook_id, *id);
+            assert_eq!(ev.kind, event_type::VERIFIED);
+            assert_eq!(ev.status, Status::Verified);
+            assert_eq!(ev.tenant_id, a);
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let w = store.find_webhook(&a, id).await.unwrap().unwrap();
+            assert_eq!(
+                (w.status.as_str(), w.size),
+                (Status::Verified.as_str(), Some(i as i64))
+            );
+        }
+        let w = store.find_webhook(&b, &other).await.unwrap().unwrap();
+        assert_eq!(w.status, Status::Verifying.as_str());
+        assert_eq!(stored_events(&store, &b, &other).await.len(), 1);
+        let w = store.find_webhook(&a, &pending).await.unwrap().unwrap();
+        assert_eq!(w.status, Status::Pending.as_str());
+    }
+
+    async fn conflicting_writes_in_one_group_one_wins(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let id = webhook(&store, &t, Status::Verified).await;
+        let answers = flush_all(&store, vec![claim(&t, &id), claim(&t, &id), claim(&t, &id)]).await;
+        let won: Vec<bool> = answers
+            .iter()
+            .map(|a| a.as_ref().unwrap().is_some())
+            .collect();
+        assert_eq!(won, [true, false, false]);
+        let events = stored_events(&store, &t, &id).await;
+        assert_eq!(
+            events,
+            [
+                (event_type::CREATED.to_string(), Status::Verified),
+                (event_type::DELIVERING.to_string(), Status::Delivering),
+            ]
+        );
+        // Outcomes racing on one attempt: only one completes it, with one
+        // attempt row.
+        let outcome = |to: Status, event: &'static str| {
+            Write::Transition(
+                Transition::new(&t, &id, &[Status::Delivering], to, event, Utc::now())
+                    .attempt(NewAttempt {
+                        number: 1,
+                        started_at: Utc::now(),
+                        duration_ms: 3,
+                        response_status: Some(200),
+                        response_body: None,
+                        error: None,
+                    })
+                    .into(),
+            )
+        };
+        let answers = flush_all(
+            &store,
+            vec![
+                outcome(Status::Completed, event_type::DELIVERED),
+                outcome(Status::Completed, event_type::DELIVERED),
+            ],
+        )
+        .await;
+        assert!(answers[0].as_ref().unwrap().is_some());
+        assert!(answers[1].as_ref().unwrap().is_none());
+        assert_eq!(store.attempts(&t, &id).await.unwrap().len(), 1);
+        let completed = stored_events(&store, &t, &id)
+            .await
+            .into_iter()
+            .filter(|(_, s)| *s == Status::Completed)
+            .count();
+        assert_eq!(completed, 1);
+    }
+
+    async fn writes_to_one_webhook_keep_their_order(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        // Other webhooks' writes around them: the group is written in
+        // webhook id order, and the writes of `id` stay in theirs.
+        let before = webhook(&store, &t, Status::Verifying).await;
+        let id = webhook(&store, &t, Status::Verifying).await;
+        let after = webhook(&store, &t, Status::Verifying).await;
+        let dead = Write::Transition(
+            Transition::new(
+                &t,
+                &id,
+                &[Status::Verified],
+                Status::DeadLetter,
+                event_type::DEAD_LETTERED,
+                Utc::now(),
+            )
+            .dead_letter_opt(Some("gave up".into()))
+            .into(),
+        );
+        let redrive = Write::Transition(
+            Transition::new(
+                &t,
+                &id,
+                &[Status::DeadLetter],
+                Status::Retrying,
+                event_type::REDELIVER,
+                Utc::now(),
+            )
+            .redriven_by(RedriveSource::Api)
+            .into(),
+        );
+        let writes = vec![
+            verified(&t, &after, 1),
+            verified(&t, &id, 1),
+            dead,
+            verified(&t, &before, 1),
+            redrive,
+        ];
+        let applied = store.write_group(&writes).await.unwrap();
+        assert!(applied.rows.iter().all(Option::is_some));
+        let events = stored_events(&store, &t, &id).await;
+        assert_eq!(
+            events,
+            [
+                (event_type::CREATED.to_string(), Status::Verifying),
+                (event_type::VERIFIED.to_string(), Status::Verified),
+                (event_type::DEAD_LETTERED.to_string(), Status::DeadLetter),
+                (event_type::REDELIVER.to_string(), Status::Retrying),
+            ]
+        );
+        // The dead letter opened earlier in the group was closed by the
+        // redrive after it.
+        let dl = store.dead_letters(&t, &id).await.unwrap();
+        assert_eq!(dl.len(), 1);
+        assert!(dl[0].redriven_at.is_some());
+        assert_eq!(dl[0].redriven_by.as_deref(), Some("api"));
+        // The published order is the stored order.
+        let ids: Vec<i64> = applied.events.iter().map(|e| e.id).collect();
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(ids, sorted);
+    }
+
+    async fn one_failing_write_does_not_fail_the_others(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let ok1 = webhook(&store, &t, Status::Verifying).await;
+        let bad = webhook(&store, &t, Status::Verifying).await;
+        let ok2 = webhook(&store, &t, Status::Verified).await;
+        // `url` is NOT NULL: this write breaks a constraint.
+        let breaks = || {
+            Write::Transition(
+                Transition::new(
+                    &t,
+                    &bad,
+                    &[Status::Verifying],
+                    Status::Verified,
+                    event_type::VERIFIED,
+                    Utc::now(),
+                )
+                .changes(Changes::new().set(webhooks::Column::Url, None::<String>))
+                .into(),
+            )
+        };
+        // As one transaction, nothing of the group is stored.
+        let group = vec![verified(&t, &ok1, 7), breaks(), claim(&t, &ok2)];
+        assert!(store.write_group(&group).await.is_err());
+        assert_eq!(
+            store.find_webhook(&t, &ok1).await.unwrap().unwrap().status,
+            Status::Verifying.as_str()
+        );
+        // Through the batcher, each write gets its own answer.
+        let answers = flush_all(&store, group).await;
+        assert_eq!(answers[0].as_ref().unwrap().as_ref().unwrap().size, Some(7));
+        assert!(
+            matches!(&answers[1], Err(StoreError::Db(_))),
+            "the bad write fails on its own"
+        );
+        assert_eq!(
+            answers[2].as_ref().unwrap().as_ref().unwrap().status,
+            Status::Delivering.as_str()
+        );
+        assert_eq!(
+            store.find_webhook(&t, &bad).await.unwrap().unwrap().status,
+            Status::Verifying.as_str()
+        );
+        assert_eq!(stored_events(&store, &t, &bad).await.len(), 1);
+        assert_eq!(stored_events(&store, &t, &ok1).await.len(), 2);
+        assert_eq!(stored_events(&store, &t, &ok2).await.len(), 2);
+    }
+
+    /// Holds the database's write lock (SQLite) or one webhook's row lock
+    /// (PostgreSQL) until dropped through `release`.
+    struct Blocker {
+        conn: DatabaseConnection,
+        txn: Option<sea_orm::DatabaseTransaction>,
+    }
+
+    impl Blocker {
+        async fn hold(db: &TestDb, id: &WebhookId) -> Blocker {
+            let conn = crate::store::connect(&db.url, 1).await.unwrap();
+            if db.drop.is_none() {
+                conn.execute_unprepared("BEGIN IMMEDIATE").await.unwrap();
+                Blocker { conn, txn: None }
+            } else {
+                let txn = conn.begin().await.unwrap();
+                txn.execute_unprepared(&format!(
+                    "SELECT id FROM webhooks WHERE id = '{id}' FOR UPDATE"
+                ))
+                .await
+                .unwrap();
+                Blocker {
+                    conn,
+                    txn: Some(txn),
+                }
+            }
+        }
+
+        async fn release(self) {
+            match self.txn {
+                Some(txn) => txn.rollback().await.unwrap(),
+                None => {
+                    self.conn.execute_unprepared("ROLLBACK").await.unwrap();
+                }
+            }
+        }
+    }
+
+    async fn what_waits_is_written_as_one_group(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let first = webhook(&store, &t, Status::Verifying).await;
+        let mut ids = Vec::new();
+        for _ in 0..60 {
+            ids.push(webhook(&store, &t, Status::Verified).await);
+        }
+        let batcher = WriteBatcher::start(store.clone(), 128);
+        // The first group is stuck behind the lock while the rest arrive.
+        let blocker = Blocker::hold(db, &first).await;
+        let first_write = {
+            let b = batcher.clone();
+            let (t, first) = (t.clone(), first.clone());
+            tokio::spawn(async move {
+                b.transition(Transition::new(
+                    &t,
+                    &first,
+                    &[Status::Verifying],
+                    Status::Verified,
+                    event_type::VERIFIED,
+                    Utc::now(),
+                ))
+                .await
+            })
+        };
+        wait_until(|| batcher.groups_written() == 1).await;
+        // Every id twice: two jobs racing to claim each webhook.
+        let mut tasks = Vec::new();
+        for id in ids.iter().chain(&ids) {
+            let b = batcher.clone();
+            let (t, id) = (t.clone(), id.clone());
+            tasks.push(tokio::spawn(async move {
+                b.transition(Transition::new(
+                    &t,
+                    &id,
+                    &[Status::Verified],
+                    Status::Delivering,
+                    event_type::DELIVERING,
+                    Utc::now(),
+                ))
+                .await
+                .map(|w| (id, w))
+            }));
+        }
+        let tx = batcher.tx.clone().unwrap();
+        wait_until(|| tx.max_capacity() - tx.capacity() == 120).await;
+        blocker.release().await;
+        assert!(first_write.await.unwrap().unwrap().is_some());
+        let mut wins = std::collections::HashMap::<WebhookId, usize>::new();
+        for task in tasks {
+            let (id, moved) = task.await.unwrap().unwrap();
+            if let Some(w) = moved {
+                assert_eq!(w.id, id.as_str());
+                assert_eq!(w.status, Status::Delivering.as_str());
+                *wins.entry(id).or_default() += 1;
+            }
+        }
+        // Each webhook claimed once, all 120 writes in one more group.
+        assert_eq!(wins.len(), 60);
+        assert!(wins.values().all(|n| *n == 1));
+        assert_eq!(batcher.groups_written(), 2);
+        for id in &ids {
+            assert_eq!(stored_events(&store, &t, id).await.len(), 2);
+        }
+    }
+
+    /// A bus that, when an event is published, reads it back through a
+    /// connection of its own: a published event must already be committed.
+    struct CheckingBus {
+        ask: Mutex<std::sync::mpsc::Sender<(Event, std::sync::mpsc::Sender<bool>)>>,
+        seen: Mutex<Vec<(Event, bool)>>,
+        local: LocalEventBus,
+    }
+
+    impl CheckingBus {
+        fn start(url: String) -> Arc<CheckingBus> {
+            let (ask, questions) =
+                std::sync::mpsc::channel::<(Event, std::sync::mpsc::Sender<bool>)>();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let conn = crate::store::connect(&url, 1).await.unwrap();
+                    while let Ok((ev, answer)) = questions.recv() {
+                        let stored = events::Entity::find_by_id(ev.id).one(&conn).await.unwrap();
+                        let row = webhooks::Entity::find_by_id(ev.webhook_id.as_str())
+                            .one(&conn)
+                            .await
+                            .unwrap();
+                        let committed = stored.is_some_and(|s| s.kind == ev.kind)
+                            && row.is_some_and(|w| w.status == ev.status.as_str());
+                        let _ = answer.send(committed);
+                    }
+                });
+            });
+            Arc::new(CheckingBus {
+                ask: Mutex::new(ask),
+                seen: Mutex::new(Vec::new()),
+                local: LocalEventBus::new(16),
+            })
+        }
+    }
+
+    impl EventBus for CheckingBus {
+        fn publish(&self, event: Event) {
+            let (answer, got) = std::sync::mpsc::channel();
+            self.ask
+                .lock()
+                .unwrap()
+                .send((event.clone(), answer))
+                .unwrap();
+            let committed = got.recv().unwrap();
+            self.seen.lock().unwrap().push((event, committed));
+        }
+
+        fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+            self.local.subscribe()
+        }
+    }
+
+    async fn events_are_published_after_commit(db: &TestDb) {
+        // The schema first, so that the checker's connection sees it.
+        db.store(bus()).await;
+        let checking = CheckingBus::start(db.url.clone());
+        let store = db.store(checking.clone()).await;
+        let t = tenant(&store, "a").await;
+        let mut ids = Vec::new();
+        for _ in 0..30 {
+            ids.push(webhook(&store, &t, Status::Verifying).await);
+        }
+        checking.seen.lock().unwrap().clear();
+        let batcher = WriteBatcher::start(store.clone(), 128);
+        let mut tasks = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let b = batcher.clone();
+            let (t, id) = (t.clone(), id.clone());
+            tasks.push(tokio::spawn(async move {
+                let w = b
+                    .transition(Transition::new(
+                        &t,
+                        &id,
+                        &[Status::Verifying],
+                        Status::Verified,
+                        event_type::VERIFIED,
+                        Utc::now(),
+                    ))
+                    .await?;
+                b.transition(
+                    Transition::new(
+                        &t,
+                        &id,
+                        &[Status::Verified],
+                        Status::Delivering,
+                        event_type::DELIVERING,
+                        Utc::now(),
+                    )
+                    .changes(Changes::new().set(webhooks::Column::AttemptCount, i as i32)),
+                )
+                .await
+                .map(|d| (w, d))
+            }));
+        }
+        for task in tasks {
+            let (w, d) = task.await.unwrap().unwrap();
+            assert!(w.is_some() && d.is_some());
+        }
+        let seen = checking.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 60);
+        let early: Vec<&Event> = seen.iter().filter(|(_, c)| !c).map(|(e, _)| e).collect();
+        assert!(
+            early.is_empty(),
+            "{} events published before commit, the first: {:?}",
+            early.len(),
+            early.first()
+        );
+        // Per webhook, VERIFIED was published before DELIVERING.
+        for id in &ids {
+            let kinds: Vec<&str> = seen
+                .iter()
+                .filter(|(e, _)| e.webhook_id == *id)
+                .map(|(e, _)| e.kind.as_str())
+                .collect();
+            assert_eq!(kinds, [event_type::VERIFIED, event_type::DELIVERING]);
+        }
+        let n = events::Entity::find()
+            .order_by_asc(events::Column::Id)
+            .count(store.db())
+            .await
+            .unwrap();
+        assert_eq!(n, 90);
+    }
+
+    /// Polls `cond` (bounded: a hang fails the test instead of blocking).
+    async fn wait_until(cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not reached"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
