@@ -624,6 +624,7 @@ mod tests {
         one_failing_write_does_not_fail_the_others,
         what_waits_is_written_as_one_group,
         events_are_published_after_commit,
+        rows_are_read_together_each_of_its_own_tenant,
     );
 
     fn bus() -> Arc<dyn EventBus> {
@@ -1199,6 +1200,32 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 90);
+    }
+
+    async fn rows_are_read_together_each_of_its_own_tenant(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let a = tenant(&store, "a").await;
+        let b = tenant(&store, "b").await;
+        let a1 = webhook(&store, &a, Status::Verifying).await;
+        let a2 = webhook(&store, &a, Status::Verified).await;
+        let b1 = webhook(&store, &b, Status::Verified).await;
+        let unknown = WebhookId::generate();
+        // b1 asked for as tenant a's: not returned, although tenant b is
+        // named too (for b's other webhook).
+        let b2 = webhook(&store, &b, Status::Pending).await;
+        let keys = [(&a, &a1), (&a, &a2), (&a, &b1), (&b, &b2), (&a, &unknown)];
+        let mut got: Vec<String> = store
+            .find_webhooks(&keys)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| w.id)
+            .collect();
+        got.sort();
+        let mut want = vec![a1.to_string(), a2.to_string(), b2.to_string()];
+        want.sort();
+        assert_eq!(got, want);
+        assert!(store.find_webhooks(&[]).await.unwrap().is_empty());
     }
 
     /// Polls `cond` (bounded: a hang fails the test instead of blocking).

@@ -713,22 +713,26 @@ impl Store {
     }
 
     /// The webhooks of these (tenant, id) pairs that exist, in one query
-    /// (the jobs a worker took together). Each row is matched on its own
-    /// tenant.
+    /// (the jobs a worker took together). Scoped by the tenants named, and
+    /// each row is kept only if its own tenant is the one paired with its
+    /// id.
     pub async fn find_webhooks(&self, keys: &[(&TenantId, &WebhookId)]) -> Result<Vec<Webhook>> {
-        use sea_orm::Condition;
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut any = Condition::any();
-        for (tenant, id) in keys {
-            any = any.add(
-                Condition::all()
-                    .add(webhooks::Column::Id.eq(id.as_str()))
-                    .add(webhooks::Column::TenantId.eq(tenant.as_str())),
-            );
-        }
-        Ok(webhooks::Entity::find().filter(any).all(&self.db).await?)
+        let wanted: std::collections::HashSet<(&str, &str)> = keys
+            .iter()
+            .map(|(t, id)| (t.as_str(), id.as_str()))
+            .collect();
+        let tenants: std::collections::BTreeSet<&str> = wanted.iter().map(|(t, _)| *t).collect();
+        let ids: std::collections::BTreeSet<&str> = wanted.iter().map(|(_, id)| *id).collect();
+        let mut rows = webhooks::Entity::find()
+            .filter(webhooks::Column::Id.is_in(ids))
+            .filter(webhooks::Column::TenantId.is_in(tenants))
+            .all(&self.db)
+            .await?;
+        rows.retain(|w| wanted.contains(&(w.tenant_id.as_str(), w.id.as_str())));
+        Ok(rows)
     }
 
     /// Delivery attempts of a webhook, oldest first.
