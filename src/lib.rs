@@ -536,32 +536,24 @@ pub async fn start(
             .add_service(grpc_service.clone());
         let token = shutdown.clone();
         let stopped = async move { token.cancelled().await };
-        match &tls {
+        // One server either way; only the connections differ.
+        let server: std::pin::Pin<Box<dyn Future<Output = Result<(), _>> + Send>> = match &tls {
             Some(tls) => {
                 let incoming = tls
                     .incoming(grpc_listener, tls::Listener::Grpc, shutdown.clone())?
                     .into_stream();
-                tasks.spawn(async move {
-                    if let Err(e) = grpc_router
-                        .serve_with_incoming_shutdown(incoming, stopped)
-                        .await
-                    {
-                        warn!(error = %e, "gRPC server stopped");
-                    }
-                });
+                Box::pin(grpc_router.serve_with_incoming_shutdown(incoming, stopped))
             }
-            None => {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-                tasks.spawn(async move {
-                    if let Err(e) = grpc_router
-                        .serve_with_incoming_shutdown(incoming, stopped)
-                        .await
-                    {
-                        warn!(error = %e, "gRPC server stopped");
-                    }
-                });
+            None => Box::pin(grpc_router.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                stopped,
+            )),
+        };
+        tasks.spawn(async move {
+            if let Err(e) = server.await {
+                warn!(error = %e, "gRPC server stopped");
             }
-        }
+        });
 
         let gateway = Arc::new(
             Gateway::from_descriptors(proto::FILE_DESCRIPTOR_SET, proto::SERVICE_NAME)
@@ -611,34 +603,31 @@ pub async fn start(
     let token = shutdown.clone();
     let http_listener = listeners.http;
     let stopped = async move { token.cancelled().await };
-    match &tls {
+    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
         Some(tls) => {
             let incoming = tls.incoming(http_listener, tls::Listener::Http, shutdown.clone())?;
             let http = http.into_make_service_with_connect_info::<tls::PeerInfo>();
-            tasks.spawn(async move {
-                if let Err(e) = axum::serve(incoming, http)
-                    .with_graceful_shutdown(stopped)
-                    .await
-                {
-                    warn!(error = %e, "HTTP server stopped");
-                }
-            });
             tasks.spawn(
                 tls.clone()
                     .watch(cfg.server.tls.reload_every, shutdown.clone()),
             );
-        }
-        None => {
-            tasks.spawn(async move {
-                if let Err(e) = axum::serve(http_listener, http)
+            Box::pin(
+                axum::serve(incoming, http)
                     .with_graceful_shutdown(stopped)
-                    .await
-                {
-                    warn!(error = %e, "HTTP server stopped");
-                }
-            });
+                    .into_future(),
+            )
         }
-    }
+        None => Box::pin(
+            axum::serve(http_listener, http)
+                .with_graceful_shutdown(stopped)
+                .into_future(),
+        ),
+    };
+    tasks.spawn(async move {
+        if let Err(e) = server.await {
+            warn!(error = %e, "HTTP server stopped");
+        }
+    });
 
     info!(?grpc_addr, %http_addr, api = roles.api, worker = roles.worker, "uploadhook running");
     Ok(Running {

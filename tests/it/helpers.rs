@@ -628,3 +628,12 @@ async fn pump(from: &tokio::net::TcpStream, to: &tokio::net::TcpStream) {
         }
     }
 }
+
+/// A port that was free a moment ago (bound on port 0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -34,7 +34,8 @@ use uploadhook::{
 };
 
 use crate::helpers::{
-    Backend, FAST, Receiver, SharedS3, TestDb, authed, create_request, required_env, start_process,
+    Backend, FAST, Receiver, SharedS3, TestDb, authed, create_request, free_port, required_env,
+    start_process,
 };
 
 /// The binary under test, built by cargo for this test target.
@@ -271,15 +272,6 @@ impl PrivateRedis {
         let _: () = redis::cmd("PING").query_async(&mut conn).await.ok()?;
         Some(conn)
     }
-}
-
-/// A port that was free a moment ago (bound on port 0, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 // ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ use uploadhook::{
 
 use crate::{
     flow::{confirm, create_and_upload},
-    helpers::{Backend, FAST, Receiver, TestApp, TestDb, wait_for},
+    helpers::{Backend, FAST, Receiver, TestApp, TestDb, free_port, wait_for},
     test_pki::{TestCa, write_pem},
 };
 
@@ -186,15 +186,6 @@ impl Drop for TlsRedis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn queue_cfg(prefix: &str) -> RedisQueueConfig {
