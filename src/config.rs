@@ -342,6 +342,11 @@ pub struct WebhooksConfig {
 pub struct VerifyConfig {
     #[serde(deserialize_with = "de_durations")]
     pub missing_retry_delays: Vec<Duration>,
+    /// Verification HEADs per second per storage connection, per worker
+    /// process; 0: no limit (worker.concurrency still bounds them).
+    pub head_rate: f64,
+    /// Verification HEADs that may go at once before the rate applies.
+    pub head_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -429,8 +434,8 @@ pub struct DetectConfig {
     pub expiry_sweep_every: Duration,
     /// Rows read and expired per batch.
     pub expiry_batch: u64,
-    /// HEAD requests per second per storage connection, per worker process
-    /// (AUTO checks and verification share it); 0: no limit.
+    /// AUTO check HEADs per second per storage connection, per worker
+    /// process (verification has its own, `verify.head_rate`); 0: no limit.
     pub head_rate: f64,
     /// HEADs that may go at once before the rate applies.
     pub head_burst: u32,
@@ -748,6 +753,16 @@ impl Config {
         if d.head_burst == 0 {
             return invalid("detect.head_burst", "must be at least 1");
         }
+        let v = &self.verify;
+        if !v.head_rate.is_finite() || v.head_rate < 0.0 {
+            return invalid(
+                "verify.head_rate",
+                "must be 0 (no limit) or a positive number",
+            );
+        }
+        if v.head_burst == 0 {
+            return invalid("verify.head_burst", "must be at least 1");
+        }
         {
             use secrecy::ExposeSecret;
             let t = self.events.token.expose_secret();
@@ -1010,6 +1025,14 @@ mod tests {
         assert!(err.to_string().contains("delivery.jitter"));
         let err = Config::from_toml("[storage.r]\nkind = \"r2\"\nbucket = \"b\"").unwrap_err();
         assert!(err.to_string().contains("storage.r.endpoint"), "{err}");
+        for (toml, key) in [
+            ("[verify]\nhead_rate = -1", "verify.head_rate"),
+            ("[verify]\nhead_rate = nan", "verify.head_rate"),
+            ("[verify]\nhead_burst = 0", "verify.head_burst"),
+        ] {
+            let err = Config::from_toml(toml).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
         for bad in ["0", "1001"] {
             let err = Config::from_toml(&format!("[worker]\nwrite_batch_max = {bad}")).unwrap_err();
             assert!(err.to_string().contains("worker.write_batch_max"), "{err}");

@@ -14,9 +14,11 @@
 //! Confirm races a check cleanly: both move PENDING → VERIFYING by
 //! compare-and-set, so only one of them queues the verification.
 //!
-//! HEADs of one storage connection share a budget ([`HeadLimiter`], a
-//! token bucket per connection and process) between checks and
-//! verification, so that many pending webhooks never become a storm.
+//! The checks' HEADs of one storage connection share a budget
+//! ([`HeadLimiter`], a token bucket per connection and process), so that
+//! many pending webhooks never become a storm. Verification has a budget
+//! of its own (`verify.head_rate`), so that checks never slow down
+//! confirmed uploads.
 
 use std::{
     collections::HashMap,
@@ -134,10 +136,12 @@ pub struct HeadLimits {
 }
 
 impl HeadLimits {
-    pub fn new(cfg: &DetectConfig) -> Self {
+    /// `rate` HEADs per second (0: no limit) with bursts of `burst`, per
+    /// storage connection.
+    pub fn new(rate: f64, burst: u32) -> Self {
         Self {
-            rate: cfg.head_rate,
-            burst: cfg.head_burst,
+            rate,
+            burst,
             by_storage: Mutex::default(),
         }
     }
@@ -152,8 +156,8 @@ impl HeadLimits {
         Some(l)
     }
 
-    /// Waits for a HEAD token of `storage`, however long (verification:
-    /// few, and checks never reserve more than a second ahead).
+    /// Waits for a HEAD token of `storage`, however long (verification's
+    /// own budget).
     pub async fn acquire(&self, storage: &str) {
         if let Some(l) = self.of(storage)
             && let Ok(wait) = l.reserve(Instant::now(), Duration::MAX)

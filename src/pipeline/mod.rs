@@ -106,8 +106,10 @@ pub struct Pipeline {
     reconcile_every: Duration,
     leader: Arc<dyn leader::Leader>,
     detect: crate::config::DetectConfig,
-    /// The HEAD budget of each storage connection (checks and verification).
+    /// The AUTO checks' HEAD budget of each storage connection.
     head_limits: detect::HeadLimits,
+    /// Verification's HEAD budget of each storage connection.
+    verify_head_limits: detect::HeadLimits,
     auto_redrive_after: Option<Duration>,
 }
 
@@ -188,7 +190,11 @@ impl Pipeline {
             reconcile_every: cfg.queue.reconcile_every,
             leader,
             detect: cfg.detect.clone(),
-            head_limits: detect::HeadLimits::new(&cfg.detect),
+            head_limits: detect::HeadLimits::new(cfg.detect.head_rate, cfg.detect.head_burst),
+            verify_head_limits: detect::HeadLimits::new(
+                cfg.verify.head_rate,
+                cfg.verify.head_burst,
+            ),
             auto_redrive_after: cfg.delivery.auto_redrive_after,
         }
     }
@@ -549,7 +555,7 @@ impl Pipeline {
                 return Ok(Step::Ack);
             }
         };
-        self.head_limits.acquire(&w.storage).await;
+        self.verify_head_limits.acquire(&w.storage).await;
         let head = tokio::time::timeout(self.head_timeout, storage.head(&w.object_key))
             .await
             .unwrap_or_else(|_| {

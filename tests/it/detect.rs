@@ -341,6 +341,58 @@ async fn a_thousand_pending_auto_webhooks_stay_within_the_head_budget() {
     db.cleanup().await;
 }
 
+/// Verification has its own HEAD budget: an exhausted checks' budget does
+/// not hold up confirmed uploads, and `verify.head_rate` limits
+/// verification itself (its burst of 2 goes at once, the third waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_has_its_own_head_budget() {
+    let db = TestDb::new(crate::helpers::Backend::Sqlite).await.unwrap();
+    // One check token a quarter of an hour, one verification token a
+    // quarter of an hour after a burst of 2.
+    let cfg = "[detect]\nhead_rate = 0.001\nhead_burst = 1\n\
+               [verify]\nhead_rate = 0.001\nhead_burst = 2\n";
+    let mut app = TestApp::start(&db, cfg).await;
+    let rx = Receiver::start().await;
+    // A pending AUTO webhook takes the checks' only token.
+    create(&app, auto_request(&rx.url, "auto.txt", 600)).await;
+    wait_for_heads(&app, 1).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let created = create(&app, create_request(&rx.url, &format!("m{i}.txt"))).await;
+        upload(&created, b"confirmed").await;
+        let id = created.webhook.unwrap().id;
+        confirm(&app, &id).await.unwrap();
+        ids.push(id);
+    }
+    // The first two are verified within verification's burst, whatever
+    // the checks' budget says.
+    let mut done = 0;
+    let mut waiting = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while done < 2 && tokio::time::Instant::now() < deadline {
+        done = 0;
+        for id in &ids {
+            match get(&app, &app.key_a, id).await.status() {
+                Status::Completed => done += 1,
+                Status::Verifying => waiting = Some(id.clone()),
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(done, 2, "two confirmed uploads delivered");
+    // The third waits for a verification token.
+    let waiting = waiting.expect("one webhook waits for its HEAD");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        get(&app, &app.key_a, &waiting).await.status(),
+        Status::Verifying
+    );
+    assert_eq!(rx.received().len(), 2);
+    app.stop().await;
+    db.cleanup().await;
+}
+
 /// AUTO checks only once an hour, and storage events on.
 const EVENTS: &str = r#"
 [detect]
