@@ -382,6 +382,8 @@ pub struct WorkerConfig {
     /// Status changes written per database transaction, at most (1: each
     /// its own transaction).
     pub write_batch_max: usize,
+    /// Groups written at once on PostgreSQL (SQLite: always one).
+    pub write_concurrency: usize,
 }
 
 /// StreamEvents (`[streams]`).
@@ -674,6 +676,15 @@ impl Config {
         }
         if !(1..=1000).contains(&self.worker.write_batch_max) {
             return invalid("worker.write_batch_max", "must be between 1 and 1000");
+        }
+        if !(1..=64).contains(&self.worker.write_concurrency) {
+            return invalid("worker.write_concurrency", "must be between 1 and 64");
+        }
+        if self.worker.write_concurrency > self.database.max_connections as usize {
+            return invalid(
+                "worker.write_concurrency",
+                "must not exceed database.max_connections",
+            );
         }
         if self.queue.backend == QueueBackend::Redis {
             if self.queue.visibility_timeout <= self.delivery.timeout {
@@ -1032,6 +1043,14 @@ mod tests {
         ] {
             let err = Config::from_toml(toml).unwrap_err();
             assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
+        for bad in ["0", "65", "11"] {
+            let err =
+                Config::from_toml(&format!("[worker]\nwrite_concurrency = {bad}")).unwrap_err();
+            assert!(
+                err.to_string().contains("worker.write_concurrency"),
+                "{err}"
+            );
         }
         for bad in ["0", "1001"] {
             let err = Config::from_toml(&format!("[worker]\nwrite_batch_max = {bad}")).unwrap_err();

@@ -164,7 +164,11 @@ impl Pipeline {
         leader: Arc<dyn leader::Leader>,
     ) -> Self {
         Self {
-            writes: WriteBatcher::start(store.clone(), cfg.worker.write_batch_max),
+            writes: WriteBatcher::start(
+                store.clone(),
+                cfg.worker.write_batch_max,
+                cfg.worker.write_concurrency,
+            ),
             store,
             queue,
             storages,

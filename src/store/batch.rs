@@ -34,7 +34,7 @@ use sea_orm::{
     RuntimeErr, Set, TransactionTrait,
     sea_query::{Expr, Query},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::warn;
 
 use super::{
@@ -392,9 +392,11 @@ pub struct WriteBatcher {
 
 impl WriteBatcher {
     /// Starts the writing task, which writes up to `max` writes per
-    /// transaction. `max` = 1 starts nothing: each write is then its own
-    /// transaction, run by its caller (as `Store::transition` does).
-    pub fn start(store: Store, max: usize) -> Self {
+    /// transaction, and up to `concurrency` transactions at once (always
+    /// one on SQLite, which has one writer). `max` = 1 starts nothing: each
+    /// write is then its own transaction, run by its caller (as
+    /// `Store::transition` does).
+    pub fn start(store: Store, max: usize, concurrency: usize) -> Self {
         let groups = Arc::new(AtomicU64::new(0));
         if max <= 1 {
             return Self {
@@ -403,8 +405,12 @@ impl WriteBatcher {
                 groups,
             };
         }
+        let concurrency = match store.db.get_database_backend() {
+            sea_orm::DatabaseBackend::Sqlite => 1,
+            _ => concurrency.max(1),
+        };
         let (tx, rx) = mpsc::channel(max.saturating_mul(4));
-        tokio::spawn(run(store.clone(), rx, max, groups.clone()));
+        tokio::spawn(run(store.clone(), rx, max, concurrency, groups.clone()));
         Self {
             tx: Some(tx),
             store,
@@ -458,12 +464,38 @@ impl WriteBatcher {
     }
 }
 
-async fn run(store: Store, mut rx: mpsc::Receiver<Pending>, max: usize, groups: Arc<AtomicU64>) {
+async fn run(
+    store: Store,
+    mut rx: mpsc::Receiver<Pending>,
+    max: usize,
+    concurrency: usize,
+    groups: Arc<AtomicU64>,
+) {
+    let writers = Arc::new(Semaphore::new(concurrency));
     let mut batch = Vec::with_capacity(max);
-    // Takes what is waiting, at least one: never waits for more.
-    while rx.recv_many(&mut batch, max).await > 0 {
+    loop {
+        // A free writer first: while every writer is busy, the next group
+        // gathers in the channel.
+        let writer = writers.clone().acquire_owned().await.expect("never closed");
+        // Takes what is waiting, at least one: never waits for more.
+        if rx.recv_many(&mut batch, max).await == 0 {
+            break;
+        }
         groups.fetch_add(1, Ordering::Relaxed);
-        flush(&store, std::mem::take(&mut batch)).await;
+        let group = std::mem::take(&mut batch);
+        if concurrency == 1 {
+            flush(&store, group).await;
+        } else {
+            // Groups written at once lock their rows in webhook id order
+            // (see `write_group`), so they never wait for each other in a
+            // cycle; two jobs' writes to one webhook are compare-and-sets,
+            // so whichever commits first wins, as without grouping.
+            let store = store.clone();
+            tokio::spawn(async move {
+                flush(&store, group).await;
+                drop(writer);
+            });
+        }
     }
 }
 
@@ -623,6 +655,7 @@ mod tests {
         writes_to_one_webhook_keep_their_order,
         one_failing_write_does_not_fail_the_others,
         what_waits_is_written_as_one_group,
+        groups_are_written_at_once_on_postgres,
         events_are_published_after_commit,
         rows_are_read_together_each_of_its_own_tenant,
     );
@@ -1015,7 +1048,7 @@ mod tests {
         for _ in 0..60 {
             ids.push(webhook(&store, &t, Status::Verified).await);
         }
-        let batcher = WriteBatcher::start(store.clone(), 128);
+        let batcher = WriteBatcher::start(store.clone(), 128, 1);
         // The first group is stuck behind the lock while the rest arrive.
         let blocker = Blocker::hold(db, &first).await;
         let first_write = {
@@ -1069,6 +1102,76 @@ mod tests {
         assert_eq!(wins.len(), 60);
         assert!(wins.values().all(|n| *n == 1));
         assert_eq!(batcher.groups_written(), 2);
+        for id in &ids {
+            assert_eq!(stored_events(&store, &t, id).await.len(), 2);
+        }
+    }
+
+    /// PostgreSQL writes several groups at once: a group stuck behind a
+    /// locked row does not hold up the others, and two jobs racing to claim
+    /// one webhook from different groups still make one claim.
+    async fn groups_are_written_at_once_on_postgres(db: &TestDb) {
+        let store = db.store(bus()).await;
+        if store.db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite {
+            return; // one writer: the group of one is the test above
+        }
+        let t = tenant(&store, "a").await;
+        let stuck = webhook(&store, &t, Status::Verifying).await;
+        let mut ids = Vec::new();
+        for _ in 0..40 {
+            ids.push(webhook(&store, &t, Status::Verified).await);
+        }
+        let batcher = WriteBatcher::start(store.clone(), 8, 4);
+        let blocker = Blocker::hold(db, &stuck).await;
+        let stuck_write = {
+            let (b, t, stuck) = (batcher.clone(), t.clone(), stuck.clone());
+            tokio::spawn(async move {
+                b.transition(Transition::new(
+                    &t,
+                    &stuck,
+                    &[Status::Verifying],
+                    Status::Verified,
+                    event_type::VERIFIED,
+                    Utc::now(),
+                ))
+                .await
+            })
+        };
+        wait_until(|| batcher.groups_written() == 1).await;
+        // Every id twice, from tasks of their own: groups of at most 8, on
+        // the three free writers, while the first group waits for its row.
+        let mut tasks = Vec::new();
+        for id in ids.iter().chain(&ids) {
+            let (b, t, id) = (batcher.clone(), t.clone(), id.clone());
+            tasks.push(tokio::spawn(async move {
+                b.transition(Transition::new(
+                    &t,
+                    &id,
+                    &[Status::Verified],
+                    Status::Delivering,
+                    event_type::DELIVERING,
+                    Utc::now(),
+                ))
+                .await
+                .map(|w| (id, w))
+            }));
+        }
+        let mut wins = std::collections::HashMap::<WebhookId, usize>::new();
+        for task in tasks {
+            let (id, moved) = tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("a locked row held up the other groups")
+                .unwrap()
+                .unwrap();
+            if moved.is_some() {
+                *wins.entry(id).or_default() += 1;
+            }
+        }
+        assert_eq!(wins.len(), 40);
+        assert!(wins.values().all(|n| *n == 1), "{wins:?}");
+        assert!(!stuck_write.is_finished());
+        blocker.release().await;
+        assert!(stuck_write.await.unwrap().unwrap().is_some());
         for id in &ids {
             assert_eq!(stored_events(&store, &t, id).await.len(), 2);
         }
@@ -1141,7 +1244,7 @@ mod tests {
             ids.push(webhook(&store, &t, Status::Verifying).await);
         }
         checking.seen.lock().unwrap().clear();
-        let batcher = WriteBatcher::start(store.clone(), 128);
+        let batcher = WriteBatcher::start(store.clone(), 128, 1);
         let mut tasks = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let b = batcher.clone();
