@@ -490,8 +490,14 @@ impl Pipeline {
                 Ok(None) => Ok(Step::Ack),
                 Err(e) => Err(e),
                 Ok(Some(w)) => match job.kind {
-                    JobKind::Verify => self.verify(job, w).await,
-                    JobKind::Deliver => self.deliver(job, w, lease.deliveries).await,
+                    // A verify job goes on to deliver (see `verify`); put
+                    // back for later, it finds the webhook past VERIFYING.
+                    JobKind::Verify if status_of(&w).ok() == Some(Status::Verifying) => {
+                        self.verify(job, w, lease.deliveries).await
+                    }
+                    JobKind::Verify | JobKind::Deliver => {
+                        self.deliver(job, w, lease.deliveries).await
+                    }
                     JobKind::Check => self.check(job, w).await,
                 },
             };
@@ -518,7 +524,9 @@ impl Pipeline {
         .await
     }
 
-    async fn verify(&self, job: &Job, w: Webhook) -> Result<Step, StoreError> {
+    /// HEADs the object; once it is verified, delivers in the same job
+    /// (no second trip through the queue and no second read of the row).
+    async fn verify(&self, job: &Job, w: Webhook, deliveries: u32) -> Result<Step, StoreError> {
         if status_of(&w)? != Status::Verifying {
             return Ok(Step::Ack);
         }
@@ -602,14 +610,17 @@ impl Pipeline {
                                 .changes(changes),
                             )
                             .await?;
-                        if moved.is_some() {
-                            let deliver = Job {
-                                kind: JobKind::Deliver,
-                                ..job.clone()
-                            };
-                            if let Err(e) = self.queue.enqueue(deliver, None).await {
-                                warn!(error = %e, "enqueueing delivery failed; recovered from the database");
-                            }
+                        if let Some(verified) = moved {
+                            // If this process stops now, the job (not yet
+                            // acked) comes back and finds VERIFIED.
+                            return self
+                                .deliver(job, verified, deliveries)
+                                .instrument(info_span!(
+                                    "deliver",
+                                    otel.name = "deliver webhook",
+                                    otel.kind = "consumer",
+                                ))
+                                .await;
                         }
                     }
                     Err(reason) => {
