@@ -86,6 +86,9 @@ pub struct Metrics {
     pub verifications: Family<Labels, Counter>,
     /// Open StreamEvents streams (gRPC and SSE) in this process.
     pub event_streams: Gauge,
+    /// Deliveries waiting for their receiver's host (per-host limit), not
+    /// holding a worker slot.
+    pub host_waiting: Gauge,
     /// Calls refused by admission control (`api.max_in_flight`).
     pub rpc_shed: Counter,
     /// Writes per grouped transaction of the pipeline (its sum is the
@@ -154,6 +157,12 @@ impl Metrics {
             "verifications",
             "Object verifications (HEAD) by outcome (verified, missing, mismatch, storage_error)",
             verifications.clone(),
+        );
+        let host_waiting = Gauge::default();
+        registry.register(
+            "deliveries_waiting_for_host",
+            "Deliveries waiting for a slot of their receiver's host (worker.per_host_concurrency), without holding a worker slot",
+            host_waiting.clone(),
         );
         let event_streams = Gauge::default();
         registry.register(
@@ -237,6 +246,7 @@ impl Metrics {
             attempts,
             verifications,
             event_streams,
+            host_waiting,
             rpc_shed,
             write_groups,
             write_group_splits,

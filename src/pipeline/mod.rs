@@ -41,7 +41,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -93,7 +93,8 @@ pub struct Pipeline {
     policy: RetryPolicy,
     verify_delays: Vec<Duration>,
     clock: Arc<dyn Clock>,
-    concurrency: usize,
+    /// Worker slots: jobs running at once (`worker.concurrency`).
+    workers: Arc<Semaphore>,
     /// A DELIVERING webhook unchanged for this long is no longer in flight.
     stale_after: Duration,
     delivery_timeout: Duration,
@@ -113,16 +114,31 @@ pub struct Pipeline {
     auto_redrive_after: Option<Duration>,
 }
 
-/// In-flight deliveries per target host. A host at its limit does not hold
-/// a worker slot: its job is put back for a moment, and other hosts' work
-/// goes ahead.
+/// In-flight deliveries per target host. A delivery whose host is at its
+/// limit waits for it without holding a worker slot, so other hosts' work
+/// goes ahead; up to `waiting` deliveries wait at once (in order of
+/// arrival), and beyond that, or after [`HOST_WAIT_MAX`], the job is put
+/// back in the queue for a moment.
 struct HostLimits {
     per_host: usize,
     hosts: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+    /// Places for deliveries waiting for their host.
+    waiting: Arc<Semaphore>,
+}
+
+/// A delivery waits this long at most for its host, then goes back to the
+/// queue (and says it is still being worked on, see `deliver`).
+const HOST_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// A running job: its worker slot, which it gives up while it waits for its
+/// receiver's host, and how many times its lease was handed out.
+struct Running {
+    slot: Option<OwnedSemaphorePermit>,
+    deliveries: u32,
 }
 
 impl HostLimits {
-    fn try_acquire(&self, url: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    fn host_of(&self, url: &str) -> Arc<Semaphore> {
         let host = reqwest::Url::parse(url)
             .ok()
             .map(|u| {
@@ -139,11 +155,10 @@ impl HostLimits {
             let per_host = self.per_host;
             hosts.retain(|_, s| s.available_permits() < per_host);
         }
-        let sem = hosts
+        hosts
             .entry(host)
             .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
-            .clone();
-        sem.try_acquire_owned().ok()
+            .clone()
     }
 }
 
@@ -181,7 +196,7 @@ impl Pipeline {
             },
             verify_delays: cfg.verify.missing_retry_delays.clone(),
             clock,
-            concurrency: cfg.worker.concurrency,
+            workers: Arc::new(Semaphore::new(cfg.worker.concurrency)),
             stale_after: cfg.delivery.timeout + cfg.server.shutdown_grace + Duration::from_secs(30),
             delivery_timeout: cfg.delivery.timeout,
             head_timeout: Duration::from_secs(30),
@@ -189,6 +204,7 @@ impl Pipeline {
             per_host: HostLimits {
                 per_host: cfg.worker.per_host_concurrency,
                 hosts: Default::default(),
+                waiting: Arc::new(Semaphore::new(cfg.worker.concurrency)),
             },
             lease: cfg.queue.visibility_timeout,
             reconcile_every: cfg.queue.reconcile_every,
@@ -350,7 +366,7 @@ impl Pipeline {
     /// jobs in flight. A job cut off by the grace period is not lost: its
     /// status in the database puts it back in the queue at the next start.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, grace: Duration) {
-        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let permits = self.workers.clone();
         let mut tasks = tokio::task::JoinSet::new();
         let sweeper = {
             let this = self.clone();
@@ -424,10 +440,7 @@ impl Pipeline {
                     .expect("semaphore open");
                 let row = rows.as_ref().map(|rows| rows.of(&lease.job));
                 let this = self.clone();
-                tasks.spawn(async move {
-                    this.process(lease, row).await;
-                    drop(permit);
-                });
+                tasks.spawn(async move { this.process(lease, row, permit).await });
             }
             // Reap finished tasks so that the set does not grow.
             while tasks.try_join_next().is_some() {}
@@ -466,8 +479,17 @@ impl Pipeline {
 
     /// Runs one job. `row` is its webhook as read with its batch (`None`:
     /// not read yet).
-    async fn process(&self, lease: Lease, row: Option<Option<Webhook>>) {
+    async fn process(
+        &self,
+        lease: Lease,
+        row: Option<Option<Webhook>>,
+        slot: OwnedSemaphorePermit,
+    ) {
         let job = &lease.job;
+        let mut running = Running {
+            slot: Some(slot),
+            deliveries: lease.deliveries,
+        };
         // The row first: its trace is the parent of this job's span.
         let row = match row {
             Some(row) => Ok(row),
@@ -493,11 +515,9 @@ impl Pipeline {
                     // A verify job goes on to deliver (see `verify`); put
                     // back for later, it finds the webhook past VERIFYING.
                     JobKind::Verify if status_of(&w).ok() == Some(Status::Verifying) => {
-                        self.verify(job, w, lease.deliveries).await
+                        self.verify(job, w, &mut running).await
                     }
-                    JobKind::Verify | JobKind::Deliver => {
-                        self.deliver(job, w, lease.deliveries).await
-                    }
+                    JobKind::Verify | JobKind::Deliver => self.deliver(job, w, &mut running).await,
                     JobKind::Check => self.check(job, w).await,
                 },
             };
@@ -526,7 +546,12 @@ impl Pipeline {
 
     /// HEADs the object; once it is verified, delivers in the same job
     /// (no second trip through the queue and no second read of the row).
-    async fn verify(&self, job: &Job, w: Webhook, deliveries: u32) -> Result<Step, StoreError> {
+    async fn verify(
+        &self,
+        job: &Job,
+        w: Webhook,
+        running: &mut Running,
+    ) -> Result<Step, StoreError> {
         if status_of(&w)? != Status::Verifying {
             return Ok(Step::Ack);
         }
@@ -614,7 +639,7 @@ impl Pipeline {
                             // If this process stops now, the job (not yet
                             // acked) comes back and finds VERIFIED.
                             return self
-                                .deliver(job, verified, deliveries)
+                                .deliver(job, verified, running)
                                 .instrument(info_span!(
                                     "deliver",
                                     otel.name = "deliver webhook",
@@ -690,7 +715,13 @@ impl Pipeline {
         Ok(Step::Ack)
     }
 
-    async fn deliver(&self, job: &Job, w: Webhook, deliveries: u32) -> Result<Step, StoreError> {
+    async fn deliver(
+        &self,
+        job: &Job,
+        w: Webhook,
+        running: &mut Running,
+    ) -> Result<Step, StoreError> {
+        let deliveries = running.deliveries;
         let status = status_of(&w)?;
         let now = self.clock.now();
         // A job handed out again after its visibility timeout, whose webhook
@@ -710,10 +741,12 @@ impl Pipeline {
             // An early copy of the job (e.g. a redrive raced a retry): wait.
             return Ok(Step::Later(due));
         }
-        let Some(_host_permit) = self.per_host.try_acquire(&w.url) else {
-            // This receiver already has its share of attempts in flight.
+        let Some(_host_permit) = self.wait_for_host(&w.url, running).await else {
+            // This receiver already has its share of attempts in flight,
+            // and enough deliveries wait for it: put the job back.
             // A job waiting this way for long is still being worked on:
             // say so now and then, or the reconciler would queue copies.
+            let now = self.clock.now();
             if now - w.updated_at > chrono::Duration::from_std(self.lease / 2).unwrap_or_default() {
                 self.writes
                     .touch(&job.tenant, &job.webhook, status, now)
@@ -722,6 +755,7 @@ impl Pipeline {
             return Ok(Step::Later(now + chrono::Duration::milliseconds(200)));
         };
         // Claim the attempt: only one worker moves it to DELIVERING.
+        let now = self.clock.now();
         let Some(w) = self
             .writes
             .transition(
@@ -878,6 +912,39 @@ impl Pipeline {
             }
         };
         Ok(if moved.is_some() { step } else { Step::Ack })
+    }
+
+    /// A delivery slot of `url`'s host. When the host is at its limit, waits
+    /// for one (in order of arrival, at most [`HOST_WAIT_MAX`]) after giving
+    /// the worker slot back, and takes a worker slot again before it
+    /// returns. `None`: too many deliveries wait already, or the wait ran
+    /// out.
+    async fn wait_for_host(
+        &self,
+        url: &str,
+        running: &mut Running,
+    ) -> Option<OwnedSemaphorePermit> {
+        let host = self.per_host.host_of(url);
+        if let Ok(p) = host.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        let place = self.per_host.waiting.clone().try_acquire_owned().ok()?;
+        METRICS.host_waiting.inc();
+        running.slot = None;
+        let got = tokio::time::timeout(HOST_WAIT_MAX, host.acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        drop(place);
+        METRICS.host_waiting.dec();
+        running.slot = Some(
+            self.workers
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("worker slots are never closed"),
+        );
+        got
     }
 
     fn payload(&self, w: &Webhook) -> Vec<u8> {

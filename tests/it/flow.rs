@@ -27,6 +27,8 @@ backend_tests!(
     bad_input_names_the_field,
     idempotency_key_returns_the_same_webhook,
     list_and_cancel,
+    a_slow_host_does_not_hold_up_other_hosts,
+    deliveries_to_one_host_stay_within_its_limit,
 );
 
 async fn full_flow_delivers_a_signed_webhook(db: &TestDb) {
@@ -702,5 +704,77 @@ async fn list_and_cancel(db: &TestDb) {
         .unwrap()
         .into_inner();
     assert_eq!(only_cancelled.webhooks.len(), 1);
+    app.stop().await;
+}
+
+/// Creates, uploads and confirms one webhook to `url`; its id.
+async fn confirmed(app: &TestApp, url: &str, name: &str) -> String {
+    let mut client = app.client().await;
+    let created = client
+        .create_upload_webhook(authed(&app.key_a, create_request(url, name)))
+        .await
+        .unwrap()
+        .into_inner();
+    upload(&created, b"payload").await;
+    let id = created.webhook.unwrap().id;
+    client
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: id.clone(),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    id
+}
+
+/// Deliveries waiting for a slow host give their worker slot back: with
+/// two slots and one delivery at a time per host, a backlog for a slow
+/// receiver does not stop another receiver's webhook. (Had the waiting
+/// deliveries kept their slots, it would arrive only after most of the
+/// backlog, 3 s each.)
+async fn a_slow_host_does_not_hold_up_other_hosts(db: &TestDb) {
+    let mut app = TestApp::start(db, "[worker]\nconcurrency = 2\nper_host_concurrency = 1\n").await;
+    let slow = Receiver::start().await;
+    slow.hold_every(std::time::Duration::from_secs(3));
+    let fast = Receiver::start().await;
+    for i in 0..6 {
+        confirmed(&app, &slow.url, &format!("slow-{i}.txt")).await;
+    }
+    let id = confirmed(&app, &fast.url, "fast.txt").await;
+    wait_for(&app, &app.key_a, &id, Status::Completed).await;
+    assert!(
+        slow.received().len() <= 2,
+        "the other host's webhook waited for {} slow deliveries",
+        slow.received().len()
+    );
+    assert_eq!(slow.max_in_flight(), 1);
+    app.stop().await;
+}
+
+/// A backlog for one host is delivered whole, once each, never more than
+/// `per_host_concurrency` at a time, while the worker has more slots.
+async fn deliveries_to_one_host_stay_within_its_limit(db: &TestDb) {
+    let mut app = TestApp::start(db, "[worker]\nconcurrency = 8\nper_host_concurrency = 2\n").await;
+    let rx = Receiver::start().await;
+    rx.hold_every(std::time::Duration::from_millis(100));
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(confirmed(&app, &rx.url, &format!("f{i}.txt")).await);
+    }
+    for id in &ids {
+        wait_for(&app, &app.key_a, id, Status::Completed).await;
+    }
+    let mut got: Vec<String> = rx
+        .received()
+        .iter()
+        .map(|r| r.headers["webhook-id"].clone())
+        .collect();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "each delivered once");
+    assert_eq!(rx.max_in_flight(), 2);
     app.stop().await;
 }

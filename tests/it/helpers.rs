@@ -366,6 +366,9 @@ struct ReceiverState {
     /// Hold every request this long before answering (`hold_next` wins).
     hold_every: Mutex<Option<Duration>>,
     notify: Notify,
+    /// Requests being answered now, and the most ever at once.
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// A real HTTP webhook receiver on 127.0.0.1.
@@ -384,6 +387,9 @@ async fn receive(
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
+    use std::sync::atomic::Ordering::SeqCst;
+    let now = s.in_flight.fetch_add(1, SeqCst) + 1;
+    s.max_in_flight.fetch_max(now, SeqCst);
     s.got.lock().unwrap().push(Received { headers, body });
     s.notify.notify_waiters();
     let hold = s
@@ -395,6 +401,7 @@ async fn receive(
     if let Some(d) = hold {
         tokio::time::sleep(d).await;
     }
+    s.in_flight.fetch_sub(1, SeqCst);
     let status = match *s.always.lock().unwrap() {
         Some(code) => code,
         None => {
@@ -442,6 +449,13 @@ impl Receiver {
 
     pub fn received(&self) -> Vec<Received> {
         self.state.got.lock().unwrap().clone()
+    }
+
+    /// The most requests this receiver was answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
