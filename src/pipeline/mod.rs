@@ -182,7 +182,10 @@ impl Pipeline {
             writes: WriteBatcher::start(
                 store.clone(),
                 cfg.worker.write_batch_max,
-                cfg.worker.write_concurrency,
+                // Each group in flight holds a connection of the pool.
+                cfg.worker
+                    .write_concurrency
+                    .min(cfg.database.max_connections as usize),
             ),
             store,
             queue,
