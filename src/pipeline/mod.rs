@@ -624,30 +624,43 @@ impl Pipeline {
                             .set(C::ObjectLastModified, info.last_modified)
                             .set(C::VerifiedAt, Some(now))
                             .set(C::LastError, None::<String>);
-                        let moved = self
-                            .writes
-                            .transition(
-                                Transition::new(
-                                    &job.tenant,
-                                    &job.webhook,
-                                    &[Status::Verifying],
-                                    Status::Verified,
-                                    event_type::VERIFIED,
-                                    now,
-                                )
-                                .changes(changes),
-                            )
-                            .await?;
-                        if let Some(verified) = moved {
+                        let verified = Transition::new(
+                            &job.tenant,
+                            &job.webhook,
+                            &[Status::Verifying],
+                            Status::Verified,
+                            event_type::VERIFIED,
+                            now,
+                        )
+                        .changes(changes);
+                        let deliver_span = info_span!(
+                            "deliver",
+                            otel.name = "deliver webhook",
+                            otel.kind = "consumer",
+                        );
+                        if let Ok(_host_permit) = self.per_host.host_of(&w.url).try_acquire_owned()
+                        {
+                            // The receiver's host has room: verified and
+                            // claimed in one write (both events stored).
+                            let claim = Transition {
+                                to: Status::Delivering,
+                                event: event_type::DELIVERING,
+                                ..verified
+                            }
+                            .through(Status::Verified, event_type::VERIFIED);
+                            return match self.writes.transition(claim).await? {
+                                Some(claimed) => {
+                                    self.attempt(job, claimed).instrument(deliver_span).await
+                                }
+                                None => Ok(Step::Ack),
+                            };
+                        }
+                        if let Some(verified) = self.writes.transition(verified).await? {
                             // If this process stops now, the job (not yet
                             // acked) comes back and finds VERIFIED.
                             return self
                                 .deliver(job, verified, running)
-                                .instrument(info_span!(
-                                    "deliver",
-                                    otel.name = "deliver webhook",
-                                    otel.kind = "consumer",
-                                ))
+                                .instrument(deliver_span)
                                 .await;
                         }
                     }
@@ -776,6 +789,12 @@ impl Pipeline {
         else {
             return Ok(Step::Ack);
         };
+        self.attempt(job, w).await
+    }
+
+    /// One delivery attempt of a webhook this job claimed (DELIVERING),
+    /// under its host's limit: POST, then store the outcome.
+    async fn attempt(&self, job: &Job, w: Webhook) -> Result<Step, StoreError> {
         let attempt = w.attempt_count + 1;
         let started_at = self.clock.now();
         let keys = self

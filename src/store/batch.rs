@@ -60,6 +60,13 @@ pub(crate) struct OwnedTransition {
     now: DateTime<Utc>,
     unchanged_since: Option<DateTime<Utc>>,
     redriven_by: Option<RedriveSource>,
+    through: Option<(Status, &'static str)>,
+}
+
+impl From<Transition<'_>> for Box<OwnedTransition> {
+    fn from(t: Transition<'_>) -> Self {
+        Box::new(t.into())
+    }
 }
 
 impl From<Transition<'_>> for OwnedTransition {
@@ -76,6 +83,7 @@ impl From<Transition<'_>> for OwnedTransition {
             now: t.now,
             unchanged_since: t.unchanged_since,
             redriven_by: t.redriven_by,
+            through: t.through,
         }
     }
 }
@@ -83,7 +91,7 @@ impl From<Transition<'_>> for OwnedTransition {
 /// One write of a group.
 pub(crate) enum Write {
     /// A status change (see [`Store::transition`]).
-    Transition(OwnedTransition),
+    Transition(Box<OwnedTransition>),
     /// `updated_at` only, while the status is `status` (see [`Store::touch`]).
     Touch {
         tenant: TenantId,
@@ -122,8 +130,9 @@ impl Store {
         let mut order: Vec<usize> = (0..writes.len()).collect();
         // Stable: writes to one webhook keep their order.
         order.sort_by(|&a, &b| writes[a].webhook().cmp(writes[b].webhook()));
-        // (write index, event type, time), in the order they happened.
-        let mut new_events: Vec<(usize, &'static str, DateTime<Utc>)> = Vec::new();
+        // (write index, event type, status it records, time), in the order
+        // they happened.
+        let mut new_events: Vec<(usize, &'static str, Status, DateTime<Utc>)> = Vec::new();
         let mut new_attempts: Vec<attempts::ActiveModel> = Vec::new();
         let mut new_dead_letters: Vec<dead_letters::ActiveModel> = Vec::new();
         for i in order {
@@ -205,7 +214,10 @@ impl Store {
                     .exec(&txn)
                     .await?;
             }
-            new_events.push((i, t.event, t.now));
+            if let Some((status, event)) = t.through {
+                new_events.push((i, event, status, t.now));
+            }
+            new_events.push((i, t.event, t.to, t.now));
             rows[i] = Some(row);
         }
         if !new_attempts.is_empty() {
@@ -215,9 +227,11 @@ impl Store {
         }
         insert_dead_letters(&txn, &mut new_dead_letters).await?;
         let events = {
-            let items: Vec<(&Webhook, &'static str, DateTime<Utc>)> = new_events
+            let items: Vec<(&Webhook, &'static str, Status, DateTime<Utc>)> = new_events
                 .iter()
-                .filter_map(|(i, kind, at)| rows[*i].as_ref().map(|w| (w, *kind, *at)))
+                .filter_map(|(i, kind, status, at)| {
+                    rows[*i].as_ref().map(|w| (w, *kind, *status, *at))
+                })
                 .collect();
             insert_events(&txn, &items).await?
         };
@@ -279,11 +293,11 @@ async fn insert_dead_letters<C: ConnectionTrait>(
 }
 
 /// Inserts the event rows of `items` (the webhook as it now is, the event
-/// type, when) with one statement, and returns them in id order, which is
-/// the order of `items`.
+/// type, the status the event records, when) with one statement, and
+/// returns them in id order, which is the order of `items`.
 pub(super) async fn insert_events<C: ConnectionTrait>(
     conn: &C,
-    items: &[(&Webhook, &'static str, DateTime<Utc>)],
+    items: &[(&Webhook, &'static str, Status, DateTime<Utc>)],
 ) -> Result<Vec<Event>> {
     if items.is_empty() {
         return Ok(Vec::new());
@@ -297,13 +311,13 @@ pub(super) async fn insert_events<C: ConnectionTrait>(
         events::Column::OccurredAt,
     ]);
     let mut out = Vec::with_capacity(items.len());
-    for (w, kind, at) in items {
+    for (w, kind, status, at) in items {
         insert
             .values([
                 Expr::value(w.tenant_id.clone()),
                 Expr::value(w.id.clone()),
                 Expr::value(*kind),
-                Expr::value(w.status.clone()),
+                Expr::value(status.as_str()),
                 Expr::value(*at),
             ])
             .map_err(|e| DbErr::Custom(format!("building the events insert: {e}")))?;
@@ -312,7 +326,7 @@ pub(super) async fn insert_events<C: ConnectionTrait>(
             tenant_id: TenantId::from_trusted(w.tenant_id.clone()),
             webhook_id: WebhookId::from_trusted(w.id.clone()),
             kind: kind.to_string(),
-            status: super::status_of(w)?,
+            status: *status,
             occurred_at: *at,
         });
     }
@@ -656,6 +670,7 @@ mod tests {
         one_failing_write_does_not_fail_the_others,
         what_waits_is_written_as_one_group,
         groups_are_written_at_once_on_postgres,
+        a_write_through_a_status_stores_both_events,
         events_are_published_after_commit,
         rows_are_read_together_each_of_its_own_tenant,
     );
@@ -1105,6 +1120,60 @@ mod tests {
         for id in &ids {
             assert_eq!(stored_events(&store, &t, id).await.len(), 2);
         }
+    }
+
+    /// A write that passes through a status stores that status's event
+    /// first, with the status it names, then its own.
+    async fn a_write_through_a_status_stores_both_events(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let id = webhook(&store, &t, Status::Verifying).await;
+        let other = webhook(&store, &t, Status::Pending).await;
+        let claim = |id| {
+            Write::Transition(
+                Transition::new(
+                    &t,
+                    id,
+                    &[Status::Verifying],
+                    Status::Delivering,
+                    event_type::DELIVERING,
+                    Utc::now(),
+                )
+                .changes(Changes::new().set(webhooks::Column::Size, Some(7i64)))
+                .through(Status::Verified, event_type::VERIFIED)
+                .into(),
+            )
+        };
+        let applied = store
+            .write_group(&[claim(&id), claim(&other)])
+            .await
+            .unwrap();
+        let row = applied.rows[0].as_ref().expect("moved");
+        assert_eq!(
+            (row.status.as_str(), row.size),
+            (Status::Delivering.as_str(), Some(7))
+        );
+        assert!(applied.rows[1].is_none(), "not VERIFYING: nothing stored");
+        let published: Vec<_> = applied
+            .events
+            .iter()
+            .map(|e| (e.kind.as_str(), e.status))
+            .collect();
+        assert_eq!(
+            published,
+            [
+                (event_type::VERIFIED, Status::Verified),
+                (event_type::DELIVERING, Status::Delivering)
+            ]
+        );
+        assert_eq!(
+            stored_events(&store, &t, &id).await[1..],
+            [
+                (event_type::VERIFIED.to_string(), Status::Verified),
+                (event_type::DELIVERING.to_string(), Status::Delivering)
+            ]
+        );
+        assert_eq!(stored_events(&store, &t, &other).await.len(), 1);
     }
 
     /// PostgreSQL writes several groups at once: a group stuck behind a

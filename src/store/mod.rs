@@ -114,6 +114,10 @@ pub struct Transition<'a> {
     pub unchanged_since: Option<DateTime<Utc>>,
     /// Who moved it out of DEAD_LETTER, recorded on its dead letters.
     pub redriven_by: Option<RedriveSource>,
+    /// A status passed through on the way to `to`, with its event, stored
+    /// before `event` (two steps that follow each other at once, in one
+    /// write: VERIFYING → VERIFIED → DELIVERING).
+    pub through: Option<(Status, &'static str)>,
 }
 
 /// Who redrove a dead letter. A webhook is redriven automatically at most
@@ -158,6 +162,7 @@ impl<'a> Transition<'a> {
             now,
             unchanged_since: None,
             redriven_by: None,
+            through: None,
         }
     }
 
@@ -183,6 +188,12 @@ impl<'a> Transition<'a> {
 
     pub fn redriven_by(mut self, by: RedriveSource) -> Self {
         self.redriven_by = Some(by);
+        self
+    }
+
+    /// Passes through `status` on the way, recording its `event` first.
+    pub fn through(mut self, status: Status, event: &'static str) -> Self {
+        self.through = Some((status, event));
         self
     }
 }
@@ -637,7 +648,8 @@ impl Store {
             }
             return Err(e.into());
         }
-        let events = batch::insert_events(&txn, &[(&new, event, new.created_at)]).await?;
+        let events =
+            batch::insert_events(&txn, &[(&new, event, status_of(&new)?, new.created_at)]).await?;
         txn.commit().await?;
         self.publish_all(events);
         Ok(Created::New(new))
