@@ -6,6 +6,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use uploadhook::{clock::Clock, config::Config};
 
+/// mimalloc instead of the system allocator: glibc's malloc and free were
+/// about a fifth of the service's own CPU under load (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "uploadhook",
