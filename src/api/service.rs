@@ -303,8 +303,38 @@ impl WebhookApi {
         id: &WebhookId,
         etag: Option<String>,
     ) -> Result<Webhook, ApiError> {
-        let w = self.find(tenant, id).await?;
         let now = self.clock.now();
+        let confirmed = Transition::new(
+            tenant,
+            id,
+            &[Status::Pending],
+            Status::Verifying,
+            event_type::CONFIRMED,
+            now,
+        )
+        .changes({
+            let changes = Changes::new()
+                .set(C::ClientEtag, etag)
+                .set(C::VerifyAttempts, 0);
+            // Verification and delivery continue the Confirm's trace,
+            // when it has one.
+            match crate::telemetry::current_traceparent() {
+                Some(tp) => changes.set(C::Traceparent, Some(tp)),
+                None => changes,
+            }
+        });
+        // The usual case in one statement: PENDING, not expired.
+        if let Some(w) = self
+            .store
+            .transition(confirmed.clone().unexpired_at(now))
+            .await
+            .map_err(db)?
+        {
+            self.enqueue(&w, JobKind::Verify).await;
+            return Ok(w);
+        }
+        // Otherwise: unknown, past expires_at, or already on its way.
+        let w = self.find(tenant, id).await?;
         match status_of(&w).map_err(db)? {
             Status::Pending if now >= w.expires_at => {
                 self.store
@@ -327,31 +357,7 @@ impl WebhookApi {
                 Err(expired(id, w.expires_at))
             }
             Status::Pending => {
-                let moved = self
-                    .store
-                    .transition(
-                        Transition::new(
-                            tenant,
-                            id,
-                            &[Status::Pending],
-                            Status::Verifying,
-                            event_type::CONFIRMED,
-                            now,
-                        )
-                        .changes({
-                            let changes = Changes::new()
-                                .set(C::ClientEtag, etag)
-                                .set(C::VerifyAttempts, 0);
-                            // Verification and delivery continue the
-                            // Confirm's trace, when it has one.
-                            match crate::telemetry::current_traceparent() {
-                                Some(tp) => changes.set(C::Traceparent, Some(tp)),
-                                None => changes,
-                            }
-                        }),
-                    )
-                    .await
-                    .map_err(db)?;
+                let moved = self.store.transition(confirmed).await.map_err(db)?;
                 match moved {
                     Some(w) => {
                         self.enqueue(&w, JobKind::Verify).await;

@@ -60,6 +60,7 @@ pub(crate) struct OwnedTransition {
     now: DateTime<Utc>,
     unchanged_since: Option<DateTime<Utc>>,
     redriven_by: Option<RedriveSource>,
+    unexpired_at: Option<DateTime<Utc>>,
     through: Option<(Status, &'static str)>,
 }
 
@@ -83,6 +84,7 @@ impl From<Transition<'_>> for OwnedTransition {
             now: t.now,
             unchanged_since: t.unchanged_since,
             redriven_by: t.redriven_by,
+            unexpired_at: t.unexpired_at,
             through: t.through,
         }
     }
@@ -156,6 +158,9 @@ impl Store {
             }
             if let Some(at) = t.unchanged_since {
                 update = update.filter(webhooks::Column::UpdatedAt.lte(at));
+            }
+            if let Some(at) = t.unexpired_at {
+                update = update.filter(webhooks::Column::ExpiresAt.gt(at));
             }
             let mut update = update
                 .filter(webhooks::Column::Id.eq(t.id.as_str()))

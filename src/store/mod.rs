@@ -98,6 +98,7 @@ pub struct NewAttempt {
 }
 
 /// A compare-and-set status change with its event.
+#[derive(Clone)]
 pub struct Transition<'a> {
     pub tenant: &'a TenantId,
     pub id: &'a WebhookId,
@@ -114,6 +115,8 @@ pub struct Transition<'a> {
     pub unchanged_since: Option<DateTime<Utc>>,
     /// Who moved it out of DEAD_LETTER, recorded on its dead letters.
     pub redriven_by: Option<RedriveSource>,
+    /// Also require that the webhook's `expires_at` is after this time.
+    pub unexpired_at: Option<DateTime<Utc>>,
     /// A status passed through on the way to `to`, with its event, stored
     /// before `event` (two steps that follow each other at once, in one
     /// write: VERIFYING → VERIFIED → DELIVERING).
@@ -162,6 +165,7 @@ impl<'a> Transition<'a> {
             now,
             unchanged_since: None,
             redriven_by: None,
+            unexpired_at: None,
             through: None,
         }
     }
@@ -188,6 +192,12 @@ impl<'a> Transition<'a> {
 
     pub fn redriven_by(mut self, by: RedriveSource) -> Self {
         self.redriven_by = Some(by);
+        self
+    }
+
+    /// Moves only a webhook whose `expires_at` is after `now`.
+    pub fn unexpired_at(mut self, now: DateTime<Utc>) -> Self {
+        self.unexpired_at = Some(now);
         self
     }
 

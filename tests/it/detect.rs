@@ -15,6 +15,7 @@ use crate::{
 
 backend_tests!(
     pending_webhooks_expire_at_expires_at,
+    confirm_past_expires_at_expires_before_any_sweep,
     auto_webhook_is_delivered_without_confirm,
     auto_upload_that_never_happens_expires_and_stops_checking,
     confirm_racing_auto_detection_delivers_once,
@@ -120,6 +121,37 @@ async fn pending_webhooks_expire_at_expires_at(db: &TestDb) {
             "{kinds:?}"
         );
     }
+    app.stop().await;
+}
+
+/// Confirm after `expires_at`, with no sweep due for an hour: the webhook
+/// expires then and there, and is never verified.
+async fn confirm_past_expires_at_expires_before_any_sweep(db: &TestDb) {
+    let clock = ManualClock::new(chrono::Utc::now());
+    let cfg = "[detect]\nexpiry_sweep_every = \"1h\"\n";
+    let mut app = TestApp::start_with(db, cfg, Arc::new(clock.clone()), None).await;
+    let rx = Receiver::start().await;
+    let mut req = create_request(&rx.url, "late.txt");
+    req.expires_in = Some(prost_types::Duration {
+        seconds: 60,
+        nanos: 0,
+    });
+    let created = create(&app, req).await;
+    upload(&created, b"too late").await;
+    let id = created.webhook.unwrap().id;
+    clock.advance(chrono::Duration::seconds(61));
+    let err = confirm(&app, &id).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("expired"), "{}", err.message());
+    let w = get(&app, &app.key_a, &id).await;
+    assert_eq!(w.status(), Status::Expired);
+    assert_eq!(w.last_error, "not confirmed before expires_at");
+    let kinds = event_kinds(&app, &id).await;
+    assert!(
+        !kinds.contains(&"upload.confirmed".to_string()),
+        "{kinds:?}"
+    );
+    assert_eq!(rx.received().len(), 0);
     app.stop().await;
 }
 
