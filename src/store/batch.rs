@@ -771,6 +771,56 @@ mod tests {
         )
     }
 
+    /// A task that moves `id` VERIFYING → VERIFIED through `batcher`.
+    fn spawn_verified(
+        batcher: &WriteBatcher,
+        t: &TenantId,
+        id: &WebhookId,
+    ) -> tokio::task::JoinHandle<Result<Option<Webhook>>> {
+        let (b, t, id) = (batcher.clone(), t.clone(), id.clone());
+        tokio::spawn(async move {
+            b.transition(Transition::new(
+                &t,
+                &id,
+                &[Status::Verifying],
+                Status::Verified,
+                event_type::VERIFIED,
+                Utc::now(),
+            ))
+            .await
+        })
+    }
+
+    /// A claim's webhook, and its row if the claim moved it.
+    type Claimed = (WebhookId, Option<Webhook>);
+
+    /// Two tasks per webhook, each claiming it (VERIFIED → DELIVERING)
+    /// through `batcher`: their answers, with the webhook id.
+    fn claim_each_twice(
+        batcher: &WriteBatcher,
+        t: &TenantId,
+        ids: &[WebhookId],
+    ) -> Vec<tokio::task::JoinHandle<Result<Claimed>>> {
+        ids.iter()
+            .chain(ids)
+            .map(|id| {
+                let (b, t, id) = (batcher.clone(), t.clone(), id.clone());
+                tokio::spawn(async move {
+                    b.transition(Transition::new(
+                        &t,
+                        &id,
+                        &[Status::Verified],
+                        Status::Delivering,
+                        event_type::DELIVERING,
+                        Utc::now(),
+                    ))
+                    .await
+                    .map(|w| (id, w))
+                })
+            })
+            .collect()
+    }
+
     /// Events of a webhook as stored: (type, status), oldest first.
     async fn stored_events(
         store: &Store,
@@ -1071,40 +1121,10 @@ mod tests {
         let batcher = WriteBatcher::start(store.clone(), 128, 1);
         // The first group is stuck behind the lock while the rest arrive.
         let blocker = Blocker::hold(db, &first).await;
-        let first_write = {
-            let b = batcher.clone();
-            let (t, first) = (t.clone(), first.clone());
-            tokio::spawn(async move {
-                b.transition(Transition::new(
-                    &t,
-                    &first,
-                    &[Status::Verifying],
-                    Status::Verified,
-                    event_type::VERIFIED,
-                    Utc::now(),
-                ))
-                .await
-            })
-        };
+        let first_write = spawn_verified(&batcher, &t, &first);
         wait_until(|| batcher.groups_written() == 1).await;
         // Every id twice: two jobs racing to claim each webhook.
-        let mut tasks = Vec::new();
-        for id in ids.iter().chain(&ids) {
-            let b = batcher.clone();
-            let (t, id) = (t.clone(), id.clone());
-            tasks.push(tokio::spawn(async move {
-                b.transition(Transition::new(
-                    &t,
-                    &id,
-                    &[Status::Verified],
-                    Status::Delivering,
-                    event_type::DELIVERING,
-                    Utc::now(),
-                ))
-                .await
-                .map(|w| (id, w))
-            }));
-        }
+        let tasks = claim_each_twice(&batcher, &t, &ids);
         let tx = batcher.tx.clone().unwrap();
         wait_until(|| tx.max_capacity() - tx.capacity() == 120).await;
         blocker.release().await;
@@ -1197,39 +1217,11 @@ mod tests {
         }
         let batcher = WriteBatcher::start(store.clone(), 8, 4);
         let blocker = Blocker::hold(db, &stuck).await;
-        let stuck_write = {
-            let (b, t, stuck) = (batcher.clone(), t.clone(), stuck.clone());
-            tokio::spawn(async move {
-                b.transition(Transition::new(
-                    &t,
-                    &stuck,
-                    &[Status::Verifying],
-                    Status::Verified,
-                    event_type::VERIFIED,
-                    Utc::now(),
-                ))
-                .await
-            })
-        };
+        let stuck_write = spawn_verified(&batcher, &t, &stuck);
         wait_until(|| batcher.groups_written() == 1).await;
         // Every id twice, from tasks of their own: groups of at most 8, on
         // the three free writers, while the first group waits for its row.
-        let mut tasks = Vec::new();
-        for id in ids.iter().chain(&ids) {
-            let (b, t, id) = (batcher.clone(), t.clone(), id.clone());
-            tasks.push(tokio::spawn(async move {
-                b.transition(Transition::new(
-                    &t,
-                    &id,
-                    &[Status::Verified],
-                    Status::Delivering,
-                    event_type::DELIVERING,
-                    Utc::now(),
-                ))
-                .await
-                .map(|w| (id, w))
-            }));
-        }
+        let tasks = claim_each_twice(&batcher, &t, &ids);
         let mut wins = std::collections::HashMap::<WebhookId, usize>::new();
         for task in tasks {
             let (id, moved) = tokio::time::timeout(Duration::from_secs(30), task)

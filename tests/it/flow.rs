@@ -10,7 +10,9 @@ use uploadhook::{
 
 use crate::{
     backend_tests,
-    helpers::{Receiver, TestApp, TestDb, authed, create_request, get, upload, wait_for},
+    helpers::{
+        Receiver, TestApp, TestDb, authed, create_confirmed, create_request, get, upload, wait_for,
+    },
 };
 
 backend_tests!(
@@ -707,29 +709,6 @@ async fn list_and_cancel(db: &TestDb) {
     app.stop().await;
 }
 
-/// Creates, uploads and confirms one webhook to `url`; its id.
-async fn confirmed(app: &TestApp, url: &str, name: &str) -> String {
-    let mut client = app.client().await;
-    let created = client
-        .create_upload_webhook(authed(&app.key_a, create_request(url, name)))
-        .await
-        .unwrap()
-        .into_inner();
-    upload(&created, b"payload").await;
-    let id = created.webhook.unwrap().id;
-    client
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: id.clone(),
-                etag: String::new(),
-            },
-        ))
-        .await
-        .unwrap();
-    id
-}
-
 /// Deliveries waiting for a slow host give their worker slot back: with
 /// two slots and one delivery at a time per host, a backlog for a slow
 /// receiver does not stop another receiver's webhook. (Had the waiting
@@ -741,9 +720,9 @@ async fn a_slow_host_does_not_hold_up_other_hosts(db: &TestDb) {
     slow.hold_every(std::time::Duration::from_secs(3));
     let fast = Receiver::start().await;
     for i in 0..6 {
-        confirmed(&app, &slow.url, &format!("slow-{i}.txt")).await;
+        create_confirmed(&app, &slow.url, &format!("slow-{i}.txt")).await;
     }
-    let id = confirmed(&app, &fast.url, "fast.txt").await;
+    let id = create_confirmed(&app, &fast.url, "fast.txt").await;
     wait_for(&app, &app.key_a, &id, Status::Completed).await;
     assert!(
         slow.received().len() <= 2,
@@ -762,7 +741,7 @@ async fn deliveries_to_one_host_stay_within_its_limit(db: &TestDb) {
     rx.hold_every(std::time::Duration::from_millis(100));
     let mut ids = Vec::new();
     for i in 0..20 {
-        ids.push(confirmed(&app, &rx.url, &format!("f{i}.txt")).await);
+        ids.push(create_confirmed(&app, &rx.url, &format!("f{i}.txt")).await);
     }
     for id in &ids {
         wait_for(&app, &app.key_a, id, Status::Completed).await;

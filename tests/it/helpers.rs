@@ -312,6 +312,30 @@ pub async fn upload(resp: &proto::CreateUploadWebhookResponse, body: &[u8]) -> r
     r
 }
 
+/// Creates a webhook of tenant A for `url`, uploads the object and
+/// confirms it; its id.
+pub async fn create_confirmed(app: &TestApp, url: &str, filename: &str) -> String {
+    let mut client = app.client().await;
+    let created = client
+        .create_upload_webhook(authed(&app.key_a, create_request(url, filename)))
+        .await
+        .unwrap()
+        .into_inner();
+    upload(&created, b"hello").await;
+    let id = created.webhook.unwrap().id;
+    client
+        .confirm(authed(
+            &app.key_a,
+            proto::ConfirmRequest {
+                webhook_id: id.clone(),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    id
+}
+
 pub async fn get(app: &TestApp, key: &str, id: &str) -> proto::Webhook {
     app.client()
         .await

@@ -9,7 +9,9 @@ use uploadhook::proto::{self, Status};
 
 use crate::{
     backend_tests,
-    helpers::{Receiver, TestApp, TestDb, authed, create_request, upload, wait_for},
+    helpers::{
+        Receiver, TestApp, TestDb, authed, create_confirmed, create_request, upload, wait_for,
+    },
 };
 
 backend_tests!(
@@ -37,29 +39,6 @@ async fn literal_loopback_url_is_refused_at_create(db: &TestDb) {
     app.stop().await;
 }
 
-/// Creates a webhook for `url`, uploads and confirms it.
-async fn create_confirmed(app: &TestApp, url: &str) -> String {
-    let mut client = app.client().await;
-    let created = client
-        .create_upload_webhook(authed(&app.key_a, create_request(url, "a.txt")))
-        .await
-        .unwrap()
-        .into_inner();
-    upload(&created, b"hello").await;
-    let id = created.webhook.unwrap().id;
-    client
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: id.clone(),
-                etag: String::new(),
-            },
-        ))
-        .await
-        .unwrap();
-    id
-}
-
 /// A blocked target is a failed attempt like any other: each attempt
 /// stores the refusal, retries follow the schedule (two in the tests'
 /// config), then the webhook is dead-lettered. Nothing is ever sent.
@@ -80,7 +59,7 @@ async fn hostname_resolving_to_loopback_is_refused_at_connect_time(db: &TestDb) 
     let rx = Receiver::start().await;
     // `localhost` is a name: Create cannot judge it and accepts it.
     let url = rx.url.replace("127.0.0.1", "localhost");
-    let id = create_confirmed(&app, &url).await;
+    let id = create_confirmed(&app, &url, "a.txt").await;
     assert_refused_every_attempt(
         &app,
         &rx,
