@@ -130,6 +130,23 @@ struct HostLimits {
 /// queue (and says it is still being worked on, see `deliver`).
 const HOST_WAIT_MAX: Duration = Duration::from_secs(5);
 
+/// Counts a delivery in `uploadhook_deliveries_waiting_for_host` while it
+/// lives, however the wait ends (a task aborted at shutdown included).
+struct WaitingGauge;
+
+impl WaitingGauge {
+    fn enter() -> Self {
+        METRICS.host_waiting.inc();
+        WaitingGauge
+    }
+}
+
+impl Drop for WaitingGauge {
+    fn drop(&mut self) {
+        METRICS.host_waiting.dec();
+    }
+}
+
 /// A running job: its worker slot, which it gives up while it waits for its
 /// receiver's host, and how many times its lease was handed out.
 struct Running {
@@ -182,10 +199,11 @@ impl Pipeline {
             writes: WriteBatcher::start(
                 store.clone(),
                 cfg.worker.write_batch_max,
-                // Each group in flight holds a connection of the pool.
+                // Each group in flight holds a connection of the pool: at
+                // most half of it, so that reads and the API always find one.
                 cfg.worker
                     .write_concurrency
-                    .min(cfg.database.max_connections as usize),
+                    .min((cfg.database.max_connections as usize / 2).max(1)),
             ),
             store,
             queue,
@@ -604,6 +622,9 @@ impl Pipeline {
                     self.head_timeout.as_secs()
                 )))
             });
+        // The HEAD (and its budget) may have taken a while: what follows
+        // is stamped with the time it happens.
+        let now = self.clock.now();
         let missing_reason = match head {
             Ok(Some(info)) => {
                 match verify::check_object(
@@ -783,7 +804,10 @@ impl Pipeline {
                     event_type::DELIVERING,
                     now,
                 )
-                .unchanged_since(taken_over.then_some(w.updated_at)),
+                // Unchanged since it was read: while this job waited for
+                // the host, another copy of it may have made an attempt and
+                // scheduled a retry, which must keep its delay.
+                .unchanged_since(Some(w.updated_at)),
             )
             .await?
         else {
@@ -937,10 +961,10 @@ impl Pipeline {
     }
 
     /// A delivery slot of `url`'s host. When the host is at its limit, waits
-    /// for one (in order of arrival, at most [`HOST_WAIT_MAX`]) after giving
-    /// the worker slot back, and takes a worker slot again before it
-    /// returns. `None`: too many deliveries wait already, or the wait ran
-    /// out.
+    /// for one (in order of arrival) after giving the worker slot back, and
+    /// takes a worker slot again, both within [`HOST_WAIT_MAX`]. `None`:
+    /// too many deliveries wait already, or the wait ran out (the job may
+    /// then hold no worker slot).
     async fn wait_for_host(
         &self,
         url: &str,
@@ -951,22 +975,25 @@ impl Pipeline {
             return Some(p);
         }
         let place = self.per_host.waiting.clone().try_acquire_owned().ok()?;
-        METRICS.host_waiting.inc();
+        let deadline = tokio::time::Instant::now() + HOST_WAIT_MAX;
         running.slot = None;
-        let got = tokio::time::timeout(HOST_WAIT_MAX, host.acquire_owned())
+        let got = {
+            let _waiting = WaitingGauge::enter();
+            tokio::time::timeout_at(deadline, host.acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        };
+        drop(place);
+        // A worker slot again, by the same deadline; past it, the host's
+        // permit goes back for others, and the job is put back (which
+        // needs no slot).
+        let slot = tokio::time::timeout_at(deadline, self.workers.clone().acquire_owned())
             .await
             .ok()
             .and_then(Result::ok);
-        drop(place);
-        METRICS.host_waiting.dec();
-        running.slot = Some(
-            self.workers
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("worker slots are never closed"),
-        );
-        got
+        running.slot = slot;
+        running.slot.as_ref().and(got)
     }
 
     fn payload(&self, w: &Webhook) -> Vec<u8> {
