@@ -31,6 +31,7 @@ backend_tests!(
     list_and_cancel,
     a_slow_host_does_not_hold_up_other_hosts,
     deliveries_to_one_host_stay_within_its_limit,
+    a_delivery_that_waits_too_long_for_its_host_is_put_back,
 );
 
 async fn full_flow_delivers_a_signed_webhook(db: &TestDb) {
@@ -755,5 +756,40 @@ async fn deliveries_to_one_host_stay_within_its_limit(db: &TestDb) {
     ids.sort();
     assert_eq!(got, ids, "each delivered once");
     assert_eq!(rx.max_in_flight(), 2);
+    app.stop().await;
+}
+
+/// A delivery waits at most 5 s for its host; then its job goes back to the
+/// queue and comes round again. With one delivery at a time and the first
+/// held for 7 s, the other two wait out their 5 s and are put back, and
+/// all three still arrive, once each, one at a time.
+async fn a_delivery_that_waits_too_long_for_its_host_is_put_back(db: &TestDb) {
+    // An attempt may take 15 s here (the tests' default is 5 s).
+    let cfg = "[worker]\nconcurrency = 4\nper_host_concurrency = 1\n\
+               [delivery]\ntimeout = \"15s\"\n[queue]\nvisibility_timeout = \"30s\"\n";
+    let mut app = TestApp::start(db, cfg).await;
+    let rx = Receiver::start().await;
+    rx.hold_next(std::time::Duration::from_secs(7));
+    let first = create_confirmed(&app, &rx.url, "first.txt").await;
+    // The first is in flight (held) before the others arrive.
+    while rx.received().is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut ids = vec![first];
+    for i in 0..2 {
+        ids.push(create_confirmed(&app, &rx.url, &format!("later-{i}.txt")).await);
+    }
+    for id in &ids {
+        wait_for(&app, &app.key_a, id, Status::Completed).await;
+    }
+    let mut got: Vec<String> = rx
+        .received()
+        .iter()
+        .map(|r| r.headers["webhook-id"].clone())
+        .collect();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "each delivered once");
+    assert_eq!(rx.max_in_flight(), 1);
     app.stop().await;
 }
