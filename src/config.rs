@@ -16,6 +16,9 @@ use crate::pipeline::ssrf::AllowList;
 /// The defaults file, compiled in so that the binary works anywhere.
 pub const DEFAULTS: &str = include_str!("../config.default.toml");
 
+/// The longest `api.key_cache_ttl`: how long a revoked key may still work.
+const MAX_KEY_CACHE_TTL: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -198,6 +201,11 @@ pub struct ApiConfig {
     /// Unary calls running at once in this process; beyond it, UNAVAILABLE
     /// at once (admission control). 0: no limit.
     pub max_in_flight: usize,
+    /// How long an API key that authenticated is trusted without reading
+    /// it again (so how long a revocation may take to reach this process).
+    /// 0: read on every call.
+    #[serde(deserialize_with = "de_duration")]
+    pub key_cache_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -650,6 +658,12 @@ impl Config {
         }
         if self.api.rate_limit_tenants == 0 {
             return invalid("api.rate_limit_tenants", "must be at least 1");
+        }
+        if self.api.key_cache_ttl > MAX_KEY_CACHE_TTL {
+            return invalid(
+                "api.key_cache_ttl",
+                "must be at most 5m: it is how long a revoked key may still work",
+            );
         }
         if self.delivery.timeout.is_zero() {
             return invalid("delivery.timeout", "must be positive");

@@ -483,6 +483,7 @@ pub async fn start(
             require_client_cert: tls
                 .as_ref()
                 .is_some_and(|t| t.client_auth() == config::ClientAuth::Required),
+            key_cache: api::keycache::KeyCache::new(cfg.api.key_cache_ttl),
         });
         // Summarise bursts of authentication failures once per window.
         let flusher = api.clone();

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod audit;
 pub mod gateway;
 pub mod grpc;
+pub mod keycache;
 pub mod ratelimit;
 pub mod service;
 pub mod storage_events;

@@ -9,6 +9,7 @@ use secrecy::SecretString;
 
 use super::{
     audit::{AuthFailure, AuthFailures},
+    keycache::KeyCache,
     ratelimit::{RateLimiter, retry_after_secs},
     validate::{CreateInput, MAX_KEY_LEN, derive_key},
 };
@@ -69,6 +70,8 @@ pub struct WebhookApi {
     /// client certificate (REST calls too; the gRPC handshake already
     /// refuses a client without one).
     pub require_client_cert: bool,
+    /// Keys that authenticated lately (`api.key_cache_ttl`); None: off.
+    pub key_cache: Option<KeyCache>,
 }
 
 fn db(e: StoreError) -> ApiError {
@@ -85,16 +88,29 @@ impl WebhookApi {
 
     /// The caller's tenant, within its rate limit.
     pub async fn authenticate(&self, key: &str) -> Result<TenantId, ApiError> {
-        let tenant = self
+        let now = self.clock.now();
+        let digest = self
+            .key_cache
+            .as_ref()
+            .map(|_| crate::store::api_key_digest(key));
+        if let (Some(cache), Some(digest)) = (&self.key_cache, &digest)
+            && let Some(tenant) = cache.get(digest, now)
+        {
+            return self.admit(tenant);
+        }
+        let grant = self
             .store
-            .authenticate(key, self.clock.now())
+            .authenticate_key(key, now)
             .await
             .map_err(db)?
             .ok_or_else(|| {
                 self.auth_failed(AuthFailure::Rejected);
                 ApiError::Unauthenticated("invalid, expired or revoked API key".into())
             })?;
-        self.admit(tenant)
+        if let (Some(cache), Some(digest)) = (&self.key_cache, digest) {
+            cache.put(digest, &grant, now);
+        }
+        self.admit(grant.tenant)
     }
 
     /// The tenant of a verified client certificate

@@ -248,7 +248,19 @@ pub enum Created {
 pub const API_KEY_PREFIX: &str = "uhk_";
 
 fn hash_key(plaintext: &str) -> String {
-    hex::encode(Sha256::digest(plaintext.as_bytes()))
+    hex::encode(api_key_digest(plaintext))
+}
+
+/// The SHA-256 of an API key: what is stored (hex) and what caches key on.
+pub fn api_key_digest(plaintext: &str) -> [u8; 32] {
+    Sha256::digest(plaintext.as_bytes()).into()
+}
+
+/// What a valid key grants: its tenant, until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGrant {
+    pub tenant: TenantId,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 pub fn event_of(row: &events::Model) -> Result<Event> {
@@ -572,9 +584,9 @@ impl Store {
         Ok(revoked)
     }
 
-    /// The tenant of a valid, unrevoked, unexpired key. Read from the
-    /// database on every call (no cache), so that a revocation or expiry
-    /// takes effect on the next request.
+    /// The tenant of a valid, unrevoked, unexpired key, read from the
+    /// database (the API may cache the answer for `api.key_cache_ttl`, see
+    /// `api::keycache`).
     ///
     /// No timing side channel: the lookup is by the SHA-256 of the key, so
     /// how long the index search takes depends on the hash, which a caller
@@ -586,6 +598,18 @@ impl Store {
         plaintext: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TenantId>> {
+        Ok(self
+            .authenticate_key(plaintext, now)
+            .await?
+            .map(|g| g.tenant))
+    }
+
+    /// [`Store::authenticate`], with the key's expiry.
+    pub async fn authenticate_key(
+        &self,
+        plaintext: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<KeyGrant>> {
         if !plaintext.starts_with(API_KEY_PREFIX) {
             return Ok(None);
         }
@@ -610,7 +634,10 @@ impl Store {
                 .exec(&self.db)
                 .await?;
         }
-        Ok(Some(TenantId::from_trusted(key.tenant_id)))
+        Ok(Some(KeyGrant {
+            tenant: TenantId::from_trusted(key.tenant_id),
+            expires_at: key.expires_at,
+        }))
     }
 
     // ---- webhooks --------------------------------------------------------

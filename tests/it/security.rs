@@ -27,6 +27,7 @@ backend_tests!(
     idempotency_key_with_another_request_conflicts,
     idempotency_keys_expire,
     expired_and_revoked_keys_are_refused_at_once,
+    a_revoked_key_is_refused_within_the_cache_ttl_an_expired_one_at_once,
     secret_rotation_signs_with_both_secrets_during_the_grace_period,
     authorization_matrix_another_tenants_ids_look_unknown,
 );
@@ -647,7 +648,14 @@ async fn expired_and_revoked_keys_are_refused_at_once(db: &TestDb) {
     // Whole seconds: PostgreSQL keeps microseconds.
     let start = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap();
     let clock = uploadhook::clock::ManualClock::new(start);
-    let mut app = TestApp::start_with(db, "", Arc::new(clock.clone()), None).await;
+    // No key cache: every call reads its key.
+    let mut app = TestApp::start_with(
+        db,
+        "[api]\nkey_cache_ttl = \"0s\"\n",
+        Arc::new(clock.clone()),
+        None,
+    )
+    .await;
     let store = app.store().clone();
     let t0 = clock.now();
     let expiring = store
@@ -745,6 +753,69 @@ async fn expired_and_revoked_keys_are_refused_at_once(db: &TestDb) {
         reqwest::StatusCode::UNAUTHORIZED
     );
     // Other keys of the tenant still work.
+    client.list_webhooks(list(&app.key_a)).await.unwrap();
+    app.stop().await;
+}
+
+async fn a_revoked_key_is_refused_within_the_cache_ttl_an_expired_one_at_once(db: &TestDb) {
+    let start = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap();
+    let clock = uploadhook::clock::ManualClock::new(start);
+    let mut app = TestApp::start_with(
+        db,
+        "[api]\nkey_cache_ttl = \"5s\"\n",
+        Arc::new(clock.clone()),
+        None,
+    )
+    .await;
+    let store = app.store().clone();
+    let t0 = clock.now();
+    let revocable = store.create_api_key("tenant-a", t0).await.unwrap();
+    let expiring = store
+        .create_api_key_expiring("tenant-a", t0, Some(t0 + chrono::Duration::seconds(3)))
+        .await
+        .unwrap();
+    let mut client = app.client().await;
+    let list = |key: &str| authed(key, proto::ListWebhooksRequest::default());
+    let code = |r: Result<tonic::Response<proto::ListWebhooksResponse>, tonic::Status>| {
+        r.map(|_| tonic::Code::Ok).unwrap_or_else(|e| e.code())
+    };
+    // Both keys authenticate and are cached.
+    for key in [&revocable.plaintext, &expiring.plaintext] {
+        assert_eq!(code(client.list_webhooks(list(key)).await), tonic::Code::Ok);
+    }
+    assert!(
+        store
+            .revoke_api_key(revocable.id.as_str(), clock.now())
+            .await
+            .unwrap()
+    );
+    // Until its entry is 5 s old, the revoked key still works in this
+    // process (the documented trade); from then on it is refused.
+    clock.advance(chrono::Duration::milliseconds(2999));
+    assert_eq!(
+        code(client.list_webhooks(list(&revocable.plaintext)).await),
+        tonic::Code::Ok
+    );
+    assert_eq!(
+        code(client.list_webhooks(list(&expiring.plaintext)).await),
+        tonic::Code::Ok
+    );
+    // The key's own expiry is exact, cache or not.
+    clock.advance(chrono::Duration::milliseconds(1));
+    assert_eq!(
+        code(client.list_webhooks(list(&expiring.plaintext)).await),
+        tonic::Code::Unauthenticated
+    );
+    clock.advance(chrono::Duration::seconds(2));
+    assert_eq!(
+        code(client.list_webhooks(list(&revocable.plaintext)).await),
+        tonic::Code::Unauthenticated
+    );
+    // A wrong key is never cached as a right one.
+    assert_eq!(
+        code(client.list_webhooks(list("uhk_not-a-key")).await),
+        tonic::Code::Unauthenticated
+    );
     client.list_webhooks(list(&app.key_a)).await.unwrap();
     app.stop().await;
 }
