@@ -127,6 +127,11 @@ impl Store {
     /// compare-and-set, scoped by its tenant. On error nothing was stored.
     /// The caller publishes the events, after this returns.
     pub(crate) async fn write_group(&self, writes: &[Write]) -> Result<Applied> {
+        if let [Write::Transition(t)] = writes
+            && let Some(applied) = self.transition_in_one_statement(t).await?
+        {
+            return Ok(applied);
+        }
         let txn = self.db.begin().await?;
         let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
         let mut order: Vec<usize> = (0..writes.len()).collect();
@@ -150,25 +155,7 @@ impl Store {
                 }
                 Write::Transition(t) => t,
             };
-            let mut update = webhooks::Entity::update_many()
-                .col_expr(webhooks::Column::Status, Expr::value(t.to.as_str()))
-                .col_expr(webhooks::Column::UpdatedAt, Expr::value(t.now));
-            for (col, value) in &t.changes.0 {
-                update = update.col_expr(*col, Expr::value(value.clone()));
-            }
-            if let Some(at) = t.unchanged_since {
-                update = update.filter(webhooks::Column::UpdatedAt.lte(at));
-            }
-            if let Some(at) = t.unexpired_at {
-                update = update.filter(webhooks::Column::ExpiresAt.gt(at));
-            }
-            let mut update = update
-                .filter(webhooks::Column::Id.eq(t.id.as_str()))
-                .filter(webhooks::Column::TenantId.eq(t.tenant.as_str()))
-                .filter(webhooks::Column::Status.is_in(t.from.iter().map(|s| s.as_str())))
-                .into_query();
-            update.returning_all();
-            let found = txn.query_all(&update).await?;
+            let found = txn.query_all(&update_query(t)).await?;
             let row = match found.as_slice() {
                 [] => continue, // someone else moved it first
                 [r] => Webhook::from_query_result(r, "")?,
@@ -244,6 +231,102 @@ impl Store {
         Ok(Applied { rows, events })
     }
 
+    /// On PostgreSQL, one transition with no dead-letter row to open or
+    /// close, as one statement (so one round trip and no `BEGIN` /
+    /// `COMMIT`): the compare-and-set `UPDATE` and, from its `RETURNING`,
+    /// the events and the attempt row, in data-modifying CTEs.
+    /// `None`: the write needs the general path.
+    async fn transition_in_one_statement(&self, t: &OwnedTransition) -> Result<Option<Applied>> {
+        use sea_orm::sea_query::{PostgresQueryBuilder, Value};
+
+        if self.db.get_database_backend() != sea_orm::DatabaseBackend::Postgres
+            || t.dead_letter.is_some()
+            || t.from.contains(&Status::DeadLetter)
+        {
+            return Ok(None);
+        }
+        let (update_sql, mut values) = update_query(t).build(PostgresQueryBuilder);
+        let mut param = |v: Value| {
+            values.0.push(v);
+            format!("${}", values.0.len())
+        };
+        let at = param(t.now.into());
+        let mut rows = Vec::with_capacity(2);
+        for (kind, status) in t
+            .through
+            .iter()
+            .map(|&(s, k)| (k, s))
+            .chain([(t.event, t.to)])
+        {
+            rows.push(format!(
+                "({}, {}, {})",
+                rows.len(),
+                param(kind.into()),
+                param(status.as_str().into())
+            ));
+        }
+        let attempt = match &t.attempt {
+            None => String::new(),
+            Some(a) => format!(
+                ", a AS (INSERT INTO attempts (webhook_id, number, started_at, duration_ms, \
+                 response_status, response_body, error) \
+                 SELECT u.id, {}, {}, {}, {}, {}, {} FROM u)",
+                param(a.number.into()),
+                param(a.started_at.into()),
+                param(a.duration_ms.into()),
+                param(a.response_status.into()),
+                param(a.response_body.clone().into()),
+                param(a.error.clone().into()),
+            ),
+        };
+        // The events are inserted in the order of `rows` (ORDER BY feeds
+        // the serial in that order) and come back with their ids.
+        let sql = format!(
+            "WITH u AS ({update_sql}), \
+             e AS (INSERT INTO events (tenant_id, webhook_id, \"type\", status, occurred_at) \
+             SELECT u.tenant_id, u.id, v.kind, v.status, {at} \
+             FROM u, (VALUES {}) AS v (ord, kind, status) ORDER BY v.ord \
+             RETURNING id, \"type\", status){attempt} \
+             SELECT u.*, e.id AS event_id, e.\"type\" AS event_kind, e.status AS event_status \
+             FROM u, e ORDER BY e.id",
+            rows.join(", ")
+        );
+        let found = self
+            .db
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DatabaseBackend::Postgres,
+                sql,
+                values.0,
+            ))
+            .await?;
+        let Some(first) = found.first() else {
+            return Ok(Some(Applied {
+                rows: vec![None],
+                events: Vec::new(),
+            }));
+        };
+        let row = Webhook::from_query_result(first, "")?;
+        let events = found
+            .iter()
+            .map(|r| {
+                let status: String = r.try_get("", "event_status")?;
+                Ok(Event {
+                    id: r.try_get("", "event_id")?,
+                    tenant_id: TenantId::from_trusted(row.tenant_id.clone()),
+                    webhook_id: WebhookId::from_trusted(row.id.clone()),
+                    kind: r.try_get("", "event_kind")?,
+                    status: Status::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("event status {status}")))?,
+                    occurred_at: t.now,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Applied {
+            rows: vec![Some(row)],
+            events,
+        }))
+    }
+
     /// Publishes committed events to the bus, in order.
     pub(crate) fn publish_all(&self, events: Vec<Event>) {
         for ev in events {
@@ -270,6 +353,30 @@ impl Store {
         self.publish_all(applied.events);
         Ok(applied.rows.into_iter().next().flatten())
     }
+}
+
+/// The compare-and-set of a transition: `UPDATE webhooks … WHERE id AND
+/// tenant_id AND status IN (from) [AND …] RETURNING *`.
+fn update_query(t: &OwnedTransition) -> sea_orm::sea_query::UpdateStatement {
+    let mut update = webhooks::Entity::update_many()
+        .col_expr(webhooks::Column::Status, Expr::value(t.to.as_str()))
+        .col_expr(webhooks::Column::UpdatedAt, Expr::value(t.now));
+    for (col, value) in &t.changes.0 {
+        update = update.col_expr(*col, Expr::value(value.clone()));
+    }
+    if let Some(at) = t.unchanged_since {
+        update = update.filter(webhooks::Column::UpdatedAt.lte(at));
+    }
+    if let Some(at) = t.unexpired_at {
+        update = update.filter(webhooks::Column::ExpiresAt.gt(at));
+    }
+    let mut update = update
+        .filter(webhooks::Column::Id.eq(t.id.as_str()))
+        .filter(webhooks::Column::TenantId.eq(t.tenant.as_str()))
+        .filter(webhooks::Column::Status.is_in(t.from.iter().map(|s| s.as_str())))
+        .into_query();
+    update.returning_all();
+    update
 }
 
 pub(super) fn touch_query(
@@ -676,6 +783,8 @@ mod tests {
         what_waits_is_written_as_one_group,
         groups_are_written_at_once_on_postgres,
         a_write_through_a_status_stores_both_events,
+        a_transition_alone_stores_its_events_and_attempt,
+        a_transition_alone_publishes_the_stored_ids,
         events_are_published_after_commit,
         rows_are_read_together_each_of_its_own_tenant,
     );
@@ -1199,6 +1308,111 @@ mod tests {
             ]
         );
         assert_eq!(stored_events(&store, &t, &other).await.len(), 1);
+    }
+
+    /// A transition alone (one statement on PostgreSQL) stores the same
+    /// rows as in a group: the moved webhook, both events in order with
+    /// the ids it publishes, the attempt; and nothing when it does not
+    /// match.
+    async fn a_transition_alone_stores_its_events_and_attempt(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let id = webhook(&store, &t, Status::Verifying).await;
+        let now = Utc::now();
+        let claim = || {
+            Transition::new(
+                &t,
+                &id,
+                &[Status::Verifying],
+                Status::Retrying,
+                event_type::RETRYING,
+                now,
+            )
+            .changes(Changes::new().set(webhooks::Column::AttemptCount, 1))
+            .through(Status::Delivering, event_type::DELIVERING)
+            .attempt(NewAttempt {
+                number: 1,
+                started_at: now,
+                duration_ms: 12,
+                response_status: Some(503),
+                response_body: Some("busy".into()),
+                error: None,
+            })
+        };
+        let row = store.transition(claim()).await.unwrap().expect("moved");
+        assert_eq!(
+            (row.status.as_str(), row.attempt_count, row.id.as_str()),
+            (Status::Retrying.as_str(), 1, id.as_str())
+        );
+        let stored = store.events_after(&t, Some(&id), 0, 100).await.unwrap();
+        let kinds: Vec<_> = stored[1..]
+            .iter()
+            .map(|e| (e.kind.as_str(), e.status))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (event_type::DELIVERING, Status::Delivering),
+                (event_type::RETRYING, Status::Retrying)
+            ]
+        );
+        let attempts = store.attempts(&t, &id).await.unwrap();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(
+            (
+                attempts[0].number,
+                attempts[0].duration_ms,
+                attempts[0].response_status,
+                attempts[0].response_body.as_deref()
+            ),
+            (1, 12, Some(503), Some("busy"))
+        );
+
+        // The same compare-and-set again: no match, nothing more stored.
+        let applied = store
+            .write_group(&[Write::Transition(claim().into())])
+            .await
+            .unwrap();
+        assert!(applied.rows[0].is_none() && applied.events.is_empty());
+        assert_eq!(
+            store
+                .events_after(&t, Some(&id), 0, 100)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(store.attempts(&t, &id).await.unwrap().len(), 1);
+    }
+
+    /// What a lone transition publishes is what it stored, ids included.
+    async fn a_transition_alone_publishes_the_stored_ids(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let id = webhook(&store, &t, Status::Verifying).await;
+        let applied = store
+            .write_group(&[Write::Transition(
+                Transition::new(
+                    &t,
+                    &id,
+                    &[Status::Verifying],
+                    Status::Delivering,
+                    event_type::DELIVERING,
+                    Utc::now(),
+                )
+                .through(Status::Verified, event_type::VERIFIED)
+                .into(),
+            )])
+            .await
+            .unwrap();
+        let key = |e: &Event| (e.id, e.kind.clone(), e.status, e.webhook_id.clone());
+        let stored = store.events_after(&t, Some(&id), 0, 100).await.unwrap();
+        assert_eq!(
+            applied.events.iter().map(key).collect::<Vec<_>>(),
+            stored[1..].iter().map(key).collect::<Vec<_>>()
+        );
+        assert_eq!(applied.events[0].kind, event_type::VERIFIED);
+        assert!(applied.events[0].id < applied.events[1].id);
     }
 
     /// PostgreSQL writes several groups at once: a group stuck behind a

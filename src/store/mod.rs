@@ -19,9 +19,10 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectOptions, Database, DatabaseConnection, DbErr,
-    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
-    sea_query::Expr,
+    ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
+    DatabaseConnection, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    QueryTrait, Set, Statement, TransactionTrait,
+    sea_query::{Expr, Query},
 };
 use sha2::{Digest, Sha256};
 
@@ -668,28 +669,77 @@ impl Store {
                 return Ok(Created::Existing(existing));
             }
         }
-        let txn = self.db.begin().await?;
-        let row: webhooks::ActiveModel = new.clone().into();
-        if let Err(e) = webhooks::Entity::insert(row)
-            .exec_without_returning(&txn)
-            .await
-        {
-            // A concurrent create with the same idempotency key won the
-            // unique index: answer with its webhook.
-            drop(txn);
-            if let Some(key) = &new.idempotency_key {
-                let tenant = TenantId::from_trusted(new.tenant_id.clone());
-                if let Some(existing) = self.find_by_idempotency_key(&tenant, key).await? {
-                    return Ok(Created::Existing(existing));
-                }
+        match self.insert_webhook(&new, event).await {
+            Ok(events) => {
+                self.publish_all(events);
+                Ok(Created::New(new))
             }
-            return Err(e.into());
+            Err(e) => {
+                // A concurrent create with the same idempotency key won the
+                // unique index: answer with its webhook.
+                if let Some(key) = &new.idempotency_key {
+                    let tenant = TenantId::from_trusted(new.tenant_id.clone());
+                    if let Some(existing) = self.find_by_idempotency_key(&tenant, key).await? {
+                        return Ok(Created::Existing(existing));
+                    }
+                }
+                Err(e)
+            }
         }
-        let events =
-            batch::insert_events(&txn, &[(&new, event, status_of(&new)?, new.created_at)]).await?;
-        txn.commit().await?;
-        self.publish_all(events);
-        Ok(Created::New(new))
+    }
+
+    /// Inserts the webhook row and its event, atomically: on PostgreSQL
+    /// one statement (the event inserted from the webhook's `RETURNING`,
+    /// so one round trip and no `BEGIN` / `COMMIT`), elsewhere a
+    /// transaction. Returns the event, not yet published.
+    async fn insert_webhook(&self, new: &Webhook, event: &'static str) -> Result<Vec<Event>> {
+        use sea_orm::sea_query::PostgresQueryBuilder;
+
+        let status = status_of(new)?;
+        let row: webhooks::ActiveModel = new.clone().into();
+        let mut insert = webhooks::Entity::insert(row).into_query();
+        if self.db.get_database_backend() != DatabaseBackend::Postgres {
+            let txn = self.db.begin().await?;
+            txn.execute(&insert).await?;
+            let events =
+                batch::insert_events(&txn, &[(new, event, status, new.created_at)]).await?;
+            txn.commit().await?;
+            return Ok(events);
+        }
+        insert.returning(
+            Query::returning().columns([webhooks::Column::TenantId, webhooks::Column::Id]),
+        );
+        let (insert_sql, mut values) = insert.build(PostgresQueryBuilder);
+        let n = values.0.len();
+        values
+            .0
+            .extend([event.into(), status.as_str().into(), new.created_at.into()]);
+        let sql = format!(
+            "WITH w AS ({insert_sql}) \
+             INSERT INTO events (tenant_id, webhook_id, \"type\", status, occurred_at) \
+             SELECT w.tenant_id, w.id, ${}, ${}, ${} FROM w RETURNING id",
+            n + 1,
+            n + 2,
+            n + 3
+        );
+        let id: i64 = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                sql,
+                values.0,
+            ))
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("the webhook insert returned no row".into()))?
+            .try_get("", "id")?;
+        Ok(vec![Event {
+            id,
+            tenant_id: TenantId::from_trusted(new.tenant_id.clone()),
+            webhook_id: WebhookId::from_trusted(new.id.clone()),
+            kind: event.to_string(),
+            status,
+            occurred_at: new.created_at,
+        }])
     }
 
     async fn find_by_idempotency_key(
