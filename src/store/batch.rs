@@ -6,7 +6,9 @@
 //! RETURNING *`, and only when that matched, its event (and attempt or
 //! dead-letter) rows. The event, attempt and dead-letter rows of the whole
 //! group are inserted with one multi-row `INSERT` each. [`Store::transition`]
-//! is a group of one.
+//! is a group of one; on PostgreSQL, a group of one transition that opens
+//! or closes no dead letter is a single statement (see
+//! `Store::transition_in_one_statement`).
 //!
 //! [`WriteBatcher`] is what the pipeline's jobs write through: each job
 //! sends its write over a channel and awaits its own answer; one task takes
