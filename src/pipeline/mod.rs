@@ -659,30 +659,41 @@ impl Pipeline {
                             otel.name = "deliver webhook",
                             otel.kind = "consumer",
                         );
-                        if let Ok(_host_permit) = self.per_host.host_of(&w.url).try_acquire_owned()
-                        {
-                            // The receiver's host has room: verified and
-                            // claimed in one write (both events stored).
+                        // Wait for room at the receiver's host first (the
+                        // worker slot given back meanwhile), so that the
+                        // webhook is verified and claimed in one write
+                        // (both events stored). VERIFIED is stored a
+                        // little later that way, never lost: if this
+                        // process stops while waiting, the job comes back
+                        // and verifies again.
+                        if let Some(host_permit) = self.wait_for_host(&w.url, running).await {
+                            let now = self.clock.now();
                             let claim = Transition {
                                 to: Status::Delivering,
                                 event: event_type::DELIVERING,
+                                now,
                                 ..verified
                             }
                             .through(Status::Verified, event_type::VERIFIED);
                             return match self.writes.transition(claim).await? {
                                 Some(claimed) => {
-                                    self.attempt(job, claimed).instrument(deliver_span).await
+                                    self.attempt(job, claimed, host_permit)
+                                        .instrument(deliver_span)
+                                        .await
                                 }
                                 None => Ok(Step::Ack),
                             };
                         }
-                        if let Some(verified) = self.writes.transition(verified).await? {
-                            // If this process stops now, the job (not yet
-                            // acked) comes back and finds VERIFIED.
-                            return self
-                                .deliver(job, verified, running)
-                                .instrument(deliver_span)
-                                .await;
+                        // The host stayed busy: store VERIFIED and put the
+                        // job back, to deliver when it comes round.
+                        let verified = Transition {
+                            now: self.clock.now(),
+                            ..verified
+                        };
+                        if self.writes.transition(verified).await?.is_some() {
+                            return Ok(Step::Later(
+                                self.clock.now() + chrono::Duration::milliseconds(200),
+                            ));
                         }
                     }
                     Err(reason) => {
@@ -778,7 +789,7 @@ impl Pipeline {
             // An early copy of the job (e.g. a redrive raced a retry): wait.
             return Ok(Step::Later(due));
         }
-        let Some(_host_permit) = self.wait_for_host(&w.url, running).await else {
+        let Some(host_permit) = self.wait_for_host(&w.url, running).await else {
             // This receiver already has its share of attempts in flight,
             // and enough deliveries wait for it: put the job back.
             // A job waiting this way for long is still being worked on:
@@ -813,12 +824,19 @@ impl Pipeline {
         else {
             return Ok(Step::Ack);
         };
-        self.attempt(job, w).await
+        self.attempt(job, w, host_permit).await
     }
 
     /// One delivery attempt of a webhook this job claimed (DELIVERING),
-    /// under its host's limit: POST, then store the outcome.
-    async fn attempt(&self, job: &Job, w: Webhook) -> Result<Step, StoreError> {
+    /// under its host's limit: POST, then store the outcome. The host's
+    /// slot is given back as soon as the POST is answered: the limit is on
+    /// requests the receiver has in hand, not on our bookkeeping after.
+    async fn attempt(
+        &self,
+        job: &Job,
+        w: Webhook,
+        host_permit: OwnedSemaphorePermit,
+    ) -> Result<Step, StoreError> {
         let attempt = w.attempt_count + 1;
         let started_at = self.clock.now();
         let keys = self
@@ -848,6 +866,7 @@ impl Pipeline {
                 ..Default::default()
             },
         };
+        drop(host_permit);
         let now = self.clock.now();
         let outcome = classify(response.status, response.retry_after.as_deref(), now);
         let round_attempt = (attempt - w.attempt_base).max(1) as u32;
