@@ -47,6 +47,8 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// store still has the events; followers on other processes catch up at
 /// the next wake-up).
 const OUTBOX: usize = 4096;
+/// Events published in one pipeline at most.
+const PUBLISH_BATCH: usize = 128;
 
 pub struct RedisEventBus {
     local: LocalEventBus,
@@ -149,18 +151,24 @@ async fn publish_loop(
             },
         }
     };
+    let mut payloads = Vec::with_capacity(PUBLISH_BATCH);
     loop {
-        let payload = tokio::select! {
+        // Whatever is waiting (at least one) goes in one pipeline: one
+        // round trip for a burst of events, in order.
+        let got = tokio::select! {
             _ = shutdown.cancelled() => return,
-            p = rx.recv() => match p { Some(p) => p, None => return },
+            n = rx.recv_many(&mut payloads, PUBLISH_BATCH) => n,
         };
+        if got == 0 {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for payload in payloads.drain(..) {
+            pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
+        }
         // The manager reconnects by itself; a failed publish is a lost
         // wake-up only.
-        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(&channel)
-            .arg(payload)
-            .query_async(&mut conn)
-            .await;
+        let sent: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
         if let Err(e) = sent {
             tracing::debug!(error = %e, "event bus: publish failed");
         }
