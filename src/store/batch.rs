@@ -8,7 +8,8 @@
 //! group are inserted with one multi-row `INSERT` each. [`Store::transition`]
 //! is a group of one; on PostgreSQL, a group of one transition that opens
 //! or closes no dead letter is a single statement (see
-//! `Store::transition_in_one_statement`).
+//! `Store::transition_in_one_statement`), and in a larger group the
+//! compare-and-sets are one `UPDATE` per shape of write (see `multirow`).
 //!
 //! [`WriteBatcher`] is what the pipeline's jobs write through: each job
 //! sends its write over a channel and awaits its own answer; one task takes
@@ -37,6 +38,8 @@ use sea_orm::{
     sea_query::{Expr, Query},
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
+
+mod multirow;
 use tracing::warn;
 
 use super::{
@@ -124,10 +127,17 @@ pub(crate) struct Applied {
 
 impl Store {
     /// Applies `writes` in one transaction, in the given order for each
-    /// webhook (rows are locked in webhook id order, so that two groups
-    /// never wait for each other's rows in a cycle). Each write is its own
-    /// compare-and-set, scoped by its tenant. On error nothing was stored.
-    /// The caller publishes the events, after this returns.
+    /// webhook. Each write is its own compare-and-set, scoped by its
+    /// tenant. On error nothing was stored. The caller publishes the
+    /// events, after this returns.
+    ///
+    /// Rows are locked in webhook id order when written one by one, so two
+    /// such groups never wait for each other in a cycle. On PostgreSQL, a
+    /// group of distinct webhooks is written one statement per shape
+    /// (`multirow`), each in id order, but the shapes one after the other:
+    /// two groups that share two webhooks (copies of the same jobs) could
+    /// then deadlock. PostgreSQL detects that, fails one group, and the
+    /// batcher writes that group's writes one by one.
     pub(crate) async fn write_group(&self, writes: &[Write]) -> Result<Applied> {
         if let [Write::Transition(t)] = writes
             && let Some(applied) = self.transition_in_one_statement(t).await?
@@ -139,6 +149,35 @@ impl Store {
         let mut order: Vec<usize> = (0..writes.len()).collect();
         // Stable: writes to one webhook keep their order.
         order.sort_by(|&a, &b| writes[a].webhook().cmp(writes[b].webhook()));
+        // PostgreSQL: the compare-and-sets one statement per shape, when
+        // the group allows (see `multirow`); their rows are then taken
+        // below instead of being written one by one.
+        let mut premoved: Option<Vec<Option<Option<Webhook>>>> = None;
+        if writes.len() > 1
+            && self.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres
+            && order
+                .windows(2)
+                .all(|p| writes[p[0]].webhook() != writes[p[1]].webhook())
+        {
+            let ts: Option<Vec<(usize, &OwnedTransition)>> = order
+                .iter()
+                .filter_map(|&i| match &writes[i] {
+                    Write::Transition(t) => {
+                        Some((!t.from.contains(&Status::DeadLetter)).then_some((i, &**t)))
+                    }
+                    Write::Touch { .. } => None,
+                })
+                .collect();
+            if let Some(ts) = ts
+                && let Some(moved) = multirow::apply(&txn, &ts).await?
+            {
+                let mut by_write = vec![None; writes.len()];
+                for (i, row) in moved {
+                    by_write[i] = Some(row);
+                }
+                premoved = Some(by_write);
+            }
+        }
         // (write index, event type, status it records, time), in the order
         // they happened.
         let mut new_events: Vec<(usize, &'static str, Status, DateTime<Utc>)> = Vec::new();
@@ -157,16 +196,22 @@ impl Store {
                 }
                 Write::Transition(t) => t,
             };
-            let found = txn.query_all(&update_query(t)).await?;
-            let row = match found.as_slice() {
-                [] => continue, // someone else moved it first
-                [r] => Webhook::from_query_result(r, "")?,
-                _ => {
-                    return Err(StoreError::Corrupt(format!(
-                        "webhook id {} matched {} rows",
-                        t.id,
-                        found.len()
-                    )));
+            let row = match premoved.as_mut().and_then(|p| p[i].take()) {
+                Some(Some(row)) => row,
+                Some(None) => continue, // someone else moved it first
+                None => {
+                    let found = txn.query_all(&update_query(t)).await?;
+                    match found.as_slice() {
+                        [] => continue, // someone else moved it first
+                        [r] => Webhook::from_query_result(r, "")?,
+                        _ => {
+                            return Err(StoreError::Corrupt(format!(
+                                "webhook id {} matched {} rows",
+                                t.id,
+                                found.len()
+                            )));
+                        }
+                    }
                 }
             };
             if let Some(a) = &t.attempt {
@@ -779,6 +824,7 @@ mod tests {
 
     on_both!(
         a_group_gives_each_write_its_own_result,
+        shapes_in_one_group_each_keep_their_conditions,
         conflicting_writes_in_one_group_one_wins,
         writes_to_one_webhook_keep_their_order,
         one_failing_write_does_not_fail_the_others,
@@ -1017,6 +1063,83 @@ mod tests {
         assert_eq!(stored_events(&store, &b, &other).await.len(), 1);
         let w = store.find_webhook(&a, &pending).await.unwrap().unwrap();
         assert_eq!(w.status, Status::Pending.as_str());
+    }
+
+    /// Writes of several shapes in one group (on PostgreSQL, one statement
+    /// per shape): each keeps its own conditions and values, NULLs
+    /// included.
+    async fn shapes_in_one_group_each_keep_their_conditions(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let now = Utc::now();
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            ids.push(webhook(&store, &t, Status::Verifying).await);
+        }
+        let read = store.find_webhook(&t, &ids[0]).await.unwrap().unwrap();
+        let since = |id: &WebhookId, at| -> Write {
+            let t = Transition::new(
+                &t,
+                id,
+                &[Status::Verifying, Status::Verified],
+                Status::Retrying,
+                event_type::RETRYING,
+                now,
+            )
+            .changes(
+                Changes::new()
+                    .set(webhooks::Column::NextAttemptAt, Some(now))
+                    .set(webhooks::Column::LastError, None::<String>),
+            )
+            .unchanged_since(Some(at));
+            Write::Transition(t.into())
+        };
+        let unexpired = |id: &WebhookId, at| -> Write {
+            let t = Transition::new(
+                &t,
+                id,
+                &[Status::Verifying],
+                Status::Failed,
+                event_type::VERIFICATION_FAILED,
+                now,
+            )
+            .changes(Changes::new().set(webhooks::Column::LastError, Some("x".to_string())))
+            .unexpired_at(at);
+            Write::Transition(t.into())
+        };
+        let writes: Vec<Write> = vec![
+            // Unchanged since the read: moves.
+            since(&ids[0], read.updated_at),
+            // Changed after the time given: stays.
+            since(&ids[1], read.updated_at - chrono::Duration::hours(1)),
+            // Not expired at `now`: moves; expired: stays.
+            unexpired(&ids[2], now),
+            unexpired(&ids[3], now + chrono::Duration::days(30)),
+            verified(&t, &ids[4], 4),
+            verified(&t, &ids[5], 5),
+        ];
+        let applied = store.write_group(&writes).await.unwrap();
+        let moved: Vec<bool> = applied.rows.iter().map(Option::is_some).collect();
+        assert_eq!(moved, [true, false, true, false, true, true]);
+        let w = store.find_webhook(&t, &ids[0]).await.unwrap().unwrap();
+        assert_eq!(w.status, Status::Retrying.as_str());
+        assert_eq!(w.last_error, None);
+        assert!(w.next_attempt_at.is_some());
+        let w = store.find_webhook(&t, &ids[2]).await.unwrap().unwrap();
+        assert_eq!(
+            (w.status.as_str(), w.last_error.as_deref()),
+            (Status::Failed.as_str(), Some("x"))
+        );
+        for (id, status) in [(&ids[1], Status::Verifying), (&ids[3], Status::Verifying)] {
+            let w = store.find_webhook(&t, id).await.unwrap().unwrap();
+            assert_eq!(w.status, status.as_str());
+        }
+        for (k, id) in ids[4..].iter().enumerate() {
+            let w = store.find_webhook(&t, id).await.unwrap().unwrap();
+            assert_eq!(w.size, Some(4 + k as i64));
+        }
+        assert_eq!(applied.events.len(), 4);
+        assert!(applied.events.windows(2).all(|w| w[0].id < w[1].id));
     }
 
     async fn conflicting_writes_in_one_group_one_wins(db: &TestDb) {
