@@ -10,7 +10,9 @@ use uploadhook::{
 
 use crate::{
     backend_tests,
-    helpers::{Receiver, TestApp, TestDb, authed, create_request, get, upload, wait_for},
+    helpers::{
+        Receiver, TestApp, TestDb, authed, confirm_request, create_request, get, upload, wait_for,
+    },
 };
 
 backend_tests!(
@@ -61,13 +63,7 @@ async fn create(
 async fn confirm(app: &TestApp, id: &str) -> Result<proto::Webhook, tonic::Status> {
     app.client()
         .await
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: id.into(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_a, confirm_request(id)))
         .await
         .map(|r| r.into_inner().webhook.unwrap())
 }

@@ -11,7 +11,8 @@ use uploadhook::{
 use crate::{
     backend_tests,
     helpers::{
-        Receiver, TestApp, TestDb, authed, create_confirmed, create_request, get, upload, wait_for,
+        Receiver, TestApp, TestDb, authed, confirm_request, create_confirmed, create_request, get,
+        upload, wait_for,
     },
 };
 
@@ -95,13 +96,7 @@ async fn full_flow_delivers_a_signed_webhook(db: &TestDb) {
 
     // Confirming again is idempotent.
     let again = client
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: w.id.clone(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_a, confirm_request(&w.id)))
         .await
         .unwrap()
         .into_inner()
@@ -375,13 +370,7 @@ async fn tenants_cannot_see_each_other(db: &TestDb) {
         "another tenant's webhook looks exactly like an unknown one"
     );
     let err = client
-        .confirm(authed(
-            &app.key_b,
-            proto::ConfirmRequest {
-                webhook_id: id.clone(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_b, confirm_request(&id)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -499,13 +488,7 @@ async fn tenant_keys_are_separate(db: &TestDb) {
     let wa = wait_for(&app, &app.key_a, &get_id(&a), Status::Completed).await;
     assert_eq!(wa.size, 7);
     client
-        .confirm(authed(
-            &app.key_b,
-            proto::ConfirmRequest {
-                webhook_id: get_id(&b),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_b, confirm_request(&get_id(&b))))
         .await
         .unwrap();
     let wb = wait_for(&app, &app.key_b, &get_id(&b), Status::Completed).await;
@@ -586,13 +569,7 @@ async fn bad_input_names_the_field(db: &TestDb) {
         );
     }
     let err = client
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: "nope".into(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_a, confirm_request("nope")))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -282,6 +282,14 @@ pub fn authed<T>(key: &str, msg: T) -> Request<T> {
     req
 }
 
+/// Confirm of `id`, with no ETag to check.
+pub fn confirm_request(id: &str) -> proto::ConfirmRequest {
+    proto::ConfirmRequest {
+        webhook_id: id.to_string(),
+        etag: String::new(),
+    }
+}
+
 pub fn create_request(url: &str, filename: &str) -> proto::CreateUploadWebhookRequest {
     proto::CreateUploadWebhookRequest {
         filename: filename.into(),
@@ -324,13 +332,7 @@ pub async fn create_confirmed(app: &TestApp, url: &str, filename: &str) -> Strin
     upload(&created, b"hello").await;
     let id = created.webhook.unwrap().id;
     client
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: id.clone(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_a, confirm_request(&id)))
         .await
         .unwrap();
     id

@@ -10,15 +10,12 @@ use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
-use uploadhook::{
-    clock::ManualClock,
-    proto::{self, Status},
-};
+use uploadhook::{clock::ManualClock, proto::Status};
 
 use crate::{
     backend_tests,
     flow::{confirm, create_and_upload},
-    helpers::{Receiver, TestApp, TestDb, authed, create_request, get, wait_for},
+    helpers::{Receiver, TestApp, TestDb, authed, confirm_request, create_request, get, wait_for},
 };
 
 backend_tests!(
@@ -97,13 +94,7 @@ async fn confirm_after_expiry_fails_and_expires(db: &TestDb) {
     // One second before expiry, Confirm is accepted.
     clock.advance(chrono::Duration::seconds(59));
     let ok = client
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: a.id.clone(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_a, confirm_request(&a.id)))
         .await
         .unwrap();
     assert_eq!(ok.into_inner().webhook.unwrap().status(), Status::Verifying);
@@ -111,13 +102,7 @@ async fn confirm_after_expiry_fails_and_expires(db: &TestDb) {
     // One second after, it is refused and the webhook is EXPIRED.
     clock.advance(chrono::Duration::seconds(2));
     let err = client
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: b.id.clone(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_a, confirm_request(&b.id)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);

@@ -34,8 +34,8 @@ use uploadhook::{
 };
 
 use crate::helpers::{
-    Backend, FAST, Receiver, SharedS3, TestDb, authed, create_request, free_port, required_env,
-    start_process,
+    Backend, FAST, Receiver, SharedS3, TestDb, authed, confirm_request, create_request, free_port,
+    required_env, start_process,
 };
 
 /// The binary under test, built by cargo for this test target.
@@ -623,13 +623,7 @@ async fn create_one(
     assert!(r.status().is_success(), "upload failed: {}", r.status());
     let id = created.webhook.unwrap().id;
     client
-        .confirm(authed(
-            key,
-            proto::ConfirmRequest {
-                webhook_id: id.clone(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(key, confirm_request(&id)))
         .await
         .unwrap();
     id
@@ -1039,13 +1033,7 @@ async fn a_trace_continues_from_confirm_to_the_receiver_and_the_collector() {
     }
     assert!(put.send().await.unwrap().status().is_success());
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let mut confirm = authed(
-        &key,
-        proto::ConfirmRequest {
-            webhook_id: created.webhook.unwrap().id,
-            etag: String::new(),
-        },
-    );
+    let mut confirm = authed(&key, confirm_request(&created.webhook.unwrap().id));
     confirm.metadata_mut().insert(
         "traceparent",
         format!("00-{trace_id}-00f067aa0ba902b7-01")

@@ -10,7 +10,8 @@ use uploadhook::{
 };
 
 use crate::helpers::{
-    Backend, Receiver, SharedS3, TestDb, authed, create_request, start_process, upload,
+    Backend, Receiver, SharedS3, TestDb, authed, confirm_request, create_request, start_process,
+    upload,
 };
 
 struct Deployment {
@@ -70,13 +71,7 @@ impl Deployment {
         upload(&created, b"hello").await;
         let id = created.webhook.unwrap().id;
         client
-            .confirm(authed(
-                &self.key,
-                proto::ConfirmRequest {
-                    webhook_id: id.clone(),
-                    etag: String::new(),
-                },
-            ))
+            .confirm(authed(&self.key, confirm_request(&id)))
             .await
             .unwrap();
         id

@@ -17,7 +17,10 @@ use uploadhook::{
 
 use crate::{
     backend_tests,
-    helpers::{FAST, Receiver, TestApp, TestDb, authed, create_request, get, upload, wait_for},
+    helpers::{
+        FAST, Receiver, TestApp, TestDb, authed, confirm_request, create_request, get, upload,
+        wait_for,
+    },
 };
 
 backend_tests!(
@@ -68,13 +71,7 @@ async fn deliver_and_verify(
     let id = created.webhook.as_ref().unwrap().id.clone();
     app.client()
         .await
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: id.clone(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_a, confirm_request(&id)))
         .await
         .unwrap();
     wait_for(app, &app.key_a, &id, Status::Completed).await;
@@ -980,10 +977,7 @@ async fn secret_rotation_signs_with_both_secrets_during_the_grace_period(db: &Te
     let mut app = TestApp::start_with(db, "", Arc::new(clock.clone()), None).await;
     let rx = Receiver::start().await;
     let mut client = app.client().await;
-    let confirm = |id: String| proto::ConfirmRequest {
-        webhook_id: id,
-        etag: String::new(),
-    };
+    let confirm = |id: String| confirm_request(&id);
 
     // An explicit new secret, one hour of grace.
     let w1 = create_with_secret(&app, &rx.url).await;
@@ -1226,13 +1220,7 @@ async fn authorization_matrix_another_tenants_ids_look_unknown(db: &TestDb) {
             (
                 "Confirm",
                 client
-                    .confirm(authed(
-                        &b,
-                        proto::ConfirmRequest {
-                            webhook_id: webhook_id.clone(),
-                            etag: String::new(),
-                        },
-                    ))
+                    .confirm(authed(&b, confirm_request(&webhook_id)))
                     .await
                     .unwrap_err(),
             ),

@@ -5,12 +5,13 @@
 //! other ranges are tested on `pipeline::ssrf::classify` alone.
 
 use tonic::Code;
-use uploadhook::proto::{self, Status};
+use uploadhook::proto::Status;
 
 use crate::{
     backend_tests,
     helpers::{
-        Receiver, TestApp, TestDb, authed, create_confirmed, create_request, upload, wait_for,
+        Receiver, TestApp, TestDb, authed, confirm_request, create_confirmed, create_request,
+        upload, wait_for,
     },
 };
 
@@ -96,13 +97,7 @@ async fn literal_url_allowed_at_create_is_refused_at_delivery_once_disallowed(db
     .await;
     app.client()
         .await
-        .confirm(authed(
-            &app.key_a,
-            proto::ConfirmRequest {
-                webhook_id: id.clone(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&app.key_a, confirm_request(&id)))
         .await
         .unwrap();
     assert_refused_every_attempt(&app, &rx, &id, "blocked: 127.0.0.1 is a loopback address").await;

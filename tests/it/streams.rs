@@ -13,7 +13,8 @@ use uploadhook::{
 use crate::{
     backend_tests,
     helpers::{
-        Backend, Receiver, SharedS3, TestApp, TestDb, authed, create_request, start_process, upload,
+        Backend, Receiver, SharedS3, TestApp, TestDb, authed, confirm_request, create_request,
+        start_process, upload,
     },
 };
 
@@ -354,13 +355,7 @@ async fn an_event_from_another_process_arrives_on_a_stream() {
         .unwrap()
         .into_inner();
     client
-        .confirm(authed(
-            &key,
-            proto::ConfirmRequest {
-                webhook_id: id.clone(),
-                etag: String::new(),
-            },
-        ))
+        .confirm(authed(&key, confirm_request(&id)))
         .await
         .unwrap();
     let mut types = vec![];
