@@ -89,11 +89,11 @@ impl WebhookApi {
     /// The caller's tenant, within its rate limit.
     pub async fn authenticate(&self, key: &str) -> Result<TenantId, ApiError> {
         let now = self.clock.now();
-        let digest = self
+        let cached = self
             .key_cache
             .as_ref()
-            .map(|_| crate::store::api_key_digest(key));
-        if let (Some(cache), Some(digest)) = (&self.key_cache, &digest)
+            .map(|cache| (cache, crate::store::api_key_digest(key)));
+        if let Some((cache, digest)) = &cached
             && let Some(tenant) = cache.get(digest, now)
         {
             return self.admit(tenant);
@@ -107,7 +107,7 @@ impl WebhookApi {
                 self.auth_failed(AuthFailure::Rejected);
                 ApiError::Unauthenticated("invalid, expired or revoked API key".into())
             })?;
-        if let (Some(cache), Some(digest)) = (&self.key_cache, digest) {
+        if let Some((cache, digest)) = cached {
             cache.put(digest, &grant, now);
         }
         self.admit(grant.tenant)

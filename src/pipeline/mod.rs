@@ -130,6 +130,9 @@ struct HostLimits {
 /// queue (and says it is still being worked on, see `deliver`).
 const HOST_WAIT_MAX: Duration = Duration::from_secs(5);
 
+/// When a delivery's host stays busy, its job comes back after this.
+const HOST_BUSY_RETRY: chrono::Duration = chrono::Duration::milliseconds(200);
+
 /// Counts a delivery in `uploadhook_deliveries_waiting_for_host` while it
 /// lives, however the wait ends (a task aborted at shutdown included).
 struct WaitingGauge;
@@ -691,9 +694,7 @@ impl Pipeline {
                             ..verified
                         };
                         if self.writes.transition(verified).await?.is_some() {
-                            return Ok(Step::Later(
-                                self.clock.now() + chrono::Duration::milliseconds(200),
-                            ));
+                            return Ok(Step::Later(self.clock.now() + HOST_BUSY_RETRY));
                         }
                     }
                     Err(reason) => {
@@ -800,7 +801,7 @@ impl Pipeline {
                     .touch(&job.tenant, &job.webhook, status, now)
                     .await?;
             }
-            return Ok(Step::Later(now + chrono::Duration::milliseconds(200)));
+            return Ok(Step::Later(now + HOST_BUSY_RETRY));
         };
         // Claim the attempt: only one worker moves it to DELIVERING.
         let now = self.clock.now();

@@ -168,14 +168,8 @@ impl Store {
                     Write::Touch { .. } => None,
                 })
                 .collect();
-            if let Some(ts) = ts
-                && let Some(moved) = multirow::apply(&txn, &ts).await?
-            {
-                let mut by_write = vec![None; writes.len()];
-                for (i, row) in moved {
-                    by_write[i] = Some(row);
-                }
-                premoved = Some(by_write);
+            if let Some(ts) = ts {
+                premoved = multirow::apply(&txn, &ts, writes.len()).await?;
             }
         }
         // (write index, event type, status it records, time), in the order

@@ -81,15 +81,17 @@ fn shape_of(t: &OwnedTransition) -> Option<Shape> {
     })
 }
 
-/// Applies the compare-and-sets of `ts` (write index, transition; webhook
-/// ids all different), one statement per shape, in webhook id order within
-/// each. Returns, per write index given, the moved row (`None`: its
-/// compare-and-set did not match). `None` when some value cannot be
-/// encoded: nothing was written then.
+/// Applies the compare-and-sets of `ts` (write index below `writes`,
+/// transition; webhook ids all different), one statement per shape, in
+/// webhook id order within each. Returns, by write index, `Some(row)` for
+/// each write given (`row` `None`: its compare-and-set did not match) and
+/// `None` for the others. `None` when some value cannot be encoded:
+/// nothing was written then.
 pub(super) async fn apply(
     txn: &DatabaseTransaction,
     ts: &[(usize, &OwnedTransition)],
-) -> Result<Option<Vec<(usize, Option<Webhook>)>>> {
+    writes: usize,
+) -> Result<Option<Vec<Option<Option<Webhook>>>>> {
     let mut shapes: Vec<(Shape, Vec<(usize, &OwnedTransition)>)> = Vec::new();
     for &(i, t) in ts {
         let Some(shape) = shape_of(t) else {
@@ -100,8 +102,11 @@ pub(super) async fn apply(
             None => shapes.push((shape, vec![(i, t)])),
         }
     }
-    let mut out = Vec::with_capacity(ts.len());
+    let mut out: Vec<Option<Option<Webhook>>> = vec![None; writes];
     for (shape, mut members) in shapes {
+        for (i, _) in &members {
+            out[*i] = Some(None);
+        }
         members.sort_by(|a, b| a.1.id.as_str().cmp(b.1.id.as_str()));
         let records: Vec<Json> = members
             .iter()
@@ -165,23 +170,18 @@ pub(super) async fn apply(
                 values,
             ))
             .await?;
-        let mut moved = Vec::with_capacity(found.len());
         for r in &found {
-            let i = usize::try_from(r.try_get::<i32>("", "uh_write")?)
-                .map_err(|_| StoreError::Corrupt("a negative write index".into()))?;
-            moved.push((i, Webhook::from_query_result(r, "")?));
-        }
-        for (i, _) in members {
-            let row = moved
-                .iter()
-                .position(|(m, _)| *m == i)
-                .map(|at| moved.swap_remove(at).1);
-            out.push((i, row));
-        }
-        if !moved.is_empty() {
-            return Err(StoreError::Corrupt(
-                "a multi-row update returned a write it was not given".into(),
-            ));
+            let slot = usize::try_from(r.try_get::<i32>("", "uh_write")?)
+                .ok()
+                .and_then(|i| out.get_mut(i));
+            match slot {
+                Some(slot @ Some(None)) => *slot = Some(Some(Webhook::from_query_result(r, "")?)),
+                _ => {
+                    return Err(StoreError::Corrupt(
+                        "a multi-row update returned a write it was not given, or twice".into(),
+                    ));
+                }
+            }
         }
     }
     Ok(Some(out))
