@@ -11,6 +11,7 @@ mod m0003_detection;
 mod m0004_redrive;
 mod m0005_security;
 mod m0006_trace;
+mod m0007_partial_indexes;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0004_redrive::Migration),
             Box::new(m0005_security::Migration),
             Box::new(m0006_trace::Migration),
+            Box::new(m0007_partial_indexes::Migration),
         ]
     }
 }

@@ -5,6 +5,7 @@ mod helpers;
 mod clients;
 mod detect;
 mod flow;
+mod migrations;
 mod ops;
 mod processes;
 mod redis_tls;
