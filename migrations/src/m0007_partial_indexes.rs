@@ -11,8 +11,8 @@
 //! the planner proves the predicate, prepared statements included.
 //! Uniqueness is unchanged: NULL keys never collided.
 //!
-//! On PostgreSQL the indexes are rebuilt inside the migration's
-//! transaction, which blocks writes to `webhooks` while they are built.
+//! The indexes are rebuilt inside the migration's transaction (on SQLite
+//! as well), which blocks writes to `webhooks` while they are built.
 
 use sea_orm_migration::prelude::*;
 
@@ -72,6 +72,13 @@ async fn rebuild(m: &SchemaManager<'_>, partial: bool) -> Result<(), DbErr> {
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
+    /// On SQLite too: each drop and create must run on one connection. A
+    /// pooled connection that has not seen another's `DROP INDEX` yet
+    /// refuses to create the index again ("already exists").
+    fn use_transaction(&self) -> Option<bool> {
+        Some(true)
+    }
+
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
         rebuild(m, true).await
     }
