@@ -163,6 +163,10 @@ impl Drop for WaitingGauge {
 struct Running {
     slot: Option<OwnedSemaphorePermit>,
     deliveries: u32,
+    /// The worker is stopping: a delivery still waiting for its host is put
+    /// back at once, for a worker that stays, instead of starting late or
+    /// being cut off at the end of the grace period.
+    stopping: CancellationToken,
 }
 
 impl HostLimits {
@@ -474,7 +478,8 @@ impl Pipeline {
                     .expect("semaphore open");
                 let row = rows.as_ref().map(|rows| rows.of(&lease.job));
                 let this = self.clone();
-                tasks.spawn(async move { this.process(lease, row, permit).await });
+                let stopping = shutdown.clone();
+                tasks.spawn(async move { this.process(lease, row, permit, stopping).await });
             }
             // Reap finished tasks so that the set does not grow.
             while tasks.try_join_next().is_some() {}
@@ -512,17 +517,19 @@ impl Pipeline {
     }
 
     /// Runs one job. `row` is its webhook as read with its batch (`None`:
-    /// not read yet).
+    /// not read yet). `stopping`: the worker's shutdown.
     async fn process(
         &self,
         lease: Lease,
         row: Option<Option<Webhook>>,
         slot: OwnedSemaphorePermit,
+        stopping: CancellationToken,
     ) {
         let job = &lease.job;
         let mut running = Running {
             slot: Some(slot),
             deliveries: lease.deliveries,
+            stopping,
         };
         // The row first: its trace is the parent of this job's span.
         let row = match row {
@@ -993,8 +1000,8 @@ impl Pipeline {
     /// A delivery slot of `url`'s host. When the host is at its limit, waits
     /// for one (in order of arrival) after giving the worker slot back, and
     /// takes a worker slot again, both within [`HOST_WAIT_MAX`]. `None`:
-    /// too many deliveries wait already, or the wait ran out (the job may
-    /// then hold no worker slot).
+    /// too many deliveries wait already, the wait ran out, or the worker
+    /// began stopping meanwhile (the job may then hold no worker slot).
     async fn wait_for_host(
         &self,
         url: &str,
@@ -1009,12 +1016,18 @@ impl Pipeline {
         running.slot = None;
         let got = {
             let _waiting = WaitingGauge::enter();
-            tokio::time::timeout_at(deadline, host.acquire_owned())
-                .await
-                .ok()
-                .and_then(Result::ok)
+            tokio::select! {
+                biased;
+                _ = running.stopping.cancelled() => None,
+                got = tokio::time::timeout_at(deadline, host.acquire_owned()) => {
+                    got.ok().and_then(Result::ok)
+                }
+            }
         };
         drop(place);
+        if running.stopping.is_cancelled() {
+            return None;
+        }
         // A worker slot again, by the same deadline; past it, the host's
         // permit goes back for others, and the job is put back (which
         // needs no slot).
