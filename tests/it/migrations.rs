@@ -2,7 +2,7 @@
 //! up again, and what it changed holds.
 
 use migration::{Migrator, MigratorTrait};
-use sea_orm::{ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, Statement};
+use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement};
 
 use crate::{backend_tests, helpers::TestDb};
 
@@ -61,7 +61,8 @@ async fn insert(
 }
 
 async fn partial_indexes_go_down_and_up_and_keep_keys_unique(db: &TestDb) {
-    let conn = Database::connect(&db.url).await.unwrap();
+    // Connected as the service connects (a pool, WAL on SQLite).
+    let conn = uploadhook::store::connect(&db.url, 4).await.unwrap();
     Migrator::up(&conn, None).await.unwrap();
     assert_partial(&conn, true).await;
     Migrator::down(&conn, Some(1)).await.unwrap();
