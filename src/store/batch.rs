@@ -9,7 +9,7 @@
 //! is a group of one; on PostgreSQL, a group of one transition that opens
 //! or closes no dead letter is a single statement (see
 //! `Store::transition_in_one_statement`), and in a larger group the
-//! compare-and-sets are one `UPDATE` per shape of write (see `multirow`).
+//! compare-and-sets are one `UPDATE` for the whole group (see `multirow`).
 //!
 //! [`WriteBatcher`] is what the pipeline's jobs write through: each job
 //! sends its write over a channel and awaits its own answer; one task takes
@@ -133,11 +133,10 @@ impl Store {
     ///
     /// Rows are locked in webhook id order when written one by one, so two
     /// such groups never wait for each other in a cycle. On PostgreSQL, a
-    /// group of distinct webhooks is written one statement per shape
-    /// (`multirow`), each in id order, but the shapes one after the other:
-    /// two groups that share two webhooks (copies of the same jobs) could
-    /// then deadlock. PostgreSQL detects that, fails one group, and the
-    /// batcher writes that group's writes one by one.
+    /// group of distinct webhooks is written in one statement
+    /// (`multirow`), which locks its rows in one order too (see there).
+    /// Should a deadlock happen anyway, PostgreSQL detects it and fails
+    /// one group, and the batcher writes that group's writes one by one.
     pub(crate) async fn write_group(&self, writes: &[Write]) -> Result<Applied> {
         if let [Write::Transition(t)] = writes
             && let Some(applied) = self.transition_in_one_statement(t).await?
@@ -149,7 +148,7 @@ impl Store {
         let mut order: Vec<usize> = (0..writes.len()).collect();
         // Stable: writes to one webhook keep their order.
         order.sort_by(|&a, &b| writes[a].webhook().cmp(writes[b].webhook()));
-        // PostgreSQL: the compare-and-sets one statement per shape, when
+        // PostgreSQL: the compare-and-sets in one statement, when
         // the group allows (see `multirow`); their rows are then taken
         // below instead of being written one by one.
         let mut premoved: Option<Vec<Option<Option<Webhook>>>> = None;
@@ -1060,14 +1059,14 @@ mod tests {
     }
 
     /// Writes of several shapes in one group (on PostgreSQL, one statement
-    /// per shape): each keeps its own conditions and values, NULLs
-    /// included.
+    /// for them all): each keeps its own conditions and values, NULLs
+    /// included, and leaves alone the columns that only others change.
     async fn shapes_in_one_group_each_keep_their_conditions(db: &TestDb) {
         let store = db.store(bus()).await;
         let t = tenant(&store, "a").await;
         let now = Utc::now();
         let mut ids = Vec::new();
-        for _ in 0..6 {
+        for _ in 0..7 {
             ids.push(webhook(&store, &t, Status::Verifying).await);
         }
         let read = store.find_webhook(&t, &ids[0]).await.unwrap().unwrap();
@@ -1111,10 +1110,28 @@ mod tests {
             unexpired(&ids[3], now + chrono::Duration::days(30)),
             verified(&t, &ids[4], 4),
             verified(&t, &ids[5], 5),
+            // The only write that changes the content type.
+            Write::Transition(
+                Transition::new(
+                    &t,
+                    &ids[6],
+                    &[Status::Verifying],
+                    Status::Verified,
+                    event_type::VERIFIED,
+                    now,
+                )
+                .changes(Changes::new().set(webhooks::Column::ContentType, "image/png"))
+                .into(),
+            ),
         ];
         let applied = store.write_group(&writes).await.unwrap();
         let moved: Vec<bool> = applied.rows.iter().map(Option::is_some).collect();
-        assert_eq!(moved, [true, false, true, false, true, true]);
+        assert_eq!(moved, [true, false, true, false, true, true, true]);
+        for (k, id) in ids.iter().enumerate() {
+            let w = store.find_webhook(&t, id).await.unwrap().unwrap();
+            let want = if k == 6 { "image/png" } else { "text/plain" };
+            assert_eq!(w.content_type, want, "webhook {k}");
+        }
         let w = store.find_webhook(&t, &ids[0]).await.unwrap().unwrap();
         assert_eq!(w.status, Status::Retrying.as_str());
         assert_eq!(w.last_error, None);
@@ -1128,11 +1145,11 @@ mod tests {
             let w = store.find_webhook(&t, id).await.unwrap().unwrap();
             assert_eq!(w.status, status.as_str());
         }
-        for (k, id) in ids[4..].iter().enumerate() {
+        for (k, id) in ids[4..6].iter().enumerate() {
             let w = store.find_webhook(&t, id).await.unwrap().unwrap();
             assert_eq!(w.size, Some(4 + k as i64));
         }
-        assert_eq!(applied.events.len(), 4);
+        assert_eq!(applied.events.len(), 5);
         assert!(applied.events.windows(2).all(|w| w[0].id < w[1].id));
     }
 

@@ -1,24 +1,39 @@
-//! PostgreSQL: the compare-and-sets of a write group, one `UPDATE` per
-//! shape instead of one per write.
+//! PostgreSQL: the compare-and-sets of a write group in one `UPDATE`
+//! instead of one per write.
 //!
-//! Writes of one shape (same `from` statuses, same target status, same
-//! changed columns, same optional conditions) differ only in their values,
-//! so they go in one statement:
+//! Each write brings its own values, target status, `from` statuses and
+//! optional conditions as one record; a column that some write of the
+//! group changes is set, in each row, only where that row's write changes
+//! it:
 //!
 //! ```sql
-//! UPDATE webhooks AS w SET status = $2, updated_at = v.now, size = v.c0, …
-//! FROM jsonb_to_recordset($1::jsonb) AS v (idx int4, id text, tenant_id text,
-//!                                         now timestamptz, c0 int8, …)
-//! WHERE w.id = v.id AND w.tenant_id = v.tenant_id AND w.status IN ($3, …)
-//!   [AND w.updated_at <= v.unchanged_since] [AND w.expires_at > v.unexpired_at]
+//! UPDATE webhooks AS w SET status = v.to_status, updated_at = v.now,
+//!     size = CASE WHEN v.s0 THEN v.c0 ELSE w.size END, …
+//! FROM jsonb_to_recordset($1::text::jsonb) AS v (idx int4, id text,
+//!     tenant_id text, now timestamptz, to_status text, from_statuses text[],
+//!     s0 bool, c0 int8, …, unchanged_since timestamptz, unexpired_at timestamptz)
+//! WHERE w.id = v.id AND w.tenant_id = v.tenant_id AND w.status = ANY (v.from_statuses)
+//!   [AND (v.unchanged_since IS NULL OR w.updated_at <= v.unchanged_since)]
+//!   [AND (v.unexpired_at IS NULL OR w.expires_at > v.unexpired_at)]
 //! RETURNING v.idx AS uh_write, w.*
 //! ```
 //!
-//! The values travel as one JSON array, so the statement's text depends on
-//! the shape only and stays prepared on the connection (a `VALUES` list
-//! would make a new statement for each group size; measured slower). Each
-//! row still moves only if its own compare-and-set holds, scoped by its
-//! tenant. The rows of a statement are listed in webhook id order.
+//! The values travel as one JSON array, so the statement's text depends
+//! only on which columns the group changes (sorted) and which conditions
+//! it uses, a handful of variants that stay prepared on the connection (a
+//! `VALUES` list would make a new statement for each group size; measured
+//! slower). Each row still moves only if its own compare-and-set holds,
+//! scoped by its tenant.
+//!
+//! One statement for the whole group also takes the group's row locks in
+//! one order, so that two groups sharing webhooks do not wait for each
+//! other in a cycle: on a large table PostgreSQL joins from the records
+//! (listed in webhook id order) into the primary key, locking in id order;
+//! on a small one (a few thousand rows) it scans the table whole, locking
+//! in the table's physical order, the same for every statement of this
+//! form. (One statement per kind of write, as in session 13, locked each
+//! kind's rows in order but the kinds one after the other: two groups
+//! could deadlock.)
 //!
 //! Used only for groups without two writes to one webhook (one statement
 //! cannot update a row twice) and without a dead letter to close (that
@@ -56,131 +71,122 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Json {
     Json::String(t.to_rfc3339_opts(SecondsFormat::Micros, true))
 }
 
-/// What makes two transitions one statement.
-#[derive(PartialEq)]
-struct Shape {
-    from: Vec<&'static str>,
-    to: &'static str,
-    /// Column name, SQL type.
-    columns: Vec<(&'static str, &'static str)>,
-    unchanged_since: bool,
-    unexpired_at: bool,
-}
-
-fn shape_of(t: &OwnedTransition) -> Option<Shape> {
-    let mut columns = Vec::with_capacity(t.changes.0.len());
-    for (col, v) in &t.changes.0 {
-        columns.push((col.as_str(), encode(v)?.0));
-    }
-    Some(Shape {
-        from: t.from.iter().map(|s| s.as_str()).collect(),
-        to: t.to.as_str(),
-        columns,
-        unchanged_since: t.unchanged_since.is_some(),
-        unexpired_at: t.unexpired_at.is_some(),
-    })
-}
-
 /// Applies the compare-and-sets of `ts` (write index below `writes`,
-/// transition; webhook ids all different), one statement per shape, in
-/// webhook id order within each. Returns, by write index, `Some(row)` for
-/// each write given (`row` `None`: its compare-and-set did not match) and
-/// `None` for the others. `None` when some value cannot be encoded:
-/// nothing was written then.
+/// transition; webhook ids all different) in one statement. Returns, by
+/// write index, `Some(row)` for each write given (`row` `None`: its
+/// compare-and-set did not match) and `None` for the others. `None` when
+/// some value cannot be encoded: nothing was written then.
 pub(super) async fn apply(
     txn: &DatabaseTransaction,
     ts: &[(usize, &OwnedTransition)],
     writes: usize,
 ) -> Result<Option<Vec<Option<Option<Webhook>>>>> {
-    let mut shapes: Vec<(Shape, Vec<(usize, &OwnedTransition)>)> = Vec::new();
-    for &(i, t) in ts {
-        let Some(shape) = shape_of(t) else {
-            return Ok(None);
-        };
-        match shapes.iter_mut().find(|(s, _)| *s == shape) {
-            Some((_, members)) => members.push((i, t)),
-            None => shapes.push((shape, vec![(i, t)])),
+    // Every column some write changes, with its SQL type (one per column).
+    let mut columns: Vec<(&'static str, &'static str)> = Vec::new();
+    for (_, t) in ts {
+        for (col, v) in &t.changes.0 {
+            let Some((ty, _)) = encode(v) else {
+                return Ok(None);
+            };
+            match columns.iter().find(|(c, _)| *c == col.as_str()) {
+                Some((_, known)) if *known != ty => return Ok(None),
+                Some(_) => {}
+                None => columns.push((col.as_str(), ty)),
+            }
         }
     }
+    columns.sort_unstable();
+    let unchanged_since = ts.iter().any(|(_, t)| t.unchanged_since.is_some());
+    let unexpired_at = ts.iter().any(|(_, t)| t.unexpired_at.is_some());
+
+    let mut members: Vec<(usize, &OwnedTransition)> = ts.to_vec();
+    members.sort_by(|a, b| a.1.id.as_str().cmp(b.1.id.as_str()));
     let mut out: Vec<Option<Option<Webhook>>> = vec![None; writes];
-    for (shape, mut members) in shapes {
-        for (i, _) in &members {
+    let records: Vec<Json> = members
+        .iter()
+        .map(|(i, t)| {
             out[*i] = Some(None);
-        }
-        members.sort_by(|a, b| a.1.id.as_str().cmp(b.1.id.as_str()));
-        let records: Vec<Json> = members
-            .iter()
-            .map(|(i, t)| {
-                let mut r = Map::new();
-                r.insert("idx".into(), Json::from(*i));
-                r.insert("id".into(), Json::String(t.id.as_str().to_string()));
-                r.insert(
-                    "tenant_id".into(),
-                    Json::String(t.tenant.as_str().to_string()),
-                );
-                r.insert("now".into(), timestamp(t.now));
-                for (k, (_, v)) in t.changes.0.iter().enumerate() {
-                    let (_, json) = encode(v).expect("encoded when shaped");
+            let mut r = Map::new();
+            r.insert("idx".into(), Json::from(*i));
+            r.insert("id".into(), Json::String(t.id.as_str().to_string()));
+            r.insert(
+                "tenant_id".into(),
+                Json::String(t.tenant.as_str().to_string()),
+            );
+            r.insert("now".into(), timestamp(t.now));
+            r.insert("to_status".into(), Json::String(t.to.as_str().into()));
+            r.insert(
+                "from_statuses".into(),
+                Json::Array(
+                    t.from
+                        .iter()
+                        .map(|s| Json::String(s.as_str().into()))
+                        .collect(),
+                ),
+            );
+            for (k, (col, _)) in columns.iter().enumerate() {
+                let change = t.changes.0.iter().find(|(c, _)| c.as_str() == *col);
+                r.insert(format!("s{k}"), Json::Bool(change.is_some()));
+                if let Some((_, v)) = change {
+                    let (_, json) = encode(v).expect("encoded above");
                     r.insert(format!("c{k}"), json);
                 }
-                if let Some(at) = t.unchanged_since {
-                    r.insert("unchanged_since".into(), timestamp(at));
-                }
-                if let Some(at) = t.unexpired_at {
-                    r.insert("unexpired_at".into(), timestamp(at));
-                }
-                Json::Object(r)
-            })
-            .collect();
-        let mut values: Vec<Value> = vec![Json::Array(records).to_string().into(), shape.to.into()];
-        let mut set = String::from("\"status\" = $2, \"updated_at\" = v.now");
-        let mut record = String::from("idx int4, id text, tenant_id text, now timestamptz");
-        for (k, (col, ty)) in shape.columns.iter().enumerate() {
-            // Column names are the entity's own, plain identifiers.
-            set.push_str(&format!(", \"{col}\" = v.c{k}"));
-            record.push_str(&format!(", c{k} {ty}"));
-        }
-        let mut filter = String::from("w.\"id\" = v.id AND w.\"tenant_id\" = v.tenant_id");
-        let from: Vec<String> = shape
-            .from
-            .iter()
-            .map(|s| {
-                values.push((*s).into());
-                format!("${}", values.len())
-            })
-            .collect();
-        filter.push_str(&format!(" AND w.\"status\" IN ({})", from.join(", ")));
-        if shape.unchanged_since {
-            record.push_str(", unchanged_since timestamptz");
-            filter.push_str(" AND w.\"updated_at\" <= v.unchanged_since");
-        }
-        if shape.unexpired_at {
-            record.push_str(", unexpired_at timestamptz");
-            filter.push_str(" AND w.\"expires_at\" > v.unexpired_at");
-        }
-        let sql = format!(
-            "UPDATE \"webhooks\" AS w SET {set} \
-             FROM jsonb_to_recordset($1::text::jsonb) AS v ({record}) \
-             WHERE {filter} RETURNING v.idx AS uh_write, w.*"
-        );
-        let found = txn
-            .query_all_raw(Statement::from_sql_and_values(
-                sea_orm::DatabaseBackend::Postgres,
-                sql,
-                values,
-            ))
-            .await?;
-        for r in &found {
-            let slot = usize::try_from(r.try_get::<i32>("", "uh_write")?)
-                .ok()
-                .and_then(|i| out.get_mut(i));
-            match slot {
-                Some(slot @ Some(None)) => *slot = Some(Some(Webhook::from_query_result(r, "")?)),
-                _ => {
-                    return Err(StoreError::Corrupt(
-                        "a multi-row update returned a write it was not given, or twice".into(),
-                    ));
-                }
+            }
+            if let Some(at) = t.unchanged_since {
+                r.insert("unchanged_since".into(), timestamp(at));
+            }
+            if let Some(at) = t.unexpired_at {
+                r.insert("unexpired_at".into(), timestamp(at));
+            }
+            Json::Object(r)
+        })
+        .collect();
+
+    let mut set = String::from("\"status\" = v.to_status, \"updated_at\" = v.now");
+    let mut record = String::from(
+        "idx int4, id text, tenant_id text, now timestamptz, to_status text, from_statuses text[]",
+    );
+    for (k, (col, ty)) in columns.iter().enumerate() {
+        // Column names are the entity's own, plain identifiers.
+        set.push_str(&format!(
+            ", \"{col}\" = CASE WHEN v.s{k} THEN v.c{k} ELSE w.\"{col}\" END"
+        ));
+        record.push_str(&format!(", s{k} bool, c{k} {ty}"));
+    }
+    let mut filter = String::from(
+        "w.\"id\" = v.id AND w.\"tenant_id\" = v.tenant_id AND w.\"status\" = ANY (v.from_statuses)",
+    );
+    if unchanged_since {
+        record.push_str(", unchanged_since timestamptz");
+        filter
+            .push_str(" AND (v.unchanged_since IS NULL OR w.\"updated_at\" <= v.unchanged_since)");
+    }
+    if unexpired_at {
+        record.push_str(", unexpired_at timestamptz");
+        filter.push_str(" AND (v.unexpired_at IS NULL OR w.\"expires_at\" > v.unexpired_at)");
+    }
+    let sql = format!(
+        "UPDATE \"webhooks\" AS w SET {set} \
+         FROM jsonb_to_recordset($1::text::jsonb) AS v ({record}) \
+         WHERE {filter} RETURNING v.idx AS uh_write, w.*"
+    );
+    let found = txn
+        .query_all_raw(Statement::from_sql_and_values(
+            sea_orm::DatabaseBackend::Postgres,
+            sql,
+            [Value::from(Json::Array(records).to_string())],
+        ))
+        .await?;
+    for r in &found {
+        let slot = usize::try_from(r.try_get::<i32>("", "uh_write")?)
+            .ok()
+            .and_then(|i| out.get_mut(i));
+        match slot {
+            Some(slot @ Some(None)) => *slot = Some(Some(Webhook::from_query_result(r, "")?)),
+            _ => {
+                return Err(StoreError::Corrupt(
+                    "a multi-row update returned a write it was not given, or twice".into(),
+                ));
             }
         }
     }
