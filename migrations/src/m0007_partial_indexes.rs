@@ -6,13 +6,18 @@
 //! key is set, the check index only where a check is owed, and the
 //! retry index only where a next attempt is due: most webhooks (no key,
 //! `MANUAL` trigger, delivered at the first attempt) have none of those,
-//! and no longer add entries to them. Every query that used these indexes
-//! filters on the column with a strict comparison (or `IS NOT NULL`), so
-//! the planner proves the predicate, prepared statements included.
-//! Uniqueness is unchanged: NULL keys never collided.
+//! and no longer add entries to them. Every query that looks rows up by
+//! these columns filters on the column with a strict comparison (or `IS
+//! NOT NULL`), so the planner proves the predicate, prepared statements
+//! included; a query that used the retry index for its `status` prefix
+//! alone (the reconciler's VERIFYING/VERIFIED branch) has the full
+//! `(status, expires_at)` index for that. Uniqueness is unchanged: NULL
+//! keys never collided.
 //!
 //! The indexes are rebuilt inside the migration's transaction (on SQLite
-//! as well), which blocks writes to `webhooks` while they are built.
+//! as well); on PostgreSQL `DROP INDEX` locks `webhooks` against reads and
+//! writes until it commits (0.4 s for a million rows on the benchmark
+//! machine: the new indexes hold few rows).
 
 use sea_orm_migration::prelude::*;
 

@@ -1031,11 +1031,20 @@ impl Pipeline {
         // A worker slot again, by the same deadline; past it, the host's
         // permit goes back for others, and the job is put back (which
         // needs no slot).
-        let slot = tokio::time::timeout_at(deadline, self.workers.clone().acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok);
+        let slot = tokio::select! {
+            biased;
+            _ = running.stopping.cancelled() => None,
+            slot = tokio::time::timeout_at(deadline, self.workers.clone().acquire_owned()) => {
+                slot.ok().and_then(Result::ok)
+            }
+        };
         running.slot = slot;
+        if running.stopping.is_cancelled() {
+            // Stopping while it waited for a worker slot (running jobs
+            // free theirs during the grace period): put it back rather
+            // than start it now.
+            return None;
+        }
         running.slot.as_ref().and(got)
     }
 

@@ -134,9 +134,10 @@ impl Store {
     /// Rows are locked in webhook id order when written one by one, so two
     /// such groups never wait for each other in a cycle. On PostgreSQL, a
     /// group of distinct webhooks is written in one statement
-    /// (`multirow`), which locks its rows in one order too (see there).
-    /// Should a deadlock happen anyway, PostgreSQL detects it and fails
-    /// one group, and the batcher writes that group's writes one by one.
+    /// (`multirow`), which locks its rows in one order of its own (see
+    /// there): a deadlock is unlikely but possible. PostgreSQL detects it
+    /// and fails one group, and the batcher writes that group's writes one
+    /// by one.
     pub(crate) async fn write_group(&self, writes: &[Write]) -> Result<Applied> {
         if let [Write::Transition(t)] = writes
             && let Some(applied) = self.transition_in_one_statement(t).await?

@@ -26,14 +26,15 @@
 //! scoped by its tenant.
 //!
 //! One statement for the whole group also takes the group's row locks in
-//! one order, so that two groups sharing webhooks do not wait for each
-//! other in a cycle: on a large table PostgreSQL joins from the records
-//! (listed in webhook id order) into the primary key, locking in id order;
-//! on a small one (a few thousand rows) it scans the table whole, locking
-//! in the table's physical order, the same for every statement of this
-//! form. (One statement per kind of write, as in session 13, locked each
-//! kind's rows in order but the kinds one after the other: two groups
-//! could deadlock.)
+//! one order: on a large table PostgreSQL joins from the records (listed
+//! in webhook id order) into the primary key, locking in id order; on a
+//! small one (a few thousand rows) it scans the table whole, locking in
+//! the table's physical order, the same for every statement of this form.
+//! That makes a deadlock between two groups sharing webhooks unlikely, not
+//! impossible: a group's touches are written after this statement, and a
+//! group written one `UPDATE` per write locks in id order while a scan
+//! locks in physical order. (One statement per kind of write, as before,
+//! locked each kind's rows in order but the kinds one after the other.)
 //!
 //! Used only for groups without two writes to one webhook (one statement
 //! cannot update a row twice) and without a dead letter to close (that
