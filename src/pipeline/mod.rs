@@ -141,6 +141,20 @@ const HOST_WAIT_MAX: Duration = Duration::from_secs(5);
 /// When a delivery's host stays busy, its job comes back after this.
 const HOST_BUSY_RETRY: chrono::Duration = chrono::Duration::milliseconds(200);
 
+/// A permit from `acquire`, unless the deadline passes or the worker begins
+/// stopping first.
+async fn until<E>(
+    stopping: &CancellationToken,
+    deadline: tokio::time::Instant,
+    acquire: impl std::future::Future<Output = Result<OwnedSemaphorePermit, E>>,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        biased;
+        _ = stopping.cancelled() => None,
+        got = tokio::time::timeout_at(deadline, acquire) => got.ok().and_then(Result::ok),
+    }
+}
+
 /// Counts a delivery in `uploadhook_deliveries_waiting_for_host` while it
 /// lives, however the wait ends (a task aborted at shutdown included).
 struct WaitingGauge;
@@ -1016,13 +1030,7 @@ impl Pipeline {
         running.slot = None;
         let got = {
             let _waiting = WaitingGauge::enter();
-            tokio::select! {
-                biased;
-                _ = running.stopping.cancelled() => None,
-                got = tokio::time::timeout_at(deadline, host.acquire_owned()) => {
-                    got.ok().and_then(Result::ok)
-                }
-            }
+            until(&running.stopping, deadline, host.acquire_owned()).await
         };
         drop(place);
         if running.stopping.is_cancelled() {
@@ -1031,14 +1039,12 @@ impl Pipeline {
         // A worker slot again, by the same deadline; past it, the host's
         // permit goes back for others, and the job is put back (which
         // needs no slot).
-        let slot = tokio::select! {
-            biased;
-            _ = running.stopping.cancelled() => None,
-            slot = tokio::time::timeout_at(deadline, self.workers.clone().acquire_owned()) => {
-                slot.ok().and_then(Result::ok)
-            }
-        };
-        running.slot = slot;
+        running.slot = until(
+            &running.stopping,
+            deadline,
+            self.workers.clone().acquire_owned(),
+        )
+        .await;
         if running.stopping.is_cancelled() {
             // Stopping while it waited for a worker slot (running jobs
             // free theirs during the grace period): put it back rather

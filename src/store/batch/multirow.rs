@@ -58,12 +58,7 @@ fn encode(v: &Value) -> Option<(&'static str, Json)> {
         Value::BigInt(n) => ("int8", n.map_or(Json::Null, Json::from)),
         Value::Int(n) => ("int4", n.map_or(Json::Null, Json::from)),
         Value::Bool(b) => ("bool", b.map_or(Json::Null, Json::Bool)),
-        Value::ChronoDateTimeUtc(t) => (
-            "timestamptz",
-            t.map_or(Json::Null, |t| {
-                Json::String(t.to_rfc3339_opts(SecondsFormat::Micros, true))
-            }),
-        ),
+        Value::ChronoDateTimeUtc(t) => ("timestamptz", t.map_or(Json::Null, timestamp)),
         _ => return None,
     })
 }
@@ -73,7 +68,8 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Json {
 }
 
 /// Applies the compare-and-sets of `ts` (write index below `writes`,
-/// transition; webhook ids all different) in one statement. Returns, by
+/// transition; webhook ids all different, in id order as `write_group`
+/// lists them) in one statement. Returns, by
 /// write index, `Some(row)` for each write given (`row` `None`: its
 /// compare-and-set did not match) and `None` for the others. `None` when
 /// some value cannot be encoded: nothing was written then.
@@ -82,11 +78,18 @@ pub(super) async fn apply(
     ts: &[(usize, &OwnedTransition)],
     writes: usize,
 ) -> Result<Option<Vec<Option<Option<Webhook>>>>> {
-    // Every column some write changes, with its SQL type (one per column).
+    debug_assert!(
+        ts.windows(2)
+            .all(|p| p[0].1.id.as_str() < p[1].1.id.as_str())
+    );
+    // Every column some write changes, with its SQL type (one per column),
+    // and each write's changes encoded once.
     let mut columns: Vec<(&'static str, &'static str)> = Vec::new();
+    let mut encoded: Vec<Vec<(&'static str, Json)>> = Vec::with_capacity(ts.len());
     for (_, t) in ts {
+        let mut changes = Vec::with_capacity(t.changes.0.len());
         for (col, v) in &t.changes.0 {
-            let Some((ty, _)) = encode(v) else {
+            let Some((ty, json)) = encode(v) else {
                 return Ok(None);
             };
             match columns.iter().find(|(c, _)| *c == col.as_str()) {
@@ -94,18 +97,19 @@ pub(super) async fn apply(
                 Some(_) => {}
                 None => columns.push((col.as_str(), ty)),
             }
+            changes.push((col.as_str(), json));
         }
+        encoded.push(changes);
     }
     columns.sort_unstable();
     let unchanged_since = ts.iter().any(|(_, t)| t.unchanged_since.is_some());
     let unexpired_at = ts.iter().any(|(_, t)| t.unexpired_at.is_some());
 
-    let mut members: Vec<(usize, &OwnedTransition)> = ts.to_vec();
-    members.sort_by(|a, b| a.1.id.as_str().cmp(b.1.id.as_str()));
     let mut out: Vec<Option<Option<Webhook>>> = vec![None; writes];
-    let records: Vec<Json> = members
+    let records: Vec<Json> = ts
         .iter()
-        .map(|(i, t)| {
+        .zip(encoded)
+        .map(|((i, t), mut changes)| {
             out[*i] = Some(None);
             let mut r = Map::new();
             r.insert("idx".into(), Json::from(*i));
@@ -126,11 +130,10 @@ pub(super) async fn apply(
                 ),
             );
             for (k, (col, _)) in columns.iter().enumerate() {
-                let change = t.changes.0.iter().find(|(c, _)| c.as_str() == *col);
+                let change = changes.iter().position(|(c, _)| c == col);
                 r.insert(format!("s{k}"), Json::Bool(change.is_some()));
-                if let Some((_, v)) = change {
-                    let (_, json) = encode(v).expect("encoded above");
-                    r.insert(format!("c{k}"), json);
+                if let Some(at) = change {
+                    r.insert(format!("c{k}"), changes.swap_remove(at).1);
                 }
             }
             if let Some(at) = t.unchanged_since {
