@@ -374,7 +374,11 @@ async fn run(
     println!("Create latency:  {}", create_lat.line());
     println!("PUT latency:     {}", put_lat.line());
     report_errors(&errors);
-    print_cpu(&measure::cpu_delta(&cpu0, &cpu1), created.len());
+    print_cpu(
+        &measure::cpu_delta(&cpu0, &cpu1),
+        &measure::wakeup_delta(&cpu0, &cpu1),
+        created.len(),
+    );
     let mut result = serde_json::json!({
         "webhooks": n,
         "deployment": format!("{:?}", args.deployment),
@@ -620,7 +624,8 @@ async fn run(
     }
     report_errors(&errors);
     let cpu = measure::cpu_delta(&cpu2, &cpu3);
-    print_cpu(&cpu, delivered);
+    let wakeups = measure::wakeup_delta(&cpu2, &cpu3);
+    print_cpu(&cpu, &wakeups, delivered);
     let service_cpu: f64 = cpu
         .iter()
         .filter(|(n, _)| !n.starts_with("loadgen"))
@@ -640,6 +645,18 @@ async fn run(
         .iter()
         .map(|(n, c)| (n.clone(), serde_json::Value::from(*c)))
         .collect::<serde_json::Map<_, _>>()
+        .into();
+    result["wakeups"] = wakeups
+        .iter()
+        .map(|(n, w)| (n.clone(), serde_json::Value::from(*w)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    result["wakeups_per_webhook_excl_loadgen"] = (wakeups
+        .iter()
+        .filter(|(n, _)| !n.starts_with("loadgen"))
+        .map(|(_, w)| w)
+        .sum::<u64>() as f64
+        / delivered.max(1) as f64)
         .into();
     print_memory(procs, &mut result, "end", "end");
     println!("RESULT {result}");
@@ -741,22 +758,28 @@ fn report_errors(errors: &Mutex<Vec<String>>) {
     }
 }
 
-fn print_cpu(cpu: &[(String, f64)], webhooks: usize) {
-    println!("CPU seconds (from /proc/<pid>/stat), per webhook:");
-    let mut service_total = 0.0;
-    for (name, secs) in cpu {
+fn print_cpu(cpu: &[(String, f64)], wakeups: &[(String, u64)], webhooks: usize) {
+    println!(
+        "CPU seconds (from /proc/<pid>/stat) and wake-ups (voluntary context switches), per webhook:"
+    );
+    let per = |x: f64| x / webhooks.max(1) as f64;
+    let (mut service_cpu, mut service_wakeups) = (0.0, 0);
+    for ((name, secs), (_, woke)) in cpu.iter().zip(wakeups) {
         println!(
-            "  {name:<48} {secs:>8.2} s  {:>8.3} ms/webhook",
-            secs * 1e3 / webhooks.max(1) as f64
+            "  {name:<48} {secs:>8.2} s  {:>8.3} ms/webhook  {:>6.1} wake-ups/webhook",
+            per(secs * 1e3),
+            per(*woke as f64)
         );
         if !name.starts_with("loadgen") {
-            service_total += secs;
+            service_cpu += secs;
+            service_wakeups += woke;
         }
     }
     println!(
-        "  {:<48} {service_total:>8.2} s  {:>8.3} ms/webhook",
+        "  {:<48} {service_cpu:>8.2} s  {:>8.3} ms/webhook  {:>6.1} wake-ups/webhook",
         "service + PostgreSQL + Redis",
-        service_total * 1e3 / webhooks.max(1) as f64
+        per(service_cpu * 1e3),
+        per(service_wakeups as f64)
     );
 }
 

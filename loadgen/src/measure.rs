@@ -91,8 +91,33 @@ pub struct Group {
     pub pids: Vec<u32>,
 }
 
-/// CPU seconds of every group at one moment.
-pub struct Snapshot(Vec<(String, Vec<(u32, f64)>)>);
+/// Voluntary context switches of all threads of one process: how often
+/// one of them went to sleep to wait (for a socket, a lock, a timer) and
+/// was woken again. On a VM where a wake-up across CPUs is costly, this
+/// counts the round trips a run paid for. None when the process is gone.
+pub fn wakeups(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
+}
+
+/// What one process had used at one moment.
+#[derive(Clone, Copy)]
+struct Used {
+    cpu: f64,
+    wakeups: u64,
+}
+
+/// CPU seconds and wake-ups of every group at one moment.
+pub struct Snapshot(Vec<(String, Vec<(u32, Used)>)>);
 
 pub fn snapshot(groups: &[Group]) -> Snapshot {
     Snapshot(
@@ -102,7 +127,11 @@ pub fn snapshot(groups: &[Group]) -> Snapshot {
                 let per = g
                     .pids
                     .iter()
-                    .filter_map(|&p| cpu_seconds(p).map(|c| (p, c)))
+                    .filter_map(|&p| {
+                        let cpu = cpu_seconds(p)?;
+                        let wakeups = wakeups(p).unwrap_or(0);
+                        Some((p, Used { cpu, wakeups }))
+                    })
                     .collect();
                 (g.name.clone(), per)
             })
@@ -110,27 +139,42 @@ pub fn snapshot(groups: &[Group]) -> Snapshot {
     )
 }
 
-/// CPU seconds used by each group between two snapshots. A pid that is
-/// only in `after` (a connection opened meanwhile) counts from zero.
-pub fn cpu_delta(before: &Snapshot, after: &Snapshot) -> Vec<(String, f64)> {
+/// What each group used between two snapshots. A pid that is only in
+/// `after` (a connection opened meanwhile) counts from zero.
+fn delta<T: std::ops::Sub<Output = T> + std::iter::Sum + Default + Copy>(
+    before: &Snapshot,
+    after: &Snapshot,
+    of: impl Fn(&Used) -> T,
+) -> Vec<(String, T)> {
     after
         .0
         .iter()
         .map(|(name, pids)| {
             let old = before.0.iter().find(|(n, _)| n == name).map(|(_, p)| p);
-            let used: f64 = pids
+            let used: T = pids
                 .iter()
-                .map(|(pid, c)| {
+                .map(|(pid, u)| {
                     let was = old
                         .and_then(|o| o.iter().find(|(p, _)| p == pid))
-                        .map(|(_, c)| *c)
-                        .unwrap_or(0.0);
-                    c - was
+                        .map(|(_, u)| of(u))
+                        .unwrap_or_default();
+                    of(u) - was
                 })
                 .sum();
             (name.clone(), used)
         })
         .collect()
+}
+
+/// CPU seconds used by each group between two snapshots.
+pub fn cpu_delta(before: &Snapshot, after: &Snapshot) -> Vec<(String, f64)> {
+    delta(before, after, |u| u.cpu)
+}
+
+/// Wake-ups (voluntary context switches) of each group between two
+/// snapshots.
+pub fn wakeup_delta(before: &Snapshot, after: &Snapshot) -> Vec<(String, u64)> {
+    delta(before, after, |u| u.wakeups)
 }
 
 #[cfg(test)]
@@ -153,5 +197,7 @@ mod tests {
         assert!(cpu_seconds(me).is_some());
         assert!(status_kb(me, "VmHWM").unwrap() > 0);
         assert!(cpu_seconds(u32::MAX).is_none());
+        assert!(wakeups(me).is_some());
+        assert!(wakeups(u32::MAX).is_none());
     }
 }

@@ -51,10 +51,18 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How long a pooled connection may sit idle before it is pinged again
+/// before use.
+pub const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Opens a connection pool.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection> {
     let mut opts = ConnectOptions::new(url.to_string());
     opts.max_connections(max_connections).sqlx_logging(false);
+    // A pooled connection is pinged before it is handed out only when it
+    // has been idle for a while (it may have been cut meanwhile). Pinging
+    // on every acquire, sqlx's default, costs a round trip per statement.
+    opts.test_before_acquire_if_idle_for(PING_IF_IDLE_FOR);
     // SQLite: write-ahead logging lets readers run beside the one writer,
     // and a busy timeout makes writers wait instead of failing at once.
     opts.map_sqlx_sqlite_opts(|o| {
