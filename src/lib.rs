@@ -52,7 +52,7 @@ use crate::{
     },
     proto::webhook_service_server::WebhookServiceServer,
     storage::Storages,
-    store::Store,
+    store::{Store, WriteBatcher},
 };
 
 /// Authentication failures after the first are summarised per window.
@@ -410,12 +410,23 @@ pub async fn start(
     } else if !allow.is_empty() {
         info!(%allow, "webhooks may target these private networks (delivery.allow_cidrs)");
     }
+    // The process's one writer of status changes in groups: the worker's
+    // jobs and the API's Confirms write through it together.
+    let writes = WriteBatcher::start(
+        store.clone(),
+        cfg.worker.write_batch_max,
+        // Each group in flight holds a connection of the pool: at most half
+        // of it, so that reads and the API's other calls always find one.
+        cfg.worker
+            .write_concurrency
+            .min((cfg.database.max_connections as usize / 2).max(1)),
+    );
     if roles.worker {
         let delivery = DeliveryClient::new(&cfg.delivery, allow.clone())
             .context("building the delivery HTTP client")?;
         let pipeline = Arc::new(Pipeline::new(
             &cfg,
-            store.clone(),
+            writes.clone(),
             queue.clone(),
             storages.clone(),
             delivery,
@@ -465,6 +476,7 @@ pub async fn start(
             (queue.clone(), storages.clone(), clock.clone());
         let api = Arc::new(WebhookApi {
             store: store.clone(),
+            writes: writes.clone(),
             storages: storages.clone(),
             queue,
             clock,

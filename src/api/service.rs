@@ -26,8 +26,8 @@ use crate::{
     signing::SigningKey,
     storage::{PresignedUpload, Storages},
     store::{
-        Changes, Created, RedriveSource, Store, StoreError, Transition, Webhook, attempts,
-        priority_of, status_of,
+        Changes, Created, RedriveSource, Store, StoreError, Transition, Webhook, WriteBatcher,
+        attempts, priority_of, status_of,
         webhooks::{Column as C, StoredSecret},
     },
     tls::{ClientCert, ClientTenants},
@@ -51,6 +51,10 @@ pub struct RotatedSecret {
 
 pub struct WebhookApi {
     pub store: Store,
+    /// Confirm's compare-and-sets, written in groups with those of the
+    /// Confirms running at the same time (one statement per group on
+    /// PostgreSQL).
+    pub writes: WriteBatcher,
     pub storages: Arc<Storages>,
     pub queue: Arc<dyn Queue>,
     pub clock: Arc<dyn Clock>,
@@ -339,9 +343,9 @@ impl WebhookApi {
                 None => changes,
             }
         });
-        // The usual case in one statement: PENDING, not expired.
+        // The usual case in one compare-and-set: PENDING, not expired.
         if let Some(w) = self
-            .store
+            .writes
             .transition(confirmed.clone().unexpired_at(now))
             .await
             .map_err(db)?

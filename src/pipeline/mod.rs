@@ -217,7 +217,7 @@ const STORAGE_ERROR_RETRY: Duration = Duration::from_secs(10);
 impl Pipeline {
     pub fn new(
         cfg: &Config,
-        store: Store,
+        writes: WriteBatcher,
         queue: Arc<dyn Queue>,
         storages: Arc<Storages>,
         delivery: DeliveryClient,
@@ -225,16 +225,8 @@ impl Pipeline {
         leader: Arc<dyn leader::Leader>,
     ) -> Self {
         Self {
-            writes: WriteBatcher::start(
-                store.clone(),
-                cfg.worker.write_batch_max,
-                // Each group in flight holds a connection of the pool: at
-                // most half of it, so that reads and the API always find one.
-                cfg.worker
-                    .write_concurrency
-                    .min((cfg.database.max_connections as usize / 2).max(1)),
-            ),
-            store,
+            store: writes.store().clone(),
+            writes,
             queue,
             storages,
             delivery,

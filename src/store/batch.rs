@@ -8,13 +8,14 @@
 //! group are inserted with one multi-row `INSERT` each. [`Store::transition`]
 //! is a group of one; on PostgreSQL, a group of one transition that opens
 //! or closes no dead letter is a single statement (see
-//! `Store::transition_in_one_statement`), and in a larger group the
-//! compare-and-sets are one `UPDATE` for the whole group (see `multirow`).
+//! `Store::transition_in_one_statement`); a larger group of transitions is
+//! a single statement too (`multirow::write_whole`), and one with touches
+//! makes one `UPDATE` for its compare-and-sets (see `multirow`).
 //!
-//! [`WriteBatcher`] is what the pipeline's jobs write through: each job
-//! sends its write over a channel and awaits its own answer; one task takes
-//! whatever is waiting (up to `max`), writes it as one group and answers
-//! each job. It never waits for more work: when idle a write goes alone,
+//! [`WriteBatcher`] is what the pipeline's jobs and the API's Confirms
+//! write through: each caller sends its write over a channel and awaits
+//! its own answer; one task takes whatever is waiting (up to `max`),
+//! writes it as one group and answers each caller. It never waits for more work: when idle a write goes alone,
 //! and while a group is being written the next one gathers. That makes it
 //! the pipeline's only writer, so on SQLite the jobs no longer queue for
 //! the write lock one transaction each.
@@ -144,21 +145,38 @@ impl Store {
         {
             return Ok(applied);
         }
-        let txn = self.db.begin().await?;
-        let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
         let mut order: Vec<usize> = (0..writes.len()).collect();
         // Stable: writes to one webhook keep their order.
         order.sort_by(|&a, &b| writes[a].webhook().cmp(writes[b].webhook()));
+        let postgres = self.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres;
+        let distinct = order
+            .windows(2)
+            .all(|p| writes[p[0]].webhook() != writes[p[1]].webhook());
+        // PostgreSQL, the usual group (transitions of distinct webhooks,
+        // none leaving DEAD_LETTER): all of it in one statement.
+        if writes.len() > 1 && postgres && distinct {
+            let ts: Option<Vec<(usize, &OwnedTransition)>> = order
+                .iter()
+                .map(|&i| match &writes[i] {
+                    Write::Transition(t) if !t.from.contains(&Status::DeadLetter) => {
+                        Some((i, &**t))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if let Some(ts) = ts
+                && let Some(applied) = multirow::write_whole(&self.db, &ts).await?
+            {
+                return Ok(applied);
+            }
+        }
+        let txn = self.db.begin().await?;
+        let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
         // PostgreSQL: the compare-and-sets in one statement, when
         // the group allows (see `multirow`); their rows are then taken
         // below instead of being written one by one.
         let mut premoved: Option<Vec<Option<Option<Webhook>>>> = None;
-        if writes.len() > 1
-            && self.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres
-            && order
-                .windows(2)
-                .all(|p| writes[p[0]].webhook() != writes[p[1]].webhook())
-        {
+        if writes.len() > 1 && postgres && distinct {
             let ts: Option<Vec<(usize, &OwnedTransition)>> = order
                 .iter()
                 .filter_map(|&i| match &writes[i] {
@@ -585,6 +603,11 @@ impl WriteBatcher {
         }
     }
 
+    /// The store it writes to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// How many grouped transactions the writing task has begun.
     pub fn groups_written(&self) -> u64 {
         self.groups.load(Ordering::Relaxed)
@@ -826,6 +849,8 @@ mod tests {
         groups_are_written_at_once_on_postgres,
         a_write_through_a_status_stores_both_events,
         a_transition_alone_stores_its_events_and_attempt,
+        a_group_stores_attempts_dead_letters_and_events,
+        a_group_with_a_touch_writes_both,
         a_transition_alone_publishes_the_stored_ids,
         events_are_published_after_commit,
         rows_are_read_together_each_of_its_own_tenant,
@@ -1520,6 +1545,207 @@ mod tests {
             3
         );
         assert_eq!(store.attempts(&t, &id).await.unwrap().len(), 1);
+    }
+
+    /// A group of outcomes (on PostgreSQL, one statement for all of it):
+    /// each moved write stores its attempt, its dead letter and its events
+    /// (a `through` event first), with ids in webhook id order; a write
+    /// whose compare-and-set fails stores nothing.
+    async fn a_group_stores_attempts_dead_letters_and_events(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let mut ids = vec![
+            webhook(&store, &t, Status::Delivering).await,
+            webhook(&store, &t, Status::Delivering).await,
+            webhook(&store, &t, Status::Verifying).await,
+            webhook(&store, &t, Status::Verified).await,
+        ];
+        ids.sort();
+        let now = Utc::now();
+        let attempt = |status: i32, body: &str| NewAttempt {
+            number: 1,
+            started_at: now,
+            duration_ms: 7,
+            response_status: Some(status),
+            response_body: Some(body.into()),
+            error: (status >= 300).then(|| format!("receiver answered {status}")),
+        };
+        let outcome = |id: &WebhookId,
+                       to: Status,
+                       event: &'static str,
+                       attempt: NewAttempt,
+                       dead_letter: Option<String>|
+         -> Write {
+            Write::Transition(
+                Transition::new(&t, id, &[Status::Delivering], to, event, now)
+                    .changes(Changes::new().set(webhooks::Column::AttemptCount, 1))
+                    .attempt(attempt)
+                    .dead_letter_opt(dead_letter)
+                    .into(),
+            )
+        };
+        // Listed out of id order: the group sorts them.
+        let writes = vec![
+            outcome(
+                &ids[1],
+                Status::DeadLetter,
+                event_type::DEAD_LETTERED,
+                attempt(500, "no"),
+                Some("gave up".into()),
+            ),
+            outcome(
+                &ids[0],
+                Status::Completed,
+                event_type::DELIVERED,
+                attempt(200, "ok"),
+                None,
+            ),
+            Write::Transition(
+                Transition::new(
+                    &t,
+                    &ids[2],
+                    &[Status::Verifying],
+                    Status::Delivering,
+                    event_type::DELIVERING,
+                    now,
+                )
+                .through(Status::Verified, event_type::VERIFIED)
+                .into(),
+            ),
+            // VERIFIED, not DELIVERING: no match, nothing stored.
+            outcome(
+                &ids[3],
+                Status::Retrying,
+                event_type::RETRYING,
+                attempt(503, "busy"),
+                None,
+            ),
+        ];
+        let applied = store.write_group(&writes).await.unwrap();
+        let moved: Vec<Option<&str>> = applied
+            .rows
+            .iter()
+            .map(|r| r.as_ref().map(|w| w.status.as_str()))
+            .collect();
+        assert_eq!(
+            moved,
+            [
+                Some(Status::DeadLetter.as_str()),
+                Some(Status::Completed.as_str()),
+                Some(Status::Delivering.as_str()),
+                None
+            ]
+        );
+        let events: Vec<(&WebhookId, &str, Status)> = applied
+            .events
+            .iter()
+            .map(|e| (&e.webhook_id, e.kind.as_str(), e.status))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                (&ids[0], event_type::DELIVERED, Status::Completed),
+                (&ids[1], event_type::DEAD_LETTERED, Status::DeadLetter),
+                (&ids[2], event_type::VERIFIED, Status::Verified),
+                (&ids[2], event_type::DELIVERING, Status::Delivering),
+            ]
+        );
+        assert!(applied.events.windows(2).all(|w| w[0].id < w[1].id));
+        // What is stored is what the group answered, ids included.
+        for id in &ids {
+            let stored: Vec<(i64, String)> = store
+                .events_after(&t, Some(id), 0, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .skip(1) // created
+                .map(|e| (e.id, e.kind))
+                .collect();
+            let answered: Vec<(i64, String)> = applied
+                .events
+                .iter()
+                .filter(|e| e.webhook_id == *id)
+                .map(|e| (e.id, e.kind.clone()))
+                .collect();
+            assert_eq!(stored, answered, "{id}");
+        }
+        let attempts = |id| {
+            let store = &store;
+            let t = &t;
+            async move {
+                store
+                    .attempts(t, id)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|a| (a.number, a.response_status, a.response_body, a.error))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            attempts(&ids[0]).await,
+            [(1, Some(200), Some("ok".to_string()), None)]
+        );
+        assert_eq!(
+            attempts(&ids[1]).await,
+            [(
+                1,
+                Some(500),
+                Some("no".to_string()),
+                Some("receiver answered 500".to_string())
+            )]
+        );
+        assert!(attempts(&ids[2]).await.is_empty());
+        assert!(attempts(&ids[3]).await.is_empty());
+        let letters = store.dead_letters(&t, &ids[1]).await.unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(
+            (letters[0].reason.as_str(), letters[0].tenant_id.as_str()),
+            ("gave up", t.as_str())
+        );
+        for id in [&ids[0], &ids[2], &ids[3]] {
+            assert!(store.dead_letters(&t, id).await.unwrap().is_empty());
+        }
+    }
+
+    /// A group with a touch among its transitions (on PostgreSQL, the
+    /// transaction with one `UPDATE` for the transitions, then the touch).
+    async fn a_group_with_a_touch_writes_both(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let ids = [
+            webhook(&store, &t, Status::Verifying).await,
+            webhook(&store, &t, Status::Verifying).await,
+            webhook(&store, &t, Status::Retrying).await,
+        ];
+        let before = store.find_webhook(&t, &ids[2]).await.unwrap().unwrap();
+        let later = before.updated_at + chrono::Duration::seconds(30);
+        let writes = vec![
+            verified(&t, &ids[0], 10),
+            Write::Touch {
+                tenant: t.clone(),
+                id: ids[2].clone(),
+                status: Status::Retrying,
+                now: later,
+            },
+            verified(&t, &ids[1], 11),
+        ];
+        let applied = store.write_group(&writes).await.unwrap();
+        let moved: Vec<bool> = applied.rows.iter().map(Option::is_some).collect();
+        assert_eq!(moved, [true, false, true]);
+        assert_eq!(applied.events.len(), 2);
+        for (id, size) in [(&ids[0], 10), (&ids[1], 11)] {
+            let w = store.find_webhook(&t, id).await.unwrap().unwrap();
+            assert_eq!(
+                (w.status.as_str(), w.size),
+                (Status::Verified.as_str(), Some(size))
+            );
+        }
+        let w = store.find_webhook(&t, &ids[2]).await.unwrap().unwrap();
+        assert_eq!(
+            (w.status.as_str(), w.updated_at.timestamp_micros()),
+            (Status::Retrying.as_str(), later.timestamp_micros())
+        );
     }
 
     /// What a lone transition publishes is what it stored, ids included.

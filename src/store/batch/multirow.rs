@@ -44,12 +44,17 @@
 
 use chrono::SecondsFormat;
 use sea_orm::{
-    ConnectionTrait, DatabaseTransaction, FromQueryResult, IdenStatic, Statement, Value,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult, IdenStatic,
+    QueryResult, Statement, Value,
 };
 use serde_json::{Map, Value as Json};
 
-use super::OwnedTransition;
-use crate::store::{Result, StoreError, Webhook};
+use super::{Applied, OwnedTransition};
+use crate::{
+    domain::{TenantId, WebhookId},
+    events::Event,
+    store::{Result, StoreError, Webhook},
+};
 
 /// The SQL type and JSON form of a value, if this encoding knows it.
 fn encode(v: &Value) -> Option<(&'static str, Json)> {
@@ -67,17 +72,17 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Json {
     Json::String(t.to_rfc3339_opts(SecondsFormat::Micros, true))
 }
 
-/// Applies the compare-and-sets of `ts` (write index below `writes`,
-/// transition; webhook ids all different, in id order as `write_group`
-/// lists them) in one statement. Returns, by
-/// write index, `Some(row)` for each write given (`row` `None`: its
-/// compare-and-set did not match) and `None` for the others. `None` when
-/// some value cannot be encoded: nothing was written then.
-pub(super) async fn apply(
-    txn: &DatabaseTransaction,
+/// The group's `UPDATE … RETURNING v.idx AS uh_write, [extra,] w.*` and
+/// its one parameter, the records as JSON text. With `whole`, each record
+/// also carries its events, attempt and dead letter, returned as `uh_…`
+/// columns for the inserts that follow in [`write_whole`]. `None` when
+/// some value cannot be encoded. `out` gets `Some(None)` at each write's
+/// index.
+fn update(
     ts: &[(usize, &OwnedTransition)],
-    writes: usize,
-) -> Result<Option<Vec<Option<Option<Webhook>>>>> {
+    whole: bool,
+    out: &mut [Option<Option<Webhook>>],
+) -> Option<(String, String)> {
     debug_assert!(
         ts.windows(2)
             .all(|p| p[0].1.id.as_str() < p[1].1.id.as_str())
@@ -89,11 +94,9 @@ pub(super) async fn apply(
     for (_, t) in ts {
         let mut changes = Vec::with_capacity(t.changes.0.len());
         for (col, v) in &t.changes.0 {
-            let Some((ty, json)) = encode(v) else {
-                return Ok(None);
-            };
+            let (ty, json) = encode(v)?;
             match columns.iter().find(|(c, _)| *c == col.as_str()) {
-                Some((_, known)) if *known != ty => return Ok(None),
+                Some((_, known)) if *known != ty => return None,
                 Some(_) => {}
                 None => columns.push((col.as_str(), ty)),
             }
@@ -104,8 +107,10 @@ pub(super) async fn apply(
     columns.sort_unstable();
     let unchanged_since = ts.iter().any(|(_, t)| t.unchanged_since.is_some());
     let unexpired_at = ts.iter().any(|(_, t)| t.unexpired_at.is_some());
+    let attempts = whole && ts.iter().any(|(_, t)| t.attempt.is_some());
+    let dead_letters = whole && ts.iter().any(|(_, t)| t.dead_letter.is_some());
 
-    let mut out: Vec<Option<Option<Webhook>>> = vec![None; writes];
+    let text = |s: &str| Json::String(s.to_string());
     let records: Vec<Json> = ts
         .iter()
         .zip(encoded)
@@ -113,21 +118,13 @@ pub(super) async fn apply(
             out[*i] = Some(None);
             let mut r = Map::new();
             r.insert("idx".into(), Json::from(*i));
-            r.insert("id".into(), Json::String(t.id.as_str().to_string()));
-            r.insert(
-                "tenant_id".into(),
-                Json::String(t.tenant.as_str().to_string()),
-            );
+            r.insert("id".into(), text(t.id.as_str()));
+            r.insert("tenant_id".into(), text(t.tenant.as_str()));
             r.insert("now".into(), timestamp(t.now));
-            r.insert("to_status".into(), Json::String(t.to.as_str().into()));
+            r.insert("to_status".into(), text(t.to.as_str()));
             r.insert(
                 "from_statuses".into(),
-                Json::Array(
-                    t.from
-                        .iter()
-                        .map(|s| Json::String(s.as_str().into()))
-                        .collect(),
-                ),
+                Json::Array(t.from.iter().map(|s| text(s.as_str())).collect()),
             );
             for (k, (col, _)) in columns.iter().enumerate() {
                 let change = changes.iter().position(|(c, _)| c == col);
@@ -141,6 +138,33 @@ pub(super) async fn apply(
             }
             if let Some(at) = t.unexpired_at {
                 r.insert("unexpired_at".into(), timestamp(at));
+            }
+            if whole {
+                r.insert("ev_kind".into(), text(t.event));
+                if let Some((status, kind)) = t.through {
+                    r.insert("th_kind".into(), text(kind));
+                    r.insert("th_status".into(), text(status.as_str()));
+                }
+            }
+            if let (true, Some(a)) = (attempts, &t.attempt) {
+                r.insert("a_number".into(), Json::from(a.number));
+                r.insert("a_started_at".into(), timestamp(a.started_at));
+                r.insert("a_duration_ms".into(), Json::from(a.duration_ms));
+                r.insert(
+                    "a_status".into(),
+                    a.response_status.map_or(Json::Null, Json::from),
+                );
+                r.insert(
+                    "a_body".into(),
+                    a.response_body.as_deref().map_or(Json::Null, text),
+                );
+                r.insert(
+                    "a_error".into(),
+                    a.error.as_deref().map_or(Json::Null, text),
+                );
+            }
+            if let (true, Some(reason)) = (dead_letters, &t.dead_letter) {
+                r.insert("dl_reason".into(), text(reason));
             }
             Json::Object(r)
         })
@@ -169,30 +193,185 @@ pub(super) async fn apply(
         record.push_str(", unexpired_at timestamptz");
         filter.push_str(" AND (v.unexpired_at IS NULL OR w.\"expires_at\" > v.unexpired_at)");
     }
+    let mut returning = String::from("v.idx AS uh_write");
+    if whole {
+        record.push_str(", ev_kind text, th_kind text, th_status text");
+        returning.push_str(
+            ", v.ev_kind AS uh_ev_kind, v.th_kind AS uh_th_kind, v.th_status AS uh_th_status",
+        );
+    }
+    if attempts {
+        record.push_str(
+            ", a_number int4, a_started_at timestamptz, a_duration_ms int8, a_status int4, \
+             a_body text, a_error text",
+        );
+        returning.push_str(
+            ", v.a_number AS uh_a_number, v.a_started_at AS uh_a_started_at, \
+             v.a_duration_ms AS uh_a_duration_ms, v.a_status AS uh_a_status, \
+             v.a_body AS uh_a_body, v.a_error AS uh_a_error",
+        );
+    }
+    if dead_letters {
+        record.push_str(", dl_reason text");
+        returning.push_str(", v.dl_reason AS uh_dl_reason");
+    }
     let sql = format!(
         "UPDATE \"webhooks\" AS w SET {set} \
          FROM jsonb_to_recordset($1::text::jsonb) AS v ({record}) \
-         WHERE {filter} RETURNING v.idx AS uh_write, w.*"
+         WHERE {filter} RETURNING {returning}, w.*"
     );
+    Some((sql, Json::Array(records).to_string()))
+}
+
+/// The write index of a row the statement returned, checked against the
+/// writes it was given (each at most once).
+fn slot<'a>(
+    r: &QueryResult,
+    out: &'a mut [Option<Option<Webhook>>],
+) -> Result<(usize, &'a mut Option<Option<Webhook>>)> {
+    let i = usize::try_from(r.try_get::<i32>("", "uh_write")?).ok();
+    match i.and_then(|i| out.get_mut(i).map(|s| (i, s))) {
+        Some((i, slot @ Some(None))) => Ok((i, slot)),
+        _ => Err(StoreError::Corrupt(
+            "a multi-row update returned a write it was not given, or twice".into(),
+        )),
+    }
+}
+
+/// Applies the compare-and-sets of `ts` (write index below `writes`,
+/// transition; webhook ids all different, in id order as `write_group`
+/// lists them) in one statement. Returns, by
+/// write index, `Some(row)` for each write given (`row` `None`: its
+/// compare-and-set did not match) and `None` for the others. `None` when
+/// some value cannot be encoded: nothing was written then.
+pub(super) async fn apply(
+    txn: &DatabaseTransaction,
+    ts: &[(usize, &OwnedTransition)],
+    writes: usize,
+) -> Result<Option<Vec<Option<Option<Webhook>>>>> {
+    let mut out: Vec<Option<Option<Webhook>>> = vec![None; writes];
+    let Some((sql, records)) = update(ts, false, &mut out) else {
+        return Ok(None);
+    };
     let found = txn
         .query_all_raw(Statement::from_sql_and_values(
             sea_orm::DatabaseBackend::Postgres,
             sql,
-            [Value::from(Json::Array(records).to_string())],
+            [Value::from(records)],
         ))
         .await?;
     for r in &found {
-        let slot = usize::try_from(r.try_get::<i32>("", "uh_write")?)
-            .ok()
-            .and_then(|i| out.get_mut(i));
-        match slot {
-            Some(slot @ Some(None)) => *slot = Some(Some(Webhook::from_query_result(r, "")?)),
-            _ => {
-                return Err(StoreError::Corrupt(
-                    "a multi-row update returned a write it was not given, or twice".into(),
-                ));
-            }
-        }
+        let (_, slot) = slot(r, &mut out)?;
+        *slot = Some(Some(Webhook::from_query_result(r, "")?));
     }
     Ok(Some(out))
+}
+
+/// A whole group of transitions (`ts`: every write of the group, webhook
+/// ids all different, in id order; none opens or closes a dead letter on
+/// its way out of DEAD_LETTER) in ONE statement, so one round trip and no
+/// `BEGIN` / `COMMIT`, and just as atomic: the multi-row `UPDATE` in a
+/// CTE, and from its `RETURNING`, in data-modifying CTEs, the events (in
+/// webhook id order, a write's `through` event first, so their serial ids
+/// follow that order), the attempts and the dead letters it opens:
+///
+/// ```sql
+/// WITH u AS (UPDATE … RETURNING v.idx AS uh_write, v.ev_kind AS uh_ev_kind, …, w.*),
+/// e AS (INSERT INTO events … SELECT … FROM u, LATERAL (VALUES (0, through), (1, event))
+///       … ORDER BY u.id, ord RETURNING id, webhook_id),
+/// a AS (INSERT INTO attempts … FROM u WHERE u.uh_a_number IS NOT NULL),
+/// d AS (INSERT INTO dead_letters … FROM u WHERE u.uh_dl_reason IS NOT NULL)
+/// SELECT u.*, ids.uh_event_ids FROM u LEFT JOIN (ids of e by webhook) ids …
+/// ```
+///
+/// `None` when some value cannot be encoded: nothing was written then.
+pub(super) async fn write_whole(
+    db: &DatabaseConnection,
+    ts: &[(usize, &OwnedTransition)],
+) -> Result<Option<Applied>> {
+    let mut out: Vec<Option<Option<Webhook>>> = vec![None; ts.len()];
+    let Some((update, records)) = update(ts, true, &mut out) else {
+        return Ok(None);
+    };
+    let mut sql = format!(
+        "WITH u AS ({update}), \
+         e AS (INSERT INTO \"events\" (\"tenant_id\", \"webhook_id\", \"type\", \"status\", \"occurred_at\") \
+         SELECT u.\"tenant_id\", u.\"id\", x.kind, x.status, u.\"updated_at\" \
+         FROM u CROSS JOIN LATERAL (VALUES (0, u.uh_th_kind, u.uh_th_status), \
+         (1, u.uh_ev_kind, u.\"status\")) AS x (ord, kind, status) \
+         WHERE x.kind IS NOT NULL ORDER BY u.\"id\", x.ord RETURNING \"id\", \"webhook_id\")"
+    );
+    if ts.iter().any(|(_, t)| t.attempt.is_some()) {
+        sql.push_str(
+            ", a AS (INSERT INTO \"attempts\" (\"webhook_id\", \"number\", \"started_at\", \
+             \"duration_ms\", \"response_status\", \"response_body\", \"error\") \
+             SELECT u.\"id\", u.uh_a_number, u.uh_a_started_at, u.uh_a_duration_ms, \
+             u.uh_a_status, u.uh_a_body, u.uh_a_error FROM u WHERE u.uh_a_number IS NOT NULL)",
+        );
+    }
+    if ts.iter().any(|(_, t)| t.dead_letter.is_some()) {
+        sql.push_str(
+            ", d AS (INSERT INTO \"dead_letters\" (\"tenant_id\", \"webhook_id\", \"reason\", \
+             \"created_at\") SELECT u.\"tenant_id\", u.\"id\", u.uh_dl_reason, u.\"updated_at\" \
+             FROM u WHERE u.uh_dl_reason IS NOT NULL)",
+        );
+    }
+    sql.push_str(
+        " SELECT u.*, ids.uh_event_ids FROM u LEFT JOIN \
+         (SELECT \"webhook_id\", array_to_string(array_agg(\"id\" ORDER BY \"id\"), ',') AS uh_event_ids \
+         FROM e GROUP BY \"webhook_id\") AS ids ON ids.\"webhook_id\" = u.\"id\"",
+    );
+    let found = db
+        .query_all_raw(Statement::from_sql_and_values(
+            sea_orm::DatabaseBackend::Postgres,
+            sql,
+            [Value::from(records)],
+        ))
+        .await?;
+    // Where each write index is in `ts`.
+    let mut position = vec![0; ts.len()];
+    for (p, (i, _)) in ts.iter().enumerate() {
+        position[*i] = p;
+    }
+    let mut events = Vec::with_capacity(found.len() * 2);
+    for r in &found {
+        let (i, slot) = slot(r, &mut out)?;
+        let row = Webhook::from_query_result(r, "")?;
+        let t = ts[position[i]].1;
+        let ids: String = r.try_get("", "uh_event_ids")?;
+        let ids = ids
+            .split(',')
+            .map(|id| id.parse::<i64>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Corrupt(format!("event ids of a group: {e}")))?;
+        let kinds = t
+            .through
+            .iter()
+            .map(|&(s, k)| (k, s))
+            .chain([(t.event, t.to)]);
+        if ids.len() != kinds.clone().count() {
+            return Err(StoreError::Corrupt(format!(
+                "webhook {} got {} events in its group, not {}",
+                row.id,
+                ids.len(),
+                kinds.count()
+            )));
+        }
+        for (id, (kind, status)) in ids.into_iter().zip(kinds) {
+            events.push(Event {
+                id,
+                tenant_id: TenantId::from_trusted(row.tenant_id.clone()),
+                webhook_id: WebhookId::from_trusted(row.id.clone()),
+                kind: kind.to_string(),
+                status,
+                occurred_at: t.now,
+            });
+        }
+        *slot = Some(Some(row));
+    }
+    events.sort_unstable_by_key(|e| e.id);
+    Ok(Some(Applied {
+        rows: out.into_iter().map(Option::flatten).collect(),
+        events,
+    }))
 }
