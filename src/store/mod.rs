@@ -272,6 +272,24 @@ pub struct KeyGrant {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// Event `id` on webhook `w`: of type `kind`, recording `status`, at `at`.
+pub(crate) fn event_on(
+    w: &Webhook,
+    id: i64,
+    kind: &str,
+    status: Status,
+    at: DateTime<Utc>,
+) -> Event {
+    Event {
+        id,
+        tenant_id: TenantId::from_trusted(w.tenant_id.clone()),
+        webhook_id: WebhookId::from_trusted(w.id.clone()),
+        kind: kind.to_string(),
+        status,
+        occurred_at: at,
+    }
+}
+
 pub fn event_of(row: &events::Model) -> Result<Event> {
     Ok(Event {
         id: row.id,
@@ -740,14 +758,7 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt("the webhook insert returned no row".into()))?
             .try_get("", "id")?;
-        Ok(vec![Event {
-            id,
-            tenant_id: TenantId::from_trusted(new.tenant_id.clone()),
-            webhook_id: WebhookId::from_trusted(new.id.clone()),
-            kind: event.to_string(),
-            status,
-            occurred_at: new.created_at,
-        }])
+        Ok(vec![event_on(new, id, event, status, new.created_at)])
     }
 
     async fn find_by_idempotency_key(

@@ -1,5 +1,7 @@
 //! PostgreSQL: the compare-and-sets of a write group in one `UPDATE`
-//! instead of one per write.
+//! instead of one per write; for a group of transitions only, that
+//! `UPDATE` and the inserts of their events, attempts and dead letters in
+//! one statement ([`write_whole`]).
 //!
 //! Each write brings its own values, target status, `from` statuses and
 //! optional conditions as one record; a column that some write of the
@@ -50,11 +52,7 @@ use sea_orm::{
 use serde_json::{Map, Value as Json};
 
 use super::{Applied, OwnedTransition};
-use crate::{
-    domain::{TenantId, WebhookId},
-    events::Event,
-    store::{Result, StoreError, Webhook},
-};
+use crate::store::{Result, StoreError, Webhook, event_on};
 
 /// The SQL type and JSON form of a value, if this encoding knows it.
 fn encode(v: &Value) -> Option<(&'static str, Json)> {
@@ -267,9 +265,9 @@ pub(super) async fn apply(
     Ok(Some(out))
 }
 
-/// A whole group of transitions (`ts`: every write of the group, webhook
-/// ids all different, in id order; none opens or closes a dead letter on
-/// its way out of DEAD_LETTER) in ONE statement, so one round trip and no
+/// A whole group of transitions, a lone one included (`ts`: every write
+/// of the group, webhook ids all different, in id order; none leaves
+/// DEAD_LETTER, which closes dead letters) in ONE statement, so one round trip and no
 /// `BEGIN` / `COMMIT`, and just as atomic: the multi-row `UPDATE` in a
 /// CTE, and from its `RETURNING`, in data-modifying CTEs, the events (in
 /// webhook id order, a write's `through` event first, so their serial ids
@@ -358,14 +356,7 @@ pub(super) async fn write_whole(
             )));
         }
         for (id, (kind, status)) in ids.into_iter().zip(kinds) {
-            events.push(Event {
-                id,
-                tenant_id: TenantId::from_trusted(row.tenant_id.clone()),
-                webhook_id: WebhookId::from_trusted(row.id.clone()),
-                kind: kind.to_string(),
-                status,
-                occurred_at: t.now,
-            });
+            events.push(event_on(&row, id, kind, status, t.now));
         }
         *slot = Some(Some(row));
     }
