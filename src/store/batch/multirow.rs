@@ -265,8 +265,8 @@ pub(super) async fn apply(
     Ok(Some(out))
 }
 
-/// A whole group of transitions, a lone one included (`ts`: every write
-/// of the group, webhook ids all different, in id order; none leaves
+/// A whole group of two or more transitions (`ts`: every write of the
+/// group, webhook ids all different, in id order; none leaves
 /// DEAD_LETTER, which closes dead letters) in ONE statement, so one round trip and no
 /// `BEGIN` / `COMMIT`, and just as atomic: the multi-row `UPDATE` in a
 /// CTE, and from its `RETURNING`, in data-modifying CTEs, the events (in
