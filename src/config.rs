@@ -213,7 +213,29 @@ pub struct ApiConfig {
 pub struct DatabaseConfig {
     pub url: SecretString,
     pub migrate_on_start: bool,
-    pub max_connections: u32,
+    /// Connection pool size; unset: see [`DatabaseConfig::pool_size`].
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+impl DatabaseConfig {
+    /// `max_connections`, or by default 10 on PostgreSQL and 1 on SQLite.
+    ///
+    /// SQLite has one writer, and every connection is a thread of its
+    /// own: with one connection the statements run back to back on one
+    /// thread with a warm page cache, where ten connections contended for
+    /// locks and woke threads, and writers waited in SQLite's busy
+    /// handler. Measured (BENCHMARKS.md, session 16): embedded 4,000-8,000
+    /// webhooks at 64 in flight delivered about twice as many per second
+    /// with one connection as with ten, at half the CPU per webhook.
+    pub fn pool_size(&self) -> u32 {
+        self.max_connections
+            .unwrap_or(if self.is_sqlite() { 1 } else { 10 })
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.url.expose_secret().starts_with("sqlite:")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -816,7 +838,7 @@ impl Config {
         if self.queue.reconcile_every.is_zero() {
             return invalid("queue.reconcile_every", "must be positive");
         }
-        if self.database.max_connections == 0 {
+        if self.database.max_connections == Some(0) {
             return invalid("database.max_connections", "must be at least 1");
         }
         for (name, s) in &self.storage {
@@ -973,6 +995,24 @@ mod tests {
         let err = Config::from_toml("[delivery]\nauto_redrive_after = \"soon\"").unwrap_err();
         assert!(
             err.to_string().contains("delivery.auto_redrive_after"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_pool_is_one_connection_on_sqlite_and_ten_on_postgres_unless_set() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.database.max_connections, None);
+        assert_eq!(cfg.database.pool_size(), 1, "the embedded default");
+        let pg = "[database]\nurl = \"postgres://u@h/db\"\n";
+        assert_eq!(Config::from_toml(pg).unwrap().database.pool_size(), 10);
+        let set = Config::from_toml(&format!("{pg}max_connections = 3")).unwrap();
+        assert_eq!(set.database.pool_size(), 3);
+        let set = Config::from_toml("[database]\nmax_connections = 4").unwrap();
+        assert_eq!(set.database.pool_size(), 4, "SQLite, set");
+        let err = Config::from_toml("[database]\nmax_connections = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("database.max_connections"),
             "{err}"
         );
     }

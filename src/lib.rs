@@ -241,7 +241,7 @@ async fn open_db(cfg: &Config) -> anyhow::Result<sea_orm::DatabaseConnection> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
-    store::connect(url, cfg.database.max_connections)
+    store::connect(url, cfg.database.pool_size())
         .await
         .context("connecting to the database (database.url)")
 }
@@ -419,7 +419,7 @@ pub async fn start(
         // of it, so that reads and the API's other calls always find one.
         cfg.worker
             .write_concurrency
-            .min((cfg.database.max_connections as usize / 2).max(1)),
+            .min((cfg.database.pool_size() as usize / 2).max(1)),
     );
     if roles.worker {
         let delivery = DeliveryClient::new(&cfg.delivery, allow.clone())

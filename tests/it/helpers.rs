@@ -41,6 +41,17 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// The pool size line of the `[database]` section: SQLite keeps the
+    /// default (one connection, as users run it); each PostgreSQL test
+    /// takes 5, so that parallel tests stay within the server's limit.
+    pub fn pool_toml(&self) -> &'static str {
+        if self.url.starts_with("sqlite:") {
+            ""
+        } else {
+            "max_connections = 5\n"
+        }
+    }
+
     /// None when the backend is not configured and not required.
     pub async fn new(backend: Backend) -> Option<TestDb> {
         match backend {
@@ -204,8 +215,9 @@ impl TestApp {
     ) -> TestApp {
         let s3_root = s3_root.unwrap_or_else(|| Arc::new(tempfile::tempdir().unwrap()));
         let local = format!(
-            "[database]\nurl = \"{}\"\nmax_connections = 5\n[embedded_s3]\nroot = \"{}\"\n",
+            "[database]\nurl = \"{}\"\n{}[embedded_s3]\nroot = \"{}\"\n",
             db.url,
+            db.pool_toml(),
             s3_root.path().display()
         );
         let config = Config::from_toml_layers(&[FAST, &local, &db.queue_toml, extra]).unwrap();
@@ -569,7 +581,7 @@ pub async fn start_process(
     roles: uploadhook::Roles,
     clock: Arc<dyn Clock>,
 ) -> Running {
-    let local = format!("[database]\nurl = \"{}\"\nmax_connections = 5\n", db.url);
+    let local = format!("[database]\nurl = \"{}\"\n{}", db.url, db.pool_toml());
     let mut all = vec![FAST, local.as_str(), db.queue_toml.as_str()];
     all.extend_from_slice(layers);
     let config = Config::from_toml_layers(&all).unwrap();

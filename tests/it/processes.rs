@@ -389,8 +389,9 @@ impl Deployment {
     /// as the API, HTTP on port 0, then `extra`.
     fn worker_config(&self, name: &str, extra: &str) -> PathBuf {
         let local = format!(
-            "[database]\nurl = \"{}\"\nmax_connections = 5\n[server]\nhttp_addr = \"127.0.0.1:0\"\n",
-            self.db.url
+            "[database]\nurl = \"{}\"\n{}[server]\nhttp_addr = \"127.0.0.1:0\"\n",
+            self.db.url,
+            self.db.pool_toml()
         );
         let text = merged_toml(&[
             FAST,
