@@ -53,6 +53,8 @@ pub struct Deployment {
     /// The base config (for building the floor's clients from it).
     pub base_toml: String,
     pub processes: Vec<Process>,
+    /// The S3 server: this binary with `--serve-s3`, a process of its own.
+    s3: Option<Child>,
     pub dir: PathBuf,
     /// The PostgreSQL database and Redis prefix to drop afterwards.
     pg: Option<(String, String)>,
@@ -134,22 +136,27 @@ impl Deployment {
         std::fs::create_dir_all(&dir)?;
         let (grpc, http, s3) = (free_port()?, free_port()?, free_port()?);
         let s3_endpoint = format!("http://127.0.0.1:{s3}");
+        // Every process reaches the S3 server as a configured connection
+        // (so the embedded one is off), with the stand-in's default keys.
         let common = format!(
             "[delivery]\nallow_cidrs = [\"127.0.0.1/32\"]\n{}\
              [api]\nrate_limit_per_second = 0.0\n\
              [encryption]\nkeys = \"{BENCH_MASTER_KEY}\"\n\
              [bootstrap]\ndev_tenant = \"\"\n\
-             [embedded_s3]\naddr = \"127.0.0.1:{s3}\"\nroot = \"{}\"\n",
+             [embedded_s3]\nmode = \"off\"\n\
+             [storage.main]\nkind = \"s3-compatible\"\nbucket = \"uploads\"\n\
+             endpoint = \"{s3_endpoint}\"\npath_style = true\naccess_key_id = \"uploadhook-dev\"\n\
+             secret_access_key = \"uploadhook-dev-secret\"\n",
             opts.delivery_toml,
-            dir.join("objects").display()
         );
         let mut d = Deployment {
             grpc_url: format!("http://127.0.0.1:{grpc}"),
             api_key: String::new(),
-            storage: String::new(),
+            storage: "main".into(),
             s3_endpoint,
             base_toml: common.clone(),
             processes: Vec::new(),
+            s3: None,
             dir: dir.clone(),
             pg: None,
             redis: None,
@@ -172,32 +179,25 @@ impl Deployment {
                 let prefix = random_name("uhbench-");
                 d.redis = Some((opts.redis_url.clone(), prefix.clone()));
                 let url = with_database(&opts.database_url, &db)?;
-                d.storage = "main".into();
                 let shared = format!(
                     "{common}[database]\nurl = \"{url}\"\n\
-                     [queue]\nbackend = \"redis\"\nredis_url = \"{}\"\nprefix = \"{prefix}\"\n\
-                     [storage.main]\nkind = \"s3-compatible\"\nbucket = \"uploads\"\n\
-                     endpoint = \"{}\"\npath_style = true\naccess_key_id = \"uploadhook-dev\"\n\
-                     secret_access_key = \"uploadhook-dev-secret\"\n",
-                    opts.redis_url, d.s3_endpoint
+                     [queue]\nbackend = \"redis\"\nredis_url = \"{}\"\nprefix = \"{prefix}\"\n",
+                    opts.redis_url
                 );
                 api_toml = format!(
                     "{shared}[server]\ngrpc_addr = \"127.0.0.1:{grpc}\"\nhttp_addr = \"127.0.0.1:{http}\"\n"
-                )
-                .replace("[embedded_s3]\n", "[embedded_s3]\nmode = \"on\"\n");
+                );
                 let workers = if opts.kind == Kind::PgRedis1 { 1 } else { 2 };
                 for _ in 0..workers {
-                    worker_tomls.push(
-                        format!(
-                            "{shared}[server]\nhttp_addr = \"127.0.0.1:{}\"\n",
-                            free_port()?,
-                        )
-                        .replace("[embedded_s3]\n", "[embedded_s3]\nmode = \"off\"\n"),
-                    );
+                    worker_tomls.push(format!(
+                        "{shared}[server]\nhttp_addr = \"127.0.0.1:{}\"\n",
+                        free_port()?,
+                    ));
                 }
             }
         }
         d.base_toml = api_toml.clone();
+        d.start_s3(s3).await?;
         let api_cfg = dir.join("api.toml");
         std::fs::write(&api_cfg, &api_toml)?;
         run_cli(&opts.bin, &api_cfg, &["migrate"]).await?;
@@ -234,6 +234,47 @@ impl Deployment {
                 .await?;
         }
         Ok(d)
+    }
+
+    /// Starts the S3 server (this binary with `--serve-s3`) on `port` and
+    /// waits until it accepts connections.
+    async fn start_s3(&mut self, port: u16) -> anyhow::Result<()> {
+        let log = self.dir.join("s3.log");
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("--serve-s3")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--s3-root")
+            .arg(self.dir.join("objects"))
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .context("starting the S3 server")?;
+        let child = self.s3.insert(child);
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!(
+                    "the S3 server exited ({status}); log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "the S3 server did not listen within 30 s; log in {}",
+            log.display()
+        )
+    }
+
+    /// The S3 server's process id.
+    pub fn s3_pid(&self) -> Option<u32> {
+        self.s3.as_ref().map(Child::id)
     }
 
     async fn spawn(
@@ -338,6 +379,10 @@ impl Deployment {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
+        if let Some(mut s3) = self.s3.take() {
+            let _ = s3.kill();
+            let _ = s3.wait();
+        }
         if let Some((url, db)) = self.pg.take()
             && let Err(e) = psql(&url, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await
         {
@@ -358,10 +403,15 @@ impl Drop for Deployment {
     /// Never leaves a service process behind, even on an error or a panic
     /// (`stop` has already reaped them on the normal path).
     fn drop(&mut self) {
-        for p in &mut self.processes {
-            if matches!(p.child.try_wait(), Ok(None)) {
-                let _ = p.child.kill();
-                let _ = p.child.wait();
+        for child in self
+            .processes
+            .iter_mut()
+            .map(|p| &mut p.child)
+            .chain(self.s3.as_mut())
+        {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
     }

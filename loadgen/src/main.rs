@@ -12,6 +12,11 @@
 //! the second phase measures Confirm-to-delivered on its own. `--floor`
 //! replaces the second phase with the same HEAD + signed POST done
 //! directly, with no queue and no database.
+//!
+//! The S3 server the webhooks upload to (the embedded S3 stand-in, the
+//! same code `uploadhook serve` runs) is a process of its own, this binary
+//! started with `--serve-s3`, so that its CPU is reported apart from the
+//! service's.
 
 mod deploy;
 mod measure;
@@ -104,6 +109,12 @@ struct Args {
     /// Give up waiting for deliveries after this many seconds without one.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Internal: serve the embedded S3 stand-in on this address (with
+    /// --s3-root) until killed; how a deployment's S3 server is started.
+    #[arg(long, hide = true, requires = "s3_root")]
+    serve_s3: Option<std::net::SocketAddr>,
+    #[arg(long, hide = true)]
+    s3_root: Option<PathBuf>,
 }
 
 /// One created and uploaded webhook.
@@ -119,6 +130,9 @@ const CONTENT_TYPE: &str = "application/octet-stream";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let (Some(addr), Some(root)) = (args.serve_s3, &args.s3_root) {
+        return serve_s3(addr, root).await;
+    }
     let secret = uploadhook::signing::SigningKey::generate_secret();
     let mode = if args.retry {
         Mode::FailFirst
@@ -205,6 +219,26 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
+/// Serves the embedded S3 stand-in with its default bucket and keys (the
+/// ones `deploy` configures the service with) until the process is killed.
+async fn serve_s3(addr: std::net::SocketAddr, root: &std::path::Path) -> anyhow::Result<()> {
+    let mut cfg = uploadhook::config::Config::from_toml("")?.embedded_s3;
+    cfg.addr = addr;
+    cfg.root = root.to_path_buf();
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let s3 = uploadhook::storage::embedded::start(&cfg, listener, std::future::pending()).await?;
+    s3.wait().await?;
+    Ok(())
+}
+
+/// Whether a CPU group counts as the service (with PostgreSQL and Redis),
+/// rather than this tool or the S3 server.
+fn is_service(group: &str) -> bool {
+    !group.starts_with("loadgen") && group != S3_GROUP
+}
+
+const S3_GROUP: &str = "s3 server (embedded stand-in, own process)";
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     args: &Args,
@@ -237,6 +271,12 @@ async fn run(
         name: "loadgen (this tool, incl. receiver)".into(),
         pids: vec![std::process::id()],
     });
+    if let Some(pid) = deployment.and_then(|d| d.s3_pid()) {
+        groups.push(Group {
+            name: S3_GROUP.into(),
+            pids: vec![pid],
+        });
+    }
     let mut redis_pid = None;
     if let Some(d) = deployment {
         redis_pid = d.redis_pid().await?;
@@ -374,12 +414,13 @@ async fn run(
     println!("Create latency:  {}", create_lat.line());
     println!("PUT latency:     {}", put_lat.line());
     report_errors(&errors);
-    print_cpu(
+    let (phase1_cpu, _) = print_cpu(
         &measure::cpu_delta(&cpu0, &cpu1),
         &measure::wakeup_delta(&cpu0, &cpu1),
         created.len(),
     );
     let mut result = serde_json::json!({
+        "phase1_cpu_ms_per_webhook_service": phase1_cpu * 1e3 / created.len().max(1) as f64,
         "webhooks": n,
         "deployment": format!("{:?}", args.deployment),
         "concurrency": args.concurrency,
@@ -625,12 +666,7 @@ async fn run(
     report_errors(&errors);
     let cpu = measure::cpu_delta(&cpu2, &cpu3);
     let wakeups = measure::wakeup_delta(&cpu2, &cpu3);
-    print_cpu(&cpu, &wakeups, delivered);
-    let service_cpu: f64 = cpu
-        .iter()
-        .filter(|(n, _)| !n.starts_with("loadgen"))
-        .map(|(_, c)| c)
-        .sum();
+    let (service_cpu, service_wakeups) = print_cpu(&cpu, &wakeups, delivered);
     result["delivered"] = delivered.into();
     result["duplicates"] = duplicates.into();
     result["missing"] = missing.into();
@@ -639,8 +675,9 @@ async fn run(
     result["arrival_p95_ms"] = (to_arrival.pct(95.0).as_secs_f64() * 1e3).into();
     result["arrival_p99_ms"] = (to_arrival.pct(99.0).as_secs_f64() * 1e3).into();
     result["arrival_max_ms"] = (to_arrival.max().as_secs_f64() * 1e3).into();
-    result["cpu_ms_per_webhook_excl_loadgen"] =
-        (service_cpu * 1e3 / delivered.max(1) as f64).into();
+    // The service, PostgreSQL and Redis: neither this tool nor the S3
+    // server.
+    result["cpu_ms_per_webhook_service"] = (service_cpu * 1e3 / delivered.max(1) as f64).into();
     result["cpu"] = cpu
         .iter()
         .map(|(n, c)| (n.clone(), serde_json::Value::from(*c)))
@@ -651,13 +688,8 @@ async fn run(
         .map(|(n, w)| (n.clone(), serde_json::Value::from(*w)))
         .collect::<serde_json::Map<_, _>>()
         .into();
-    result["wakeups_per_webhook_excl_loadgen"] = (wakeups
-        .iter()
-        .filter(|(n, _)| !n.starts_with("loadgen"))
-        .map(|(_, w)| w)
-        .sum::<u64>() as f64
-        / delivered.max(1) as f64)
-        .into();
+    result["wakeups_per_webhook_service"] =
+        (service_wakeups as f64 / delivered.max(1) as f64).into();
     print_memory(procs, &mut result, "end", "end");
     println!("RESULT {result}");
     let bad = receiver.state.bad_signatures.load(Ordering::Relaxed);
@@ -758,7 +790,9 @@ fn report_errors(errors: &Mutex<Vec<String>>) {
     }
 }
 
-fn print_cpu(cpu: &[(String, f64)], wakeups: &[(String, u64)], webhooks: usize) {
+/// Prints each group's CPU and wake-ups, and their sum over the service,
+/// PostgreSQL and Redis, which it returns.
+fn print_cpu(cpu: &[(String, f64)], wakeups: &[(String, u64)], webhooks: usize) -> (f64, u64) {
     println!(
         "CPU seconds (from /proc/<pid>/stat) and wake-ups (voluntary context switches), per webhook:"
     );
@@ -770,7 +804,7 @@ fn print_cpu(cpu: &[(String, f64)], wakeups: &[(String, u64)], webhooks: usize) 
             per(secs * 1e3),
             per(*woke as f64)
         );
-        if !name.starts_with("loadgen") {
+        if is_service(name) {
             service_cpu += secs;
             service_wakeups += woke;
         }
@@ -781,6 +815,7 @@ fn print_cpu(cpu: &[(String, f64)], wakeups: &[(String, u64)], webhooks: usize) 
         per(service_cpu * 1e3),
         per(service_wakeups as f64)
     );
+    (service_cpu, service_wakeups)
 }
 
 fn print_memory(procs: &[(String, u32)], result: &mut serde_json::Value, label: &str, key: &str) {
