@@ -811,6 +811,83 @@ mod tests {
         }
     }
 
+    /// PostgreSQL guesses 100 rows for a `jsonb_to_recordset`: without the
+    /// ids as an array, a group of two was joined by scanning the whole
+    /// table (below some tens of thousands of rows), on every write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_group_finds_its_rows_through_the_primary_key() {
+        let Some(db) = TestDb::postgres().await else {
+            return;
+        };
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let mut ids = vec![
+            webhook(&store, &t, Status::Verifying).await,
+            webhook(&store, &t, Status::Verifying).await,
+        ];
+        ids.sort();
+        // Enough other rows that a scan is not the cheapest plan anyway.
+        store
+            .db
+            .execute_unprepared(&format!(
+                "INSERT INTO webhooks (id, tenant_id, status, \"trigger\", provider, storage, \
+                 bucket, object_key, filename, content_type, url, secret, metadata, created_at, \
+                 updated_at, expires_at) \
+                 SELECT 'wh_' || lpad(to_hex(g), 32, '0'), '{t}', 'delivering', 'CONFIRM', 's3', \
+                 '', 'b', 'k/' || g, 'f', 'text/plain', 'http://127.0.0.1:9/', 'x', '{{}}', now(), \
+                 now(), now() + interval '1 hour' FROM generate_series(1, 5000) AS g; \
+                 ANALYZE webhooks"
+            ))
+            .await
+            .unwrap();
+        let now = Utc::now();
+        let writes: Vec<OwnedTransition> = ids
+            .iter()
+            .map(|id| {
+                Transition::new(
+                    &t,
+                    id,
+                    &[Status::Verifying],
+                    Status::Delivering,
+                    event_type::DELIVERING,
+                    now,
+                )
+                .into()
+            })
+            .collect();
+        let ts: Vec<(usize, &OwnedTransition)> = writes.iter().enumerate().collect();
+        for whole in [false, true] {
+            let mut out = vec![None; ts.len()];
+            let (sql, params) = multirow::update(&ts, whole, &mut out).unwrap();
+            // Custom plans (the parameters' values known) and the generic
+            // plan a prepared statement settles on after five runs.
+            for mode in ["force_custom_plan", "force_generic_plan"] {
+                let txn = store.db.begin().await.unwrap();
+                txn.execute_unprepared(&format!("SET LOCAL plan_cache_mode = {mode}"))
+                    .await
+                    .unwrap();
+                let plan: Vec<String> = txn
+                    .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                        sea_orm::DatabaseBackend::Postgres,
+                        format!("EXPLAIN {sql}"),
+                        params.clone(),
+                    ))
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.try_get_by_index::<String>(0).unwrap())
+                    .collect();
+                txn.rollback().await.unwrap();
+                let plan = plan.join("\n");
+                assert!(
+                    plan.contains("webhooks_pkey") && !plan.contains("Seq Scan on webhooks"),
+                    "{mode}, whole = {whole}:\n{plan}"
+                );
+            }
+        }
+        db.cleanup().await;
+    }
+
     /// Runs a test body on SQLite, then on PostgreSQL when configured.
     macro_rules! on_both {
         ($($name:ident),* $(,)?) => {
