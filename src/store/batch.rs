@@ -821,7 +821,7 @@ mod tests {
         };
         let store = db.store(bus()).await;
         let t = tenant(&store, "a").await;
-        let mut ids = vec![
+        let mut ids = [
             webhook(&store, &t, Status::Verifying).await,
             webhook(&store, &t, Status::Verifying).await,
         ];
