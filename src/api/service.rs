@@ -234,8 +234,8 @@ impl WebhookApi {
             - chrono::Duration::from_std(self.limits.idempotency_ttl)
                 .unwrap_or(chrono::Duration::MAX);
         let webhook = match self
-            .store
-            .create_webhook(row, event_type::CREATED, keys_expired_at)
+            .writes
+            .create(row, event_type::CREATED, keys_expired_at)
             .await
             .map_err(db)?
         {

@@ -12,8 +12,12 @@
 //! a single statement too (`multirow::write_whole`), and one with touches
 //! makes one `UPDATE` for its compare-and-sets (see `multirow`).
 //!
+//! A group may also insert new webhooks (`Write::Insert`, one multi-row
+//! `INSERT` before the compare-and-sets); on SQLite the API's Creates
+//! without an idempotency key are written that way.
+//!
 //! [`WriteBatcher`] is what the pipeline's jobs and the API's Confirms
-//! write through: each caller sends its write over a channel and awaits
+//! (and Creates, on SQLite) write through: each caller sends its write over a channel and awaits
 //! its own answer; one task takes whatever is waiting (up to `max`),
 //! writes it as one group and answers each caller. It never waits for more work: when idle a write goes alone,
 //! and while a group is being written the next one gathers. That makes it
@@ -107,6 +111,12 @@ pub(crate) enum Write {
         status: Status,
         now: DateTime<Utc>,
     },
+    /// A new webhook and its first event (see [`WriteBatcher::create`]):
+    /// its row is the write's answer.
+    Insert {
+        row: Box<Webhook>,
+        event: &'static str,
+    },
 }
 
 impl Write {
@@ -114,6 +124,7 @@ impl Write {
         match self {
             Write::Transition(t) => t.id.as_str(),
             Write::Touch { id, .. } => id.as_str(),
+            Write::Insert { row, .. } => row.id.as_str(),
         }
     }
 }
@@ -186,7 +197,7 @@ impl Store {
                     Write::Transition(t) => {
                         Some((!t.from.contains(&Status::DeadLetter)).then_some((i, &**t)))
                     }
-                    Write::Touch { .. } => None,
+                    Write::Touch { .. } | Write::Insert { .. } => None,
                 })
                 .collect();
             if let Some(ts) = ts {
@@ -198,6 +209,24 @@ impl Store {
         let mut new_events: Vec<(usize, &'static str, Status, DateTime<Utc>)> = Vec::new();
         let mut new_attempts: Vec<attempts::ActiveModel> = Vec::new();
         let mut new_dead_letters: Vec<dead_letters::ActiveModel> = Vec::new();
+        // The group's new webhooks first, with one multi-row INSERT; their
+        // events go with the others'.
+        let inserts: Vec<webhooks::ActiveModel> = order
+            .iter()
+            .filter_map(|&i| match &writes[i] {
+                Write::Insert { row, event } => {
+                    new_events.push((i, *event, Status::Pending, row.created_at));
+                    rows[i] = Some((**row).clone());
+                    Some((**row).clone().into())
+                }
+                _ => None,
+            })
+            .collect();
+        if !inserts.is_empty() {
+            webhooks::Entity::insert_many(inserts)
+                .exec_without_returning(&txn)
+                .await?;
+        }
         for i in order {
             let t = match &writes[i] {
                 Write::Touch {
@@ -209,6 +238,7 @@ impl Store {
                     touch_query(tenant, id, *status, *now).exec(&txn).await?;
                     continue;
                 }
+                Write::Insert { .. } => continue,
                 Write::Transition(t) => t,
             };
             let row = match premoved.as_mut().and_then(|p| p[i].take()) {
@@ -616,6 +646,35 @@ impl WriteBatcher {
         self.submit(Write::Transition(t.into())).await
     }
 
+    /// [`Store::create_webhook`]. On SQLite, a webhook without an
+    /// idempotency key is inserted in a group: its `BEGIN`, two `INSERT`s
+    /// and `COMMIT` otherwise take their turns on SQLite's one connection
+    /// four times per Create. Elsewhere (PostgreSQL inserts a webhook and
+    /// its event in one statement already), and with a key (which needs
+    /// its lookups), it is written at once.
+    pub async fn create(
+        &self,
+        row: Webhook,
+        event: &'static str,
+        keys_expired_at: DateTime<Utc>,
+    ) -> Result<super::Created> {
+        let grouped = self.tx.is_some()
+            && row.idempotency_key.is_none()
+            && self.store.db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite;
+        if !grouped {
+            return self.store.create_webhook(row, event, keys_expired_at).await;
+        }
+        let written = self
+            .submit(Write::Insert {
+                row: Box::new(row),
+                event,
+            })
+            .await?;
+        written
+            .map(super::Created::New)
+            .ok_or_else(|| StoreError::Corrupt("a grouped insert answered no row".into()))
+    }
+
     /// [`Store::touch`], written in a group.
     pub async fn touch(
         &self,
@@ -929,6 +988,8 @@ mod tests {
         a_transition_alone_publishes_the_stored_ids,
         events_are_published_after_commit,
         rows_are_read_together_each_of_its_own_tenant,
+        inserts_in_a_group_store_rows_and_events,
+        creates_are_grouped_on_sqlite_only_without_a_key,
     );
 
     fn bus() -> Arc<dyn EventBus> {
@@ -937,9 +998,20 @@ mod tests {
 
     /// A webhook of a new tenant `tenant`, in `status`.
     async fn webhook(store: &Store, tenant: &TenantId, status: Status) -> WebhookId {
+        let row = new_row(tenant, status);
+        let id = WebhookId::from_trusted(row.id.clone());
+        store
+            .create_webhook(row, event_type::CREATED, Utc::now())
+            .await
+            .unwrap();
+        id
+    }
+
+    /// The row of a new webhook of `tenant` in `status`, not stored.
+    fn new_row(tenant: &TenantId, status: Status) -> Webhook {
         let id = WebhookId::generate();
         let now = Utc::now();
-        let row = Webhook {
+        Webhook {
             id: id.as_str().to_string(),
             tenant_id: tenant.as_str().to_string(),
             status: status.as_str().to_string(),
@@ -981,12 +1053,7 @@ mod tests {
             seen_etag: None,
             seen_size: None,
             traceparent: None,
-        };
-        store
-            .create_webhook(row, event_type::CREATED, now)
-            .await
-            .unwrap();
-        id
+        }
     }
 
     async fn tenant(store: &Store, name: &str) -> TenantId {
@@ -1851,6 +1918,113 @@ mod tests {
         );
         assert_eq!(applied.events[0].kind, event_type::VERIFIED);
         assert!(applied.events[0].id < applied.events[1].id);
+    }
+
+    /// New webhooks in a group with a transition: each row stored with its
+    /// CREATED event, each write answered with its row, and the answered
+    /// events the stored ones.
+    async fn inserts_in_a_group_store_rows_and_events(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let moved = webhook(&store, &t, Status::Verifying).await;
+        let new: Vec<Webhook> = (0..3).map(|_| new_row(&t, Status::Pending)).collect();
+        let mut writes: Vec<Write> = new
+            .iter()
+            .map(|w| Write::Insert {
+                row: Box::new(w.clone()),
+                event: event_type::CREATED,
+            })
+            .collect();
+        writes.insert(1, verified(&t, &moved, 5));
+        let applied = store.write_group(&writes).await.unwrap();
+        let answered: Vec<&str> = applied
+            .rows
+            .iter()
+            .map(|r| r.as_ref().unwrap().id.as_str())
+            .collect();
+        assert_eq!(
+            answered,
+            [
+                new[0].id.as_str(),
+                moved.as_str(),
+                new[1].id.as_str(),
+                new[2].id.as_str()
+            ]
+        );
+        let mut stored = Vec::new();
+        for w in &new {
+            let id = WebhookId::from_trusted(w.id.clone());
+            let row = store.find_webhook(&t, &id).await.unwrap().unwrap();
+            assert_eq!(row.status, Status::Pending.as_str());
+            assert_eq!(row.object_key, w.object_key);
+            assert_eq!(
+                stored_events(&store, &t, &id).await,
+                [(event_type::CREATED.to_string(), Status::Pending)]
+            );
+            stored.extend(store.events_after(&t, Some(&id), 0, 10).await.unwrap());
+        }
+        stored.extend(store.events_after(&t, Some(&moved), 1, 10).await.unwrap());
+        stored.sort_by_key(|e| e.id);
+        let key = |e: &Event| (e.id, e.kind.clone(), e.status, e.webhook_id.clone());
+        assert_eq!(
+            applied.events.iter().map(key).collect::<Vec<_>>(),
+            stored.iter().map(key).collect::<Vec<_>>()
+        );
+        assert_eq!(applied.events.len(), 4);
+    }
+
+    /// Creates go through the batcher on SQLite (one connection), straight
+    /// to the database on PostgreSQL and whenever an idempotency key needs
+    /// its lookups; either way each is stored and answered as new.
+    async fn creates_are_grouped_on_sqlite_only_without_a_key(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let sqlite = store.db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite;
+        let t = tenant(&store, "a").await;
+        let batcher = WriteBatcher::start(store.clone(), 128, 1);
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (b, row) = (batcher.clone(), new_row(&t, Status::Pending));
+                tokio::spawn(async move {
+                    let id = row.id.clone();
+                    match b.create(row, event_type::CREATED, Utc::now()).await {
+                        Ok(crate::store::Created::New(w)) => assert_eq!(w.id, id),
+                        Ok(crate::store::Created::Existing(_)) => panic!("not new"),
+                        Err(e) => panic!("{e}"),
+                    }
+                    WebhookId::from_trusted(id)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let id = task.await.unwrap();
+            assert_eq!(stored_events(&store, &t, &id).await.len(), 1);
+        }
+        let grouped = batcher.groups_written();
+        assert_eq!(grouped > 0, sqlite, "{grouped} groups");
+        // With a key: written at once, and a replay finds it.
+        let mut keyed = new_row(&t, Status::Pending);
+        keyed.idempotency_key = Some("k1".into());
+        let replay = Webhook {
+            id: WebhookId::generate().as_str().to_string(),
+            ..keyed.clone()
+        };
+        let old = Utc::now() - chrono::Duration::hours(1);
+        assert!(matches!(
+            batcher
+                .create(keyed.clone(), event_type::CREATED, old)
+                .await
+                .unwrap(),
+            crate::store::Created::New(_)
+        ));
+        match batcher
+            .create(replay, event_type::CREATED, old)
+            .await
+            .unwrap()
+        {
+            crate::store::Created::Existing(w) => assert_eq!(w.id, keyed.id),
+            crate::store::Created::New(_) => panic!("the key was ignored"),
+        }
+        assert_eq!(batcher.groups_written(), grouped);
     }
 
     /// PostgreSQL writes several groups at once: a group stuck behind a
