@@ -881,8 +881,8 @@ mod tests {
         let store = db.store(bus()).await;
         let t = tenant(&store, "a").await;
         let mut ids = [
-            webhook(&store, &t, Status::Verifying).await,
-            webhook(&store, &t, Status::Verifying).await,
+            webhook(&store, &t, Status::Verified).await,
+            webhook(&store, &t, Status::Verified).await,
         ];
         ids.sort();
         // Enough other rows that a scan is not the cheapest plan anyway.
@@ -899,22 +899,15 @@ mod tests {
             ))
             .await
             .unwrap();
-        let now = Utc::now();
-        let writes: Vec<OwnedTransition> = ids
+        let writes: Vec<Write> = ids.iter().map(|id| claim(&t, id)).collect();
+        let ts: Vec<(usize, &OwnedTransition)> = writes
             .iter()
-            .map(|id| {
-                Transition::new(
-                    &t,
-                    id,
-                    &[Status::Verifying],
-                    Status::Delivering,
-                    event_type::DELIVERING,
-                    now,
-                )
-                .into()
+            .enumerate()
+            .map(|(i, w)| match w {
+                Write::Transition(t) => (i, &**t),
+                _ => unreachable!("claims are transitions"),
             })
             .collect();
-        let ts: Vec<(usize, &OwnedTransition)> = writes.iter().enumerate().collect();
         for whole in [false, true] {
             let mut out = vec![None; ts.len()];
             let (sql, params) = multirow::update(&ts, whole, &mut out).unwrap();
