@@ -33,6 +33,7 @@
 //! different endpoints share no pooled sockets anyway.
 
 pub mod embedded;
+mod sigv4;
 
 use std::{
     collections::BTreeMap,
@@ -171,6 +172,15 @@ pub struct Storage {
     /// `object_url(key)` is this plus `/` plus the encoded key.
     url_base: String,
     client: aws_sdk_s3::Client,
+    /// What `signer` is built from, on first use.
+    credentials: aws_credential_types::Credentials,
+    /// `url_base` without `public_base_url`: where the S3 API has the
+    /// objects.
+    object_base: String,
+    /// Presigns and HEADs without the SDK's orchestrator, once it has been
+    /// found to sign exactly as the SDK does (`None`: it did not, the SDK
+    /// is used). See `sigv4`.
+    signer: tokio::sync::OnceCell<Option<sigv4::Signer>>,
     /// HEAD requests sent so far (operators' figures, and tests of the
     /// HEAD budget).
     heads: std::sync::atomic::AtomicU64,
@@ -355,7 +365,7 @@ impl Storage {
         let mut builder = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(region.clone()))
-            .credentials_provider(credentials)
+            .credentials_provider(credentials.clone())
             .force_path_style(sc.path_style)
             // No checksum headers or query parameters the uploader would
             // have to compute; S3-compatible servers vary in support too.
@@ -365,6 +375,14 @@ impl Storage {
             builder = builder.endpoint_url(endpoint.clone());
         }
         let client = aws_sdk_s3::Client::from_conf(builder.build());
+        let object_base = url_base(
+            sc.kind,
+            &sc.bucket,
+            &region,
+            endpoint.as_deref(),
+            sc.path_style,
+            None,
+        );
         let url_base = url_base(
             sc.kind,
             &sc.bucket,
@@ -383,6 +401,9 @@ impl Storage {
             presign_expiry: sc.presign_expiry,
             url_base,
             client,
+            credentials,
+            object_base,
+            signer: Default::default(),
             heads: Default::default(),
         })
     }
@@ -442,6 +463,36 @@ impl Storage {
         }
         // Sign from an explicit start so that `expires_at` is exact.
         let start = SystemTime::now();
+        let expires_at = DateTime::<Utc>::from(start + expires_in);
+        if let Some(signer) = self.signer().await {
+            let length = content_length.map(|n| n.to_string());
+            let mut headers = vec![("content-type", content_type)];
+            if let Some(length) = &length {
+                headers.push(("content-length", length));
+            }
+            let p = signer
+                .sign(
+                    "PUT",
+                    key,
+                    Some("PutObject"),
+                    &headers,
+                    Some(expires_in),
+                    start,
+                )
+                .map_err(|message| StorageError::Service {
+                    storage: self.name.clone(),
+                    operation: "presign put",
+                    key: key.to_string(),
+                    source: message.clone().into(),
+                    message,
+                })?;
+            return Ok(PresignedUpload {
+                url: p.url,
+                method: "PUT".into(),
+                headers: p.headers.into_iter().collect(),
+                expires_at,
+            });
+        }
         let presigning = PresigningConfig::builder()
             .start_time(start)
             .expires_in(expires_in)
@@ -472,8 +523,94 @@ impl Storage {
             url: request.uri().to_string(),
             method: request.method().to_string(),
             headers,
-            expires_at: DateTime::<Utc>::from(start + expires_in),
+            expires_at,
         })
+    }
+
+    /// The SDK-free signer, if it signs as the SDK does for this
+    /// connection (checked once, on first use).
+    async fn signer(&self) -> Option<&sigv4::Signer> {
+        self.signer
+            .get_or_init(|| async {
+                match self.check_signer().await {
+                    Ok(signer) => Some(signer),
+                    Err(why) => {
+                        tracing::info!(
+                            storage = %self.name,
+                            %why,
+                            "presigning and HEAD go through the AWS SDK for this connection"
+                        );
+                        None
+                    }
+                }
+            })
+            .await
+            .as_ref()
+    }
+
+    /// Builds the SDK-free signer and compares what it writes with what
+    /// the SDK's presigning writes, for the probe key at one fixed time: a
+    /// HEAD, and PUTs with and without a length. Any difference (endpoint,
+    /// key encoding, headers, signature) is a refusal.
+    async fn check_signer(&self) -> Result<sigv4::Signer, String> {
+        let signer = sigv4::Signer::new(self.credentials.clone(), &self.region, &self.object_base)
+            .map_err(|e| e.to_string())?;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        let expiry = Duration::from_secs(900);
+        let config = || {
+            PresigningConfig::builder()
+                .start_time(at)
+                .expires_in(expiry)
+                .build()
+                .map_err(|e| e.to_string())
+        };
+        let sdk = |r: aws_sdk_s3::presigning::PresignedRequest| {
+            let mut headers: Vec<(String, String)> = r
+                .headers()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+                .filter(|(k, _)| k != "host")
+                .collect();
+            headers.sort();
+            sigv4::Signed {
+                url: r.uri().to_string(),
+                headers,
+            }
+        };
+        let key = sigv4::PROBE_KEY;
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config()?)
+            .await
+            .map_err(|e| describe(&e))?;
+        let ours = signer.sign("HEAD", key, None, &[], Some(expiry), at)?;
+        if ours != sdk(head) {
+            return Err("its presigned HEAD differs from the SDK's".into());
+        }
+        for length in [Some(42), None] {
+            let put = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_type("text/plain")
+                .set_content_length(length)
+                .presigned(config()?)
+                .await
+                .map_err(|e| describe(&e))?;
+            let length = length.map(|n| n.to_string());
+            let mut headers = vec![("content-type", "text/plain")];
+            if let Some(length) = &length {
+                headers.push(("content-length", length));
+            }
+            let ours = signer.sign("PUT", key, Some("PutObject"), &headers, Some(expiry), at)?;
+            if ours != sdk(put) {
+                return Err("its presigned PUT differs from the SDK's".into());
+            }
+        }
+        Ok(signer)
     }
 
     /// HEAD requests this connection has sent since start.
@@ -485,6 +622,15 @@ impl Storage {
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
         self.heads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(signer) = self.signer().await {
+            return signer.head(key).await.map_err(|e| StorageError::Service {
+                storage: self.name.clone(),
+                operation: "head",
+                key: key.to_string(),
+                message: e.to_string(),
+                source: Box::new(e),
+            });
+        }
         let out = match self
             .client
             .head_object()
@@ -638,6 +784,93 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    /// The signer is used only where it writes what the SDK writes; these
+    /// are the endpoint shapes it must agree on (no request is sent).
+    #[tokio::test]
+    async fn the_signer_agrees_with_the_sdk_for_every_endpoint_shape() {
+        let shapes: Vec<(&str, StorageConfig)> = vec![
+            ("s3, virtual host", storage_config(StorageKind::S3, None)),
+            (
+                "s3 in eu-west-1, path style",
+                StorageConfig {
+                    region: "eu-west-1".into(),
+                    path_style: true,
+                    ..storage_config(StorageKind::S3, None)
+                },
+            ),
+            (
+                "r2",
+                StorageConfig {
+                    bucket: "uploads".into(),
+                    region: String::new(),
+                    ..storage_config(
+                        StorageKind::R2,
+                        Some("https://0123456789abcdef.r2.cloudflarestorage.com"),
+                    )
+                },
+            ),
+            (
+                "minio, path style",
+                StorageConfig {
+                    path_style: true,
+                    ..storage_config(StorageKind::S3Compatible, Some("http://127.0.0.1:9000"))
+                },
+            ),
+            (
+                "s3-compatible, virtual host",
+                storage_config(
+                    StorageKind::S3Compatible,
+                    Some("https://objects.example.com"),
+                ),
+            ),
+            (
+                "s3-compatible with a port and a path, path style",
+                StorageConfig {
+                    path_style: true,
+                    ..storage_config(
+                        StorageKind::S3Compatible,
+                        Some("https://example.com:8443/s3/"),
+                    )
+                },
+            ),
+        ];
+        for (what, sc) in shapes {
+            let sc = StorageConfig {
+                bucket: "my-uploads".into(),
+                ..sc
+            };
+            let storage = Storage::new("s", &sc, &no_env).unwrap();
+            if let Err(e) = storage.check_signer().await {
+                panic!("{what}: {e}");
+            }
+        }
+        // Temporary credentials: the session token is signed as the SDK
+        // signs it.
+        let env = |k: &str| match k {
+            "AWS_ACCESS_KEY_ID" => Some("AKIDEXAMPLE".to_string()),
+            "AWS_SECRET_ACCESS_KEY" => Some("secret".to_string()),
+            "AWS_SESSION_TOKEN" => Some("token/with+odd=chars".to_string()),
+            _ => None,
+        };
+        let sc = StorageConfig {
+            bucket: "my-uploads".into(),
+            access_key_id: None,
+            secret_access_key: None,
+            ..storage_config(StorageKind::S3, None)
+        };
+        let storage = Storage::new("s", &sc, &env).unwrap();
+        if let Err(e) = storage.check_signer().await {
+            panic!("session token: {e}");
+        }
+
+        // A bucket name too short for a host name: the SDK falls back to
+        // path style where the signer would not. The difference is caught,
+        // and the SDK keeps signing for that connection.
+        let storage = Storage::new("s", &storage_config(StorageKind::S3, None), &no_env).unwrap();
+        let err = storage.check_signer().await.err().unwrap();
+        assert!(err.contains("differs from the SDK"), "{err}");
     }
 
     #[test]
@@ -880,6 +1113,51 @@ mod tests {
                     storage.endpoint().unwrap()
                 )
             );
+        }
+
+        #[tokio::test]
+        async fn the_embedded_connection_signs_without_the_sdk() {
+            let r = running().await;
+            let storage = r.storages.resolve("").unwrap();
+            assert!(
+                storage.signer().await.is_some(),
+                "{:?}",
+                storage.check_signer().await.err()
+            );
+        }
+
+        #[tokio::test]
+        async fn a_signer_that_disagrees_with_the_sdk_is_not_used() {
+            let r = running().await;
+            let good = r.storages.resolve("").unwrap();
+            let sc = StorageConfig {
+                kind: StorageKind::S3Compatible,
+                bucket: good.bucket().to_string(),
+                region: "us-east-1".into(),
+                endpoint: good.endpoint().map(str::to_string),
+                path_style: true,
+                access_key_id: Some("uploadhook-dev".into()),
+                secret_access_key: Some(SecretString::from("uploadhook-dev-secret")),
+                public_base_url: None,
+                presign_expiry: Duration::from_secs(60),
+            };
+            let mut storage = Storage::new("odd", &sc, &no_env).unwrap();
+            // An endpoint shape the signer gets wrong: the object base
+            // without the bucket.
+            storage.object_base = good.endpoint().unwrap().to_string();
+            let err = storage.check_signer().await.err().unwrap();
+            assert!(err.contains("differs from the SDK"), "{err}");
+            assert!(storage.signer().await.is_none());
+            // Everything still works, through the SDK.
+            let p = storage
+                .presign_put("via-sdk", "text/plain", Some(2), Duration::from_secs(60))
+                .await
+                .unwrap();
+            let resp = put(&p, b"ok").send().await.unwrap();
+            assert!(resp.status().is_success(), "{}", resp.status());
+            let info = storage.head("via-sdk").await.unwrap().unwrap();
+            assert_eq!(info.size, 2);
+            assert_eq!(storage.head("absent").await.unwrap(), None);
         }
 
         #[tokio::test]
