@@ -176,7 +176,8 @@
 //!   lease) names every key it touches in `KEYS`, all of that one tag, and
 //!   builds no key names of its own; the client routes it by its first key.
 //!   `SCRIPT LOAD` after a `NOSCRIPT` goes to every node.
-//! - Each `MULTI` block (ack, `retry_later`, parking, giving back) and each
+//! - Each `MULTI` block (a group of acks, `retry_later`, parking, giving
+//!   back) and each
 //!   `XREADGROUP … STREAMS high normal` touches only keys of the tag, so
 //!   Redis never answers `CROSSSLOT`.
 //!
@@ -200,7 +201,10 @@ use redis::{
     RedisError, Script, Value,
     streams::{StreamId, StreamReadOptions, StreamReadReply},
 };
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
 use tracing::{error, warn};
 
 use super::{
@@ -404,6 +408,65 @@ pub struct RedisQueue {
     recreated: watch::Sender<u64>,
     /// Single takes that got a job (see [`HighShare::high_quota`]).
     single_turn: AtomicU64,
+    /// The writer of grouped acks, started by the first ack.
+    acks: std::sync::OnceLock<mpsc::UnboundedSender<PendingAck>>,
+    /// Ack groups written (one `MULTI` each).
+    ack_groups: Arc<AtomicU64>,
+}
+
+/// An ack waiting for the next group.
+struct PendingAck {
+    stream: String,
+    id: String,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Acks written in one `MULTI` at most.
+const ACK_GROUP_MAX: usize = 512;
+
+/// Writes acks in groups: one `MULTI` with one `XACK` and one `XDEL` per
+/// stream for whatever acks are waiting, then the next group. One group is
+/// in flight at a time, so acks that arrive meanwhile wait for one round
+/// trip at most and share the next. Ends when the queue is dropped.
+async fn write_acks(
+    mut conn: Conn,
+    mut waiting: mpsc::UnboundedReceiver<PendingAck>,
+    groups: Arc<AtomicU64>,
+) {
+    while let Some(first) = waiting.recv().await {
+        let mut group = vec![first];
+        while group.len() < ACK_GROUP_MAX {
+            match waiting.try_recv() {
+                Ok(ack) => group.push(ack),
+                Err(_) => break,
+            }
+        }
+        let mut by_stream: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for ack in &group {
+            by_stream.entry(&ack.stream).or_default().push(&ack.id);
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (stream, ids) in &by_stream {
+            pipe.cmd("XACK")
+                .arg(*stream)
+                .arg(GROUP)
+                .arg(ids)
+                .ignore()
+                .cmd("XDEL")
+                .arg(*stream)
+                .arg(ids)
+                .ignore();
+        }
+        let res = pipe
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| format!("redis XACK: {e}"));
+        groups.fetch_add(1, Ordering::Relaxed);
+        for ack in group {
+            let _ = ack.done.send(res.clone());
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -473,6 +536,8 @@ impl RedisQueue {
             recreations: AtomicU64::new(0),
             recreated: watch::Sender::new(0),
             single_turn: AtomicU64::new(0),
+            acks: Default::default(),
+            ack_groups: Default::default(),
         };
         q.create_group().await?;
         Ok(q)
@@ -1051,14 +1116,27 @@ impl Queue for RedisQueue {
 
     async fn ack(&self, lease: &Lease) -> Result<(), QueueError> {
         let (stream, id) = self.locate(&lease.receipt)?;
-        // XACK answers 0, not NOGROUP, when the group is gone: after a data
-        // loss there is nothing to ack, and nothing fails.
-        redis::pipe()
-            .atomic()
-            .ack_and_delete(stream, id)
-            .query_async::<()>(&mut self.conn.clone())
+        // Written with the other acks waiting (`write_acks`). XACK answers
+        // 0, not NOGROUP, when the group is gone: after a data loss there
+        // is nothing to ack, and nothing fails.
+        let writer = self.acks.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(write_acks(self.conn.clone(), rx, self.ack_groups.clone()));
+            tx
+        });
+        let (done, written) = oneshot::channel();
+        let stopped = || QueueError::Backend("redis XACK: the ack writer stopped".into());
+        writer
+            .send(PendingAck {
+                stream: stream.to_string(),
+                id: id.to_string(),
+                done,
+            })
+            .map_err(|_| stopped())?;
+        written
             .await
-            .map_err(|e| backend("XACK", e))
+            .map_err(|_| stopped())?
+            .map_err(QueueError::Backend)
     }
 
     async fn retry_later(&self, lease: &Lease, due: DateTime<Utc>) -> Result<(), QueueError> {
@@ -1424,6 +1502,7 @@ mod tests {
     }
 
     on_each_redis!(
+        acks_waiting_together_are_written_as_one_group,
         each_priority_has_its_stream_named_by_its_receipts,
         entries_and_members_without_a_priority_are_normal,
         a_read_served_from_both_streams_gives_the_excess_back,
@@ -1439,6 +1518,40 @@ mod tests {
 
     fn job() -> Job {
         job_of(Priority::Normal)
+    }
+
+    async fn acks_waiting_together_are_written_as_one_group(s: Space) {
+        let q = s.queue("c0").await;
+        for i in 0..300 {
+            let p = if i % 3 == 0 {
+                Priority::High
+            } else {
+                Priority::Normal
+            };
+            q.enqueue(job_of(p), None).await.unwrap();
+        }
+        let mut leases = Vec::new();
+        while leases.len() < 300 {
+            let taken = q
+                .take(300 - leases.len(), Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert!(!taken.is_empty());
+            leases.extend(taken);
+        }
+        // All 300 are waiting before the writer runs (one thread).
+        let acked = futures_util::future::join_all(leases.iter().map(|l| q.ack(l))).await;
+        assert!(acked.iter().all(Result::is_ok), "{acked:?}");
+        assert_eq!(q.ack_groups.load(Ordering::Relaxed), 1);
+        // Acked and deleted from both streams.
+        let st = q.stats().await.unwrap();
+        assert_eq!((st.stream, st.pending), (0, 0), "{st:?}");
+        // An ack alone is a group of its own, answered as before.
+        q.enqueue(job(), None).await.unwrap();
+        let one = q.take(1, Duration::from_secs(1)).await.unwrap();
+        q.ack(&one[0]).await.unwrap();
+        assert_eq!(q.ack_groups.load(Ordering::Relaxed), 2);
+        assert_eq!(q.stats().await.unwrap().pending, 0);
     }
 
     fn job_of(priority: Priority) -> Job {
