@@ -409,9 +409,8 @@ pub struct RedisQueue {
     /// Single takes that got a job (see [`HighShare::high_quota`]).
     single_turn: AtomicU64,
     /// The writer of grouped acks, started by the first ack.
-    acks: std::sync::OnceLock<mpsc::UnboundedSender<PendingAck>>,
-    /// Ack groups written (one `MULTI` each).
-    ack_groups: Arc<AtomicU64>,
+    /// (Started again if it stopped.)
+    acks: Mutex<Option<mpsc::UnboundedSender<PendingAck>>>,
 }
 
 /// An ack waiting for the next group.
@@ -426,13 +425,12 @@ const ACK_GROUP_MAX: usize = 512;
 
 /// Writes acks in groups: one `MULTI` with one `XACK` and one `XDEL` per
 /// stream for whatever acks are waiting, then the next group. One group is
-/// in flight at a time, so acks that arrive meanwhile wait for one round
-/// trip at most and share the next. Ends when the queue is dropped.
-async fn write_acks(
-    mut conn: Conn,
-    mut waiting: mpsc::UnboundedReceiver<PendingAck>,
-    groups: Arc<AtomicU64>,
-) {
+/// in flight at a time: an ack that arrives meanwhile waits for it, then
+/// goes with the next (two round trips at most, unless more than
+/// [`ACK_GROUP_MAX`] are waiting). Ends when the queue is dropped, with
+/// the number of groups it wrote.
+async fn write_acks(mut conn: Conn, mut waiting: mpsc::UnboundedReceiver<PendingAck>) -> u64 {
+    let mut groups = 0;
     while let Some(first) = waiting.recv().await {
         let mut group = vec![first];
         while group.len() < ACK_GROUP_MAX {
@@ -462,11 +460,12 @@ async fn write_acks(
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| format!("redis XACK: {e}"));
-        groups.fetch_add(1, Ordering::Relaxed);
+        groups += 1;
         for ack in group {
             let _ = ack.done.send(res.clone());
         }
     }
+    groups
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -537,7 +536,6 @@ impl RedisQueue {
             recreated: watch::Sender::new(0),
             single_turn: AtomicU64::new(0),
             acks: Default::default(),
-            ack_groups: Default::default(),
         };
         q.create_group().await?;
         Ok(q)
@@ -1119,24 +1117,37 @@ impl Queue for RedisQueue {
         // Written with the other acks waiting (`write_acks`). XACK answers
         // 0, not NOGROUP, when the group is gone: after a data loss there
         // is nothing to ack, and nothing fails.
-        let writer = self.acks.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(write_acks(self.conn.clone(), rx, self.ack_groups.clone()));
-            tx
-        });
         let (done, written) = oneshot::channel();
-        let stopped = || QueueError::Backend("redis XACK: the ack writer stopped".into());
-        writer
-            .send(PendingAck {
-                stream: stream.to_string(),
-                id: id.to_string(),
-                done,
-            })
-            .map_err(|_| stopped())?;
-        written
-            .await
-            .map_err(|_| stopped())?
-            .map_err(QueueError::Backend)
+        let ack = PendingAck {
+            stream: stream.to_string(),
+            id: id.to_string(),
+            done,
+        };
+        let sent = {
+            let mut writer = self.acks.lock().expect("ack writer lock");
+            let writer = match writer.as_ref() {
+                Some(tx) if !tx.is_closed() => tx,
+                // First ack, or the writer stopped (its runtime went away):
+                // start one.
+                _ => writer.insert({
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(write_acks(self.conn.clone(), rx));
+                    tx
+                }),
+            };
+            writer.send(ack).is_ok()
+        };
+        match written.await {
+            Ok(res) if sent => res.map_err(QueueError::Backend),
+            // The writer went away with this ack: write it alone (acking
+            // twice is harmless).
+            _ => redis::pipe()
+                .atomic()
+                .ack_and_delete(stream, id)
+                .query_async::<()>(&mut self.conn.clone())
+                .await
+                .map_err(|e| backend("XACK", e)),
+        }
     }
 
     async fn retry_later(&self, lease: &Lease, due: DateTime<Utc>) -> Result<(), QueueError> {
@@ -1539,19 +1550,32 @@ mod tests {
             assert!(!taken.is_empty());
             leases.extend(taken);
         }
-        // All 300 are waiting before the writer runs (one thread).
-        let acked = futures_util::future::join_all(leases.iter().map(|l| q.ack(l))).await;
+        // 300 acks waiting when the writer starts: one group.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut answers = Vec::new();
+        for l in &leases[..290] {
+            let (stream, id) = q.locate(&l.receipt).unwrap();
+            let (done, answer) = oneshot::channel();
+            tx.send(PendingAck {
+                stream: stream.to_string(),
+                id: id.to_string(),
+                done,
+            })
+            .unwrap();
+            answers.push(answer);
+        }
+        drop(tx);
+        assert_eq!(write_acks(s.raw().await, rx).await, 1);
+        for answer in answers {
+            answer.await.unwrap().unwrap();
+        }
+        // Through `ack`, one at a time and together.
+        q.ack(&leases[290]).await.unwrap();
+        let acked = futures_util::future::join_all(leases[291..].iter().map(|l| q.ack(l))).await;
         assert!(acked.iter().all(Result::is_ok), "{acked:?}");
-        assert_eq!(q.ack_groups.load(Ordering::Relaxed), 1);
         // Acked and deleted from both streams.
         let st = q.stats().await.unwrap();
         assert_eq!((st.stream, st.pending), (0, 0), "{st:?}");
-        // An ack alone is a group of its own, answered as before.
-        q.enqueue(job(), None).await.unwrap();
-        let one = q.take(1, Duration::from_secs(1)).await.unwrap();
-        q.ack(&one[0]).await.unwrap();
-        assert_eq!(q.ack_groups.load(Ordering::Relaxed), 2);
-        assert_eq!(q.stats().await.unwrap().pending, 0);
     }
 
     fn job_of(priority: Priority) -> Job {

@@ -1126,6 +1126,69 @@ mod tests {
             );
         }
 
+        /// A storage that answers each connection's request with the next
+        /// of `answers` (raw HTTP), then closes it.
+        async fn scripted(answers: Vec<&'static str>) -> Storage {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let endpoint = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                for answer in answers {
+                    let (mut conn, _) = listener.accept().await.unwrap();
+                    let mut buf = vec![0; 8192];
+                    let _ = conn.read(&mut buf).await;
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                }
+            });
+            let sc = StorageConfig {
+                path_style: true,
+                ..storage_config(StorageKind::S3Compatible, Some(&endpoint))
+            };
+            let storage = Storage::new("scripted", &sc, &no_env).unwrap();
+            assert!(storage.signer().await.is_some());
+            storage
+        }
+
+        #[tokio::test]
+        async fn a_head_is_tried_again_after_a_5xx() {
+            let storage = scripted(vec![
+                "HTTP/1.1 503 Slow Down\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\netag: \"abc\"\r\ncontent-type: text/plain\r\nlast-modified: Sun, 06 Dec 2026 09:00:00 GMT\r\nconnection: close\r\n\r\n",
+            ])
+            .await;
+            let info = storage.head("k").await.unwrap().unwrap();
+            assert_eq!(info.size, 7);
+            assert_eq!(info.etag, "abc");
+            assert_eq!(info.content_type.as_deref(), Some("text/plain"));
+            assert_eq!(
+                info.last_modified,
+                DateTime::parse_from_rfc3339("2026-12-06T09:00:00Z")
+                    .ok()
+                    .map(|t| t.with_timezone(&Utc))
+            );
+        }
+
+        #[tokio::test]
+        async fn a_head_gives_up_after_three_5xx_and_names_the_status() {
+            let answer = "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+            let storage = scripted(vec![answer; 3]).await;
+            let err = storage.head("k").await.unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "storage `scripted`: head `k`: the service answered 500"
+            );
+        }
+
+        #[tokio::test]
+        async fn an_invalid_content_length_is_an_error_not_a_size() {
+            let storage = scripted(vec![
+                "HTTP/1.1 200 OK\r\ncontent-length: 7x\r\nconnection: close\r\n\r\n",
+            ])
+            .await;
+            let err = storage.head("k").await.unwrap_err().to_string();
+            assert!(err.contains("invalid `content-length`"), "{err}");
+        }
+
         #[tokio::test]
         async fn a_signer_that_disagrees_with_the_sdk_is_not_used() {
             let r = running().await;

@@ -10,19 +10,24 @@
 //! HTTP client.
 //!
 //! The SDK stays the reference. A connection uses the [`Signer`] only after
-//! [`Signer::agrees`] has found that, for a probe key and a fixed time, it
-//! writes exactly the URL and headers the SDK's presigning writes, for a
-//! HEAD and for PUTs with and without a length: same endpoint (virtual
-//! host or path style, as the SDK's endpoint rules chose), same key
-//! encoding, same signature. A connection where they differ (an endpoint
-//! shape this module does not know) keeps using the SDK, with a log line.
+//! `Storage::check_signer` has found that, for a probe key and a fixed
+//! time, it writes exactly the URL and headers the SDK's presigning
+//! writes, for a HEAD and for PUTs with and without a length: same
+//! endpoint (virtual host or path style, as the SDK's endpoint rules
+//! chose), same key encoding, same credential scope and signature. A
+//! connection where they differ (an endpoint shape this module does not
+//! know) keeps using the SDK, with a log line.
 //!
 //! A HEAD is signed in its headers (`authorization`, `x-amz-date`,
 //! `x-amz-content-sha256` of the empty body), as the SDK sends it, so that
-//! bucket policies on the kind of authentication see no change; the same
-//! canonical request as the presigned HEAD that the check compared, signed
-//! into headers instead of the query. Errors never carry a URL (a
-//! presigned URL's query is a credential).
+//! bucket policies on the kind of authentication see no change. That form
+//! is not compared with the SDK at run time (the check compares presigned
+//! forms, which share the endpoint, the encoding and the signer but not
+//! the signed headers); the tests send it to a real SigV4 verifier (the
+//! embedded S3 server). Like the SDK's default client, the HEAD's client
+//! follows `HTTPS_PROXY` / `NO_PROXY`, follows no redirect, and tries
+//! [`HEAD_TRIES`] times on a connection error or a 5xx. Errors never
+//! carry a URL (a presigned URL's query is a credential).
 
 use std::time::{Duration, SystemTime};
 
@@ -40,7 +45,10 @@ use percent_encoding::utf8_percent_encode;
 
 use super::{KEY_ENCODE, ObjectInfo, normalize_etag};
 
-/// The key [`Signer::agrees`] signs: characters that S3 encodes and that
+/// Tries of one HEAD (the SDK's standard retry makes three attempts too).
+pub(super) const HEAD_TRIES: u32 = 3;
+
+/// The key `Storage::check_signer` signs: characters that S3 encodes and that
 /// it leaves alone, and a `/`.
 pub(super) const PROBE_KEY: &str = "uploadhook-probe/a b+c~d_e.f%g(h)&=é";
 
@@ -68,7 +76,6 @@ impl Signer {
         object_base: &str,
     ) -> Result<Signer, reqwest::Error> {
         let http = reqwest::Client::builder()
-            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .build()?;
@@ -157,19 +164,33 @@ impl Signer {
         Ok(Signed { url, headers })
     }
 
-    /// HEADs `key`: `Ok(None)` when the storage answers 404.
+    /// HEADs `key`: `Ok(None)` when the storage answers 404. A connection
+    /// error or a 5xx is tried again, [`HEAD_TRIES`] times in all.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, HeadError> {
-        let signed = self
-            .sign("HEAD", key, None, &[], None, SystemTime::now())
-            .map_err(HeadError::Sign)?;
-        let mut request = self.http.head(&signed.url);
-        for (name, value) in &signed.headers {
-            request = request.header(name, value);
-        }
-        let resp = request
-            .send()
-            .await
-            .map_err(|e| HeadError::Http(e.without_url()))?;
+        let mut tries = 0;
+        let resp = loop {
+            tries += 1;
+            // Signed again for each try: the signature carries the time.
+            let signed = self
+                .sign("HEAD", key, None, &[], None, SystemTime::now())
+                .map_err(HeadError::Sign)?;
+            let mut request = self.http.head(&signed.url);
+            for (name, value) in &signed.headers {
+                request = request.header(name, value);
+            }
+            let again = match request.send().await {
+                Ok(resp) if resp.status().is_server_error() && tries < HEAD_TRIES => {
+                    HeadError::Status(resp.status().as_u16())
+                }
+                Ok(resp) => break resp,
+                Err(e) if tries < HEAD_TRIES && (e.is_connect() || e.is_request()) => {
+                    HeadError::Http(e.without_url())
+                }
+                Err(e) => return Err(HeadError::Http(e.without_url())),
+            };
+            tracing::debug!(key, tries, error = %again, "HEAD failed; trying again");
+            tokio::time::sleep(Duration::from_millis(50 * tries as u64)).await;
+        };
         match resp.status().as_u16() {
             200..=299 => {}
             404 => return Ok(None),
@@ -181,11 +202,17 @@ impl Signer {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
+        // Not `content_length()`: a HEAD response has no body. Absent is 0,
+        // as the SDK reads it; present and not a number is an error.
+        let size = match header("content-length") {
+            None => 0,
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| HeadError::BadHeader("content-length"))?,
+        };
         Ok(Some(ObjectInfo {
-            // Not `content_length()`: a HEAD response has no body.
-            size: header("content-length")
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0),
+            size,
             etag: normalize_etag(&header("etag").unwrap_or_default()),
             content_type: header("content-type"),
             last_modified: header("last-modified").and_then(|v| {
@@ -214,4 +241,6 @@ pub(super) enum HeadError {
     Http(reqwest::Error),
     #[error("the service answered {0}")]
     Status(u16),
+    #[error("the service answered with an invalid `{0}` header")]
+    BadHeader(&'static str),
 }
