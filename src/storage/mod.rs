@@ -1126,6 +1126,22 @@ mod tests {
             );
         }
 
+        /// A connection to the same server and bucket as `good`, with the
+        /// embedded server's key id and `secret`.
+        fn like(good: &Storage, secret: &str) -> StorageConfig {
+            StorageConfig {
+                kind: StorageKind::S3Compatible,
+                bucket: good.bucket().to_string(),
+                region: "us-east-1".into(),
+                endpoint: good.endpoint().map(str::to_string),
+                path_style: true,
+                access_key_id: Some("uploadhook-dev".into()),
+                secret_access_key: Some(SecretString::from(secret)),
+                public_base_url: None,
+                presign_expiry: Duration::from_secs(60),
+            }
+        }
+
         /// A storage that answers each connection's request with the next
         /// of `answers` (raw HTTP), then closes it.
         async fn scripted(answers: Vec<&'static str>) -> Storage {
@@ -1193,17 +1209,7 @@ mod tests {
         async fn a_signer_that_disagrees_with_the_sdk_is_not_used() {
             let r = running().await;
             let good = r.storages.resolve("").unwrap();
-            let sc = StorageConfig {
-                kind: StorageKind::S3Compatible,
-                bucket: good.bucket().to_string(),
-                region: "us-east-1".into(),
-                endpoint: good.endpoint().map(str::to_string),
-                path_style: true,
-                access_key_id: Some("uploadhook-dev".into()),
-                secret_access_key: Some(SecretString::from("uploadhook-dev-secret")),
-                public_base_url: None,
-                presign_expiry: Duration::from_secs(60),
-            };
+            let sc = like(&good, "uploadhook-dev-secret");
             let mut storage = Storage::new("odd", &sc, &no_env).unwrap();
             // An endpoint shape the signer gets wrong: the object base
             // without the bucket.
@@ -1245,17 +1251,7 @@ mod tests {
         async fn other_failures_are_errors_without_secrets() {
             let r = running().await;
             let good = r.storages.resolve("").unwrap();
-            let sc = StorageConfig {
-                kind: StorageKind::S3Compatible,
-                bucket: good.bucket().to_string(),
-                region: "us-east-1".into(),
-                endpoint: good.endpoint().map(str::to_string),
-                path_style: true,
-                access_key_id: Some("uploadhook-dev".into()),
-                secret_access_key: Some(SecretString::from("wrong-secret-value")),
-                public_base_url: None,
-                presign_expiry: Duration::from_secs(60),
-            };
+            let sc = like(&good, "wrong-secret-value");
             let bad = Storage::new("bad", &sc, &no_env).unwrap();
             let err = bad.head("k").await.unwrap_err();
             let msg = err.to_string();
