@@ -177,9 +177,8 @@
 //!   builds no key names of its own; the client routes it by its first key.
 //!   `SCRIPT LOAD` after a `NOSCRIPT` goes to every node.
 //! - Each `MULTI` block (a group of acks, `retry_later`, parking, giving
-//!   back) and each
-//!   `XREADGROUP … STREAMS high normal` touches only keys of the tag, so
-//!   Redis never answers `CROSSSLOT`.
+//!   back) and each `XREADGROUP … STREAMS high normal` touches only keys
+//!   of the tag, so Redis never answers `CROSSSLOT`.
 //!
 //! A failover of the queue's primary can lose its latest writes (Redis
 //! replication is asynchronous), as a restart without persistence does;

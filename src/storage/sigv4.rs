@@ -60,6 +60,20 @@ pub(super) struct Signed {
     pub headers: Vec<(String, String)>,
 }
 
+/// The headers a presigned PUT signs: the content type, and the length
+/// when it is known. Used by the uploads and by the check against the SDK,
+/// so that the check covers what uploads sign.
+pub(super) fn put_headers<'a>(
+    content_type: &'a str,
+    length: Option<&'a str>,
+) -> Vec<(&'static str, &'a str)> {
+    let mut headers = vec![("content-type", content_type)];
+    if let Some(length) = length {
+        headers.push(("content-length", length));
+    }
+    headers
+}
+
 pub(super) struct Signer {
     identity: Identity,
     region: String,
