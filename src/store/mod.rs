@@ -73,6 +73,27 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
     Ok(Database::connect(opts).await?)
 }
 
+/// The row with this unique key (a primary key, or a column under a unique
+/// index), if any. Without `LIMIT`: sea-orm's `one()` binds its `LIMIT 1`
+/// as a parameter, and SQLite compiles a statement again before every run
+/// when a bound value may change its plan, which a `LIMIT` may. For the
+/// embedded default's reads by id that was about a tenth of the process's
+/// CPU under load. More than one row is a corrupt table.
+async fn by_unique_key<E: EntityTrait>(
+    select: sea_orm::Select<E>,
+    db: &impl ConnectionTrait,
+) -> Result<Option<E::Model>> {
+    let mut rows = select.all(db).await?;
+    if rows.len() > 1 {
+        return Err(StoreError::Corrupt(format!(
+            "a lookup by a unique key in {} matched {} rows",
+            E::default().table_name(),
+            rows.len()
+        )));
+    }
+    Ok(rows.pop())
+}
+
 /// Applies pending migrations.
 pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
     use migration::MigratorTrait;
@@ -500,11 +521,12 @@ impl Store {
 
     /// The tenant of this name, if it exists.
     pub async fn tenant_by_name(&self, name: &str) -> Result<Option<TenantId>> {
-        Ok(tenants::Entity::find()
-            .filter(tenants::Column::Name.eq(name))
-            .one(&self.db)
-            .await?
-            .map(|t| TenantId::from_trusted(t.id)))
+        Ok(by_unique_key(
+            tenants::Entity::find().filter(tenants::Column::Name.eq(name)),
+            &self.db,
+        )
+        .await?
+        .map(|t| TenantId::from_trusted(t.id)))
     }
 
     /// The tenant of this name, created when missing.
@@ -640,10 +662,11 @@ impl Store {
         if !plaintext.starts_with(API_KEY_PREFIX) {
             return Ok(None);
         }
-        let Some(key) = api_keys::Entity::find()
-            .filter(api_keys::Column::KeyHash.eq(hash_key(plaintext)))
-            .one(&self.db)
-            .await?
+        let Some(key) = by_unique_key(
+            api_keys::Entity::find().filter(api_keys::Column::KeyHash.eq(hash_key(plaintext))),
+            &self.db,
+        )
+        .await?
         else {
             return Ok(None);
         };
@@ -766,11 +789,13 @@ impl Store {
         tenant: &TenantId,
         key: &str,
     ) -> Result<Option<Webhook>> {
-        Ok(webhooks::Entity::find()
-            .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
-            .filter(webhooks::Column::IdempotencyKey.eq(key))
-            .one(&self.db)
-            .await?)
+        by_unique_key(
+            webhooks::Entity::find()
+                .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
+                .filter(webhooks::Column::IdempotencyKey.eq(key)),
+            &self.db,
+        )
+        .await
     }
 
     /// Replaces the webhook's signing secret with `new`; the current one
@@ -805,17 +830,21 @@ impl Store {
         if res.rows_affected != 1 {
             return Ok(None);
         }
-        Ok(webhooks::Entity::find_by_id(w.id.as_str())
-            .filter(webhooks::Column::TenantId.eq(w.tenant_id.as_str()))
-            .one(&self.db)
-            .await?)
+        by_unique_key(
+            webhooks::Entity::find_by_id(w.id.as_str())
+                .filter(webhooks::Column::TenantId.eq(w.tenant_id.as_str())),
+            &self.db,
+        )
+        .await
     }
 
     pub async fn find_webhook(&self, tenant: &TenantId, id: &WebhookId) -> Result<Option<Webhook>> {
-        Ok(webhooks::Entity::find_by_id(id.as_str())
-            .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
-            .one(&self.db)
-            .await?)
+        by_unique_key(
+            webhooks::Entity::find_by_id(id.as_str())
+                .filter(webhooks::Column::TenantId.eq(tenant.as_str())),
+            &self.db,
+        )
+        .await
     }
 
     /// Changes the status from one of `t.from` to `t.to`, atomically with

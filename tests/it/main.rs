@@ -14,6 +14,7 @@ mod rest;
 mod scale;
 mod security;
 mod ssrf;
+mod statements;
 mod streams;
 #[path = "../../src/pipeline/test_pki.rs"]
 mod test_pki;
