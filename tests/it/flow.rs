@@ -33,6 +33,7 @@ backend_tests!(
     list_and_cancel,
     a_slow_host_does_not_hold_up_other_hosts,
     deliveries_to_one_host_stay_within_its_limit,
+    the_host_limit_is_on_requests_not_on_claims,
     a_delivery_that_waits_too_long_for_its_host_is_put_back,
     a_stopping_worker_puts_back_what_waits_for_its_host,
 );
@@ -728,10 +729,54 @@ async fn deliveries_to_one_host_stay_within_its_limit(db: &TestDb) {
     app.stop().await;
 }
 
-/// A delivery waits at most 5 s for its host; then its job goes back to the
-/// queue and comes round again. With one delivery at a time and the first
-/// held for 7 s, the other two wait out their 5 s and are put back, and
-/// all three still arrive, once each, one at a time.
+/// `per_host_concurrency` limits the requests in the receiver's hand, not
+/// the writes before them: with one request at a time and each held, the
+/// next delivery is already claimed (DELIVERING) while the request before
+/// it is in hand, and the one after it waits unclaimed (room for two).
+/// Each still arrives once, one at a time.
+async fn the_host_limit_is_on_requests_not_on_claims(db: &TestDb) {
+    let mut app = TestApp::start(db, "[worker]\nconcurrency = 8\nper_host_concurrency = 1\n").await;
+    let rx = Receiver::start().await;
+    rx.hold_every(std::time::Duration::from_millis(700));
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(create_confirmed(&app, &rx.url, &format!("f{i}.txt")).await);
+    }
+    // While the first request is held (and only then: once it is
+    // answered, the next is claimed anyway): two claimed, never three.
+    let first_held = || rx.received().len() == 1 && rx.in_flight() == 1;
+    let mut most = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while most < 2 && tokio::time::Instant::now() < deadline {
+        let before = first_held();
+        let mut delivering = 0;
+        for id in &ids {
+            delivering +=
+                usize::from(get(&app, &app.key_a, id).await.status() == Status::Delivering);
+        }
+        assert!(
+            delivering <= 2,
+            "{delivering} claimed at once, room is for two"
+        );
+        if before && first_held() {
+            most = most.max(delivering);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        most, 2,
+        "the next delivery was not claimed while a request was in hand"
+    );
+    assert_each_delivered_once(&app, &rx, &mut ids).await;
+    assert_eq!(rx.max_in_flight(), 1);
+    app.stop().await;
+}
+
+/// A delivery waits at most 5 s for room at its host; then its job goes
+/// back to the queue and comes round again. With one request at a time and
+/// the first held for 7 s, the second is claimed and waits for the request
+/// (room for two), the third waits out its 5 s and is put back, and all
+/// three still arrive, once each, one at a time.
 async fn a_delivery_that_waits_too_long_for_its_host_is_put_back(db: &TestDb) {
     // An attempt may take 15 s here (the tests' default is 5 s).
     let cfg = "[worker]\nconcurrency = 4\nper_host_concurrency = 1\n\
@@ -754,11 +799,13 @@ async fn a_delivery_that_waits_too_long_for_its_host_is_put_back(db: &TestDb) {
 }
 
 /// A worker that stops puts back at once the deliveries still waiting for
-/// their host, their verification stored, for a worker that stays: they
-/// neither start late nor sit until the shutdown grace cuts them off (and,
-/// with Redis, until their lease runs out). The webhook waiting behind an
-/// attempt held past the 2 s grace is VERIFIED once the worker has
-/// stopped; cut off while waiting, it would still be VERIFYING.
+/// their host, for a worker that stays: they neither start late nor sit
+/// until the shutdown grace cuts them off (and, with Redis, until their
+/// lease runs out). Behind an attempt held past the 2 s grace, with one
+/// request at a time: the second webhook is claimed and waits for the
+/// request, and is handed back RETRYING, due now; the third waits for room
+/// at the host, and is put back VERIFIED. Cut off while waiting, they
+/// would still be DELIVERING and VERIFYING.
 async fn a_stopping_worker_puts_back_what_waits_for_its_host(db: &TestDb) {
     let mut app = TestApp::start(db, "[worker]\nper_host_concurrency = 1\n").await;
     let rx = Receiver::start().await;
@@ -767,28 +814,42 @@ async fn a_stopping_worker_puts_back_what_waits_for_its_host(db: &TestDb) {
     while rx.received().is_empty() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    let claimed = create_confirmed(&app, &rx.url, "claimed.txt").await;
+    wait_for(&app, &app.key_a, &claimed, Status::Delivering).await;
     let waiting = create_confirmed(&app, &rx.url, "waiting.txt").await;
     // Its object looked at (the HEAD sent, then answered: the embedded S3
     // server stops with the app, and would fail a HEAD still in flight),
     // then waiting for the host. The gauge is the process's, shared with
     // tests running beside this one: it can only make this wait shorter,
     // hence the margin after it.
-    while app.heads() < 2 || uploadhook::metrics::METRICS.host_waiting.get() < 1 {
+    while app.heads() < 3 || uploadhook::metrics::METRICS.host_waiting.get() < 2 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     app.stop().await;
 
     let conn = sea_orm::Database::connect(&db.url).await.unwrap();
-    let row = conn
-        .query_one_raw(sea_orm::Statement::from_string(
-            conn.get_database_backend(),
-            format!("SELECT status FROM webhooks WHERE id = '{waiting}'"),
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    let status: String = row.try_get("", "status").unwrap();
+    let status_of = async |id: &str| -> (String, Option<String>) {
+        let row = conn
+            .query_one_raw(sea_orm::Statement::from_string(
+                conn.get_database_backend(),
+                format!("SELECT status, last_error FROM webhooks WHERE id = '{id}'"),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        (
+            row.try_get("", "status").unwrap(),
+            row.try_get("", "last_error").unwrap(),
+        )
+    };
+    let (status, error) = status_of(&claimed).await;
+    assert_eq!(
+        status, "retrying",
+        "the claimed delivery was not handed back"
+    );
+    assert!(error.unwrap_or_default().contains("not sent"));
+    let (status, _) = status_of(&waiting).await;
     assert_eq!(status, "verified", "the waiting delivery was not put back");
     assert_eq!(rx.received().len(), 1, "nothing started after the stop");
     conn.close().await.unwrap();

@@ -489,6 +489,13 @@ impl Receiver {
         self.state.got.lock().unwrap().clone()
     }
 
+    /// Requests this receiver is answering now.
+    pub fn in_flight(&self) -> usize {
+        self.state
+            .in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The most requests this receiver was answering at once.
     pub fn max_in_flight(&self) -> usize {
         self.state
