@@ -186,11 +186,13 @@ impl Store {
         }
         let txn = self.db.begin().await?;
         let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
-        // PostgreSQL: the compare-and-sets in one statement, when
-        // the group allows (see `multirow`); their rows are then taken
-        // below instead of being written one by one.
+        // The compare-and-sets in one statement, when the group allows
+        // (see `multirow`; on SQLite too, where each statement is a round
+        // trip to the connection's thread that the whole pipeline waits
+        // for); their rows are then taken below instead of being written
+        // one by one.
         let mut premoved: Option<Vec<Option<Option<Webhook>>>> = None;
-        if writes.len() > 1 && postgres && distinct {
+        if writes.len() > 1 && distinct {
             let ts: Option<Vec<(usize, &OwnedTransition)>> = order
                 .iter()
                 .filter_map(|&i| match &writes[i] {
@@ -854,7 +856,11 @@ mod tests {
         }
 
         async fn store(&self, bus: Arc<dyn EventBus>) -> Store {
-            let db = crate::store::connect(&self.url, 5).await.unwrap();
+            self.store_on(bus, 5).await
+        }
+
+        async fn store_on(&self, bus: Arc<dyn EventBus>, connections: u32) -> Store {
+            let db = crate::store::connect(&self.url, connections).await.unwrap();
             crate::store::migrate(&db).await.unwrap();
             let keyring = Keyring::parse(&Keyring::generate_entry("t")).unwrap();
             Store::new(db, bus, Arc::new(keyring))
@@ -936,6 +942,103 @@ mod tests {
                     "{mode}, whole = {whole}:\n{plan}"
                 );
             }
+        }
+        db.cleanup().await;
+    }
+
+    /// On SQLite, a group's compare-and-sets are one `UPDATE … FROM
+    /// json_each(?)`, not one `UPDATE` each: every statement is a round
+    /// trip to the connection's thread, which the embedded pipeline waits
+    /// for. The times it writes are stored exactly as sqlx writes them
+    /// (SQLite compares them as text).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_is_one_update_on_sqlite() {
+        let db = TestDb::sqlite();
+        // One connection: its statements are all the store's.
+        let store = db.store_on(bus(), 1).await;
+        let t = tenant(&store, "a").await;
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(webhook(&store, &t, Status::Verifying).await);
+        }
+        // Sub-second digits that sqlx writes in full.
+        let at = DateTime::parse_from_rfc3339("2026-12-06T12:34:56.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let verified = |id: &WebhookId| {
+            Write::Transition(
+                Transition::new(
+                    &t,
+                    id,
+                    &[Status::Verifying],
+                    Status::Verified,
+                    event_type::VERIFIED,
+                    at,
+                )
+                .changes(Changes::new().set(webhooks::Column::VerifiedAt, Some(at)))
+                .into(),
+            )
+        };
+        // One alone (its own statement), four in a group.
+        let alone = store.write_group(&[verified(&ids[0])]).await.unwrap();
+        assert!(alone.rows[0].is_some());
+        let writes: Vec<Write> = ids[1..].iter().map(verified).collect();
+        let applied = store.write_group(&writes).await.unwrap();
+        assert!(applied.rows.iter().all(Option::is_some));
+        assert_eq!(applied.events.len(), 4);
+
+        let pool = store.db.get_sqlite_connection_pool().clone();
+        let stmts = crate::store::test_statements::statements(&pool).await;
+        let runs = |f: &dyn Fn(&str) -> bool| -> i32 {
+            stmts.iter().filter(|s| f(&s.sql)).map(|s| s.runs).sum()
+        };
+        assert_eq!(
+            runs(&|sql| sql.starts_with("UPDATE") && sql.contains("json_each")),
+            1,
+            "{stmts:#?}"
+        );
+        assert_eq!(
+            runs(&|sql| sql.starts_with("UPDATE") && !sql.contains("json_each")),
+            1,
+            "only the lone write has an UPDATE of its own: {stmts:#?}"
+        );
+        assert!(
+            stmts
+                .iter()
+                .filter(|s| s.sql.contains("json_each"))
+                .all(|s| s.recompiled == 0),
+            "the group's UPDATE is compiled once: {stmts:#?}"
+        );
+        // The lone write's times (bound by sqlx) and the group's (from
+        // the JSON records), as stored.
+        let stored: Vec<(String, String, String)> = store
+            .db
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Sqlite,
+                "SELECT id, updated_at, verified_at FROM webhooks",
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get::<String>("", "id").unwrap(),
+                    r.try_get::<String>("", "updated_at").unwrap(),
+                    r.try_get::<String>("", "verified_at").unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(stored.len(), 5);
+        let (_, by_sqlx, _) = stored
+            .iter()
+            .find(|(id, ..)| id == ids[0].as_str())
+            .unwrap();
+        for (_, updated_at, verified_at) in &stored {
+            assert_eq!((updated_at, verified_at), (by_sqlx, by_sqlx));
+        }
+        for id in &ids {
+            let w = store.find_webhook(&t, id).await.unwrap().unwrap();
+            assert_eq!(w.verified_at, Some(at));
         }
         db.cleanup().await;
     }

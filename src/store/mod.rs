@@ -12,6 +12,8 @@
 mod batch;
 mod detect;
 pub mod entities;
+#[cfg(test)]
+pub(crate) mod test_statements;
 
 pub use batch::WriteBatcher;
 

@@ -18,4 +18,6 @@ mod statements;
 mod streams;
 #[path = "../../src/pipeline/test_pki.rs"]
 mod test_pki;
+#[path = "../../src/store/test_statements.rs"]
+mod test_statements;
 mod tls;

@@ -1,7 +1,9 @@
-//! PostgreSQL: the compare-and-sets of a write group in one `UPDATE`
-//! instead of one per write; for a group of transitions only, that
-//! `UPDATE` and the inserts of their events, attempts and dead letters in
-//! one statement ([`write_whole`]).
+//! The compare-and-sets of a write group in one `UPDATE` instead of one per
+//! write, on PostgreSQL and SQLite ([`apply`]); on PostgreSQL, for a group
+//! of transitions only, that `UPDATE` and the inserts of their events,
+//! attempts and dead letters in one statement ([`write_whole`]). The SQL
+//! below is PostgreSQL's; SQLite's (`update_sqlite`) reads the same
+//! records with `json_each`.
 //!
 //! Each write brings its own values, target status, `from` statuses and
 //! optional conditions as one record; a column that some write of the
@@ -63,34 +65,59 @@ use serde_json::{Map, Value as Json};
 use super::{Applied, OwnedTransition};
 use crate::store::{Result, StoreError, Webhook, event_on};
 
-/// The SQL type and JSON form of a value, if this encoding knows it.
-fn encode(v: &Value) -> Option<(&'static str, Json)> {
+/// The database a statement is written for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Postgres,
+    /// SQLite has `UPDATE … FROM` (3.33) and `RETURNING` (3.35), but its
+    /// `RETURNING` may not name the `FROM` side, and it stores times as
+    /// text (compared as text, in the form sqlx writes them).
+    Sqlite,
+}
+
+/// The SQL type (PostgreSQL's name) and JSON form of a value, if this
+/// encoding knows it.
+fn encode(v: &Value, d: Dialect) -> Option<(&'static str, Json)> {
     Some(match v {
         Value::String(s) => ("text", s.clone().map_or(Json::Null, Json::String)),
         Value::BigInt(n) => ("int8", n.map_or(Json::Null, Json::from)),
         Value::Int(n) => ("int4", n.map_or(Json::Null, Json::from)),
         Value::Bool(b) => ("bool", b.map_or(Json::Null, Json::Bool)),
-        Value::ChronoDateTimeUtc(t) => ("timestamptz", t.map_or(Json::Null, timestamp)),
+        Value::ChronoDateTimeUtc(t) => ("timestamptz", t.map_or(Json::Null, |t| timestamp(t, d))),
         _ => return None,
     })
 }
 
-fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Json {
-    Json::String(t.to_rfc3339_opts(SecondsFormat::Micros, true))
+fn timestamp(t: chrono::DateTime<chrono::Utc>, d: Dialect) -> Json {
+    Json::String(match d {
+        Dialect::Postgres => t.to_rfc3339_opts(SecondsFormat::Micros, true),
+        // Exactly as sqlx-sqlite encodes a `DateTime`: the column's other
+        // values are compared with it as text.
+        Dialect::Sqlite => t.to_rfc3339_opts(SecondsFormat::AutoSi, false),
+    })
 }
 
-/// The group's `UPDATE … RETURNING v.idx AS uh_write, [extra,] w.*` and
-/// its two parameters: the records as JSON text, and their webhook ids
-/// separated by commas. With `whole`, each record
-/// also carries its events, attempt and dead letter, returned as `uh_…`
-/// columns for the inserts that follow in [`write_whole`]. `None` when
-/// some value cannot be encoded. `out` gets `Some(None)` at each write's
-/// index.
-pub(super) fn update(
+/// The records of a group's writes (see the module's documentation), and
+/// what the statement needs to know of them.
+struct Records {
+    /// Every column some write changes, sorted, with its SQL type.
+    columns: Vec<(&'static str, &'static str)>,
+    json: Vec<Json>,
+    unchanged_since: bool,
+    unexpired_at: bool,
+    attempts: bool,
+    dead_letters: bool,
+}
+
+/// Each write of `ts` as one JSON record; `None` when some value cannot be
+/// encoded. `out` gets `Some(None)` at each write's index. With `whole`,
+/// each record also carries its events, attempt and dead letter.
+fn records(
     ts: &[(usize, &OwnedTransition)],
     whole: bool,
+    d: Dialect,
     out: &mut [Option<Option<Webhook>>],
-) -> Option<(String, [Value; 2])> {
+) -> Option<Records> {
     debug_assert!(
         ts.windows(2)
             .all(|p| p[0].1.id.as_str() < p[1].1.id.as_str())
@@ -102,7 +129,7 @@ pub(super) fn update(
     for (_, t) in ts {
         let mut changes = Vec::with_capacity(t.changes.0.len());
         for (col, v) in &t.changes.0 {
-            let (ty, json) = encode(v)?;
+            let (ty, json) = encode(v, d)?;
             match columns.iter().find(|(c, _)| *c == col.as_str()) {
                 Some((_, known)) if *known != ty => return None,
                 Some(_) => {}
@@ -119,7 +146,7 @@ pub(super) fn update(
     let dead_letters = whole && ts.iter().any(|(_, t)| t.dead_letter.is_some());
 
     let text = |s: &str| Json::String(s.to_string());
-    let records: Vec<Json> = ts
+    let json: Vec<Json> = ts
         .iter()
         .zip(encoded)
         .map(|((i, t), mut changes)| {
@@ -128,7 +155,7 @@ pub(super) fn update(
             r.insert("idx".into(), Json::from(*i));
             r.insert("id".into(), text(t.id.as_str()));
             r.insert("tenant_id".into(), text(t.tenant.as_str()));
-            r.insert("now".into(), timestamp(t.now));
+            r.insert("now".into(), timestamp(t.now, d));
             r.insert("to_status".into(), text(t.to.as_str()));
             r.insert(
                 "from_statuses".into(),
@@ -142,10 +169,10 @@ pub(super) fn update(
                 }
             }
             if let Some(at) = t.unchanged_since {
-                r.insert("unchanged_since".into(), timestamp(at));
+                r.insert("unchanged_since".into(), timestamp(at, d));
             }
             if let Some(at) = t.unexpired_at {
-                r.insert("unexpired_at".into(), timestamp(at));
+                r.insert("unexpired_at".into(), timestamp(at, d));
             }
             if whole {
                 r.insert("ev_kind".into(), text(t.event));
@@ -156,7 +183,7 @@ pub(super) fn update(
             }
             if let (true, Some(a)) = (attempts, &t.attempt) {
                 r.insert("a_number".into(), Json::from(a.number));
-                r.insert("a_started_at".into(), timestamp(a.started_at));
+                r.insert("a_started_at".into(), timestamp(a.started_at, d));
                 r.insert("a_duration_ms".into(), Json::from(a.duration_ms));
                 r.insert(
                     "a_status".into(),
@@ -177,7 +204,36 @@ pub(super) fn update(
             Json::Object(r)
         })
         .collect();
+    Some(Records {
+        columns,
+        json,
+        unchanged_since,
+        unexpired_at,
+        attempts,
+        dead_letters,
+    })
+}
 
+/// The group's `UPDATE … RETURNING v.idx AS uh_write, [extra,] w.*` and
+/// its two parameters: the records as JSON text, and their webhook ids
+/// separated by commas. With `whole`, each record
+/// also carries its events, attempt and dead letter, returned as `uh_…`
+/// columns for the inserts that follow in [`write_whole`]. `None` when
+/// some value cannot be encoded. `out` gets `Some(None)` at each write's
+/// index.
+pub(super) fn update(
+    ts: &[(usize, &OwnedTransition)],
+    whole: bool,
+    out: &mut [Option<Option<Webhook>>],
+) -> Option<(String, [Value; 2])> {
+    let Records {
+        columns,
+        json: records,
+        unchanged_since,
+        unexpired_at,
+        attempts,
+        dead_letters,
+    } = records(ts, whole, Dialect::Postgres, out)?;
     let mut set = String::from("\"status\" = v.to_status, \"updated_at\" = v.now");
     let mut record = String::from(
         "idx int4, id text, tenant_id text, now timestamptz, to_status text, from_statuses text[]",
@@ -243,6 +299,51 @@ pub(super) fn update(
     ))
 }
 
+/// SQLite: the group's compare-and-sets as one `UPDATE … FROM` over the
+/// records (one JSON parameter, read with `json_each`), `RETURNING` the
+/// moved rows (found by id: SQLite's `RETURNING` may not name the
+/// records). Each row moves only where its own id, tenant, `from` statuses
+/// and conditions match, as on PostgreSQL; SQLite looks each record's row
+/// up in the primary key. `None` when some value cannot be encoded.
+fn update_sqlite(
+    ts: &[(usize, &OwnedTransition)],
+    out: &mut [Option<Option<Webhook>>],
+) -> Option<(String, Value)> {
+    let r = records(ts, false, Dialect::Sqlite, out)?;
+    let mut set = String::from("\"status\" = v.to_status, \"updated_at\" = v.now");
+    let mut fields = String::from(
+        "value ->> 'id' AS id, value ->> 'tenant_id' AS tenant_id, value ->> 'now' AS now, \
+         value ->> 'to_status' AS to_status, value -> 'from_statuses' AS from_statuses",
+    );
+    for (k, (col, _)) in r.columns.iter().enumerate() {
+        // Column names are the entity's own, plain identifiers.
+        set.push_str(&format!(
+            ", \"{col}\" = CASE WHEN v.s{k} THEN v.c{k} ELSE w.\"{col}\" END"
+        ));
+        fields.push_str(&format!(
+            ", value ->> 's{k}' AS s{k}, value ->> 'c{k}' AS c{k}"
+        ));
+    }
+    let mut filter = String::from(
+        "w.\"id\" = v.id AND w.\"tenant_id\" = v.tenant_id \
+         AND w.\"status\" IN (SELECT value FROM json_each(v.from_statuses))",
+    );
+    if r.unchanged_since {
+        fields.push_str(", value ->> 'unchanged_since' AS unchanged_since");
+        filter
+            .push_str(" AND (v.unchanged_since IS NULL OR w.\"updated_at\" <= v.unchanged_since)");
+    }
+    if r.unexpired_at {
+        fields.push_str(", value ->> 'unexpired_at' AS unexpired_at");
+        filter.push_str(" AND (v.unexpired_at IS NULL OR w.\"expires_at\" > v.unexpired_at)");
+    }
+    let sql = format!(
+        "UPDATE \"webhooks\" AS w SET {set} \
+         FROM (SELECT {fields} FROM json_each(?)) AS v WHERE {filter} RETURNING *"
+    );
+    Some((sql, Value::from(Json::Array(r.json).to_string())))
+}
+
 /// The write index of a row the statement returned, checked against the
 /// writes it was given (each at most once).
 fn slot<'a>(
@@ -270,6 +371,33 @@ pub(super) async fn apply(
     writes: usize,
 ) -> Result<Option<Vec<Option<Option<Webhook>>>>> {
     let mut out: Vec<Option<Option<Webhook>>> = vec![None; writes];
+    if txn.get_database_backend() == sea_orm::DatabaseBackend::Sqlite {
+        let Some((sql, param)) = update_sqlite(ts, &mut out) else {
+            return Ok(None);
+        };
+        let found = txn
+            .query_all_raw(Statement::from_sql_and_values(
+                sea_orm::DatabaseBackend::Sqlite,
+                sql,
+                [param],
+            ))
+            .await?;
+        for r in &found {
+            let row = Webhook::from_query_result(r, "")?;
+            let at = ts
+                .binary_search_by(|(_, t)| t.id.as_str().cmp(row.id.as_str()))
+                .ok();
+            match at.and_then(|at| out.get_mut(ts[at].0)) {
+                Some(slot @ Some(None)) => *slot = Some(Some(row)),
+                _ => {
+                    return Err(StoreError::Corrupt(
+                        "a multi-row update returned a webhook it was not given, or twice".into(),
+                    ));
+                }
+            }
+        }
+        return Ok(Some(out));
+    }
     let Some((sql, params)) = update(ts, false, &mut out) else {
         return Ok(None);
     };
