@@ -947,7 +947,7 @@ mod tests {
     }
 
     /// On SQLite, a group's compare-and-sets are one `UPDATE … FROM
-    /// json_each(?)`, not one `UPDATE` each: every statement is a round
+    /// jsonb_each(?)`, not one `UPDATE` each: every statement is a round
     /// trip to the connection's thread, which the embedded pipeline waits
     /// for. The times it writes are stored exactly as sqlx writes them
     /// (SQLite compares them as text).
