@@ -251,6 +251,28 @@ impl HostLimits {
 /// `last_error` of an attempt handed back after its process stopped.
 const INTERRUPTED: &str =
     "attempt interrupted (process stopped or outcome not stored); sending again";
+/// An attempt in DELIVERING handed back: RETRYING, due `now`, saying why.
+fn hand_back<'a>(
+    tenant: &'a TenantId,
+    id: &'a WebhookId,
+    now: DateTime<Utc>,
+    why: &str,
+) -> Transition<'a> {
+    Transition::new(
+        tenant,
+        id,
+        &[Status::Delivering],
+        Status::Retrying,
+        event_type::RETRYING,
+        now,
+    )
+    .changes(
+        Changes::new()
+            .set(C::NextAttemptAt, Some(now))
+            .set(C::LastError, Some(why.to_string())),
+    )
+}
+
 /// `last_error` of an attempt handed back before it was sent.
 const NOT_SENT: &str =
     "attempt not sent: its worker stopped while it waited for its host; sending again";
@@ -420,20 +442,7 @@ impl Pipeline {
         let moved = self
             .store
             .transition(
-                Transition::new(
-                    &tenant,
-                    &id,
-                    &[Status::Delivering],
-                    Status::Retrying,
-                    event_type::RETRYING,
-                    now,
-                )
-                .changes(
-                    Changes::new()
-                        .set(C::NextAttemptAt, Some(now))
-                        .set(C::LastError, Some(INTERRUPTED.to_string())),
-                )
-                .unchanged_since(Some(w.updated_at)),
+                hand_back(&tenant, &id, now, INTERRUPTED).unchanged_since(Some(w.updated_at)),
             )
             .await?;
         if moved.is_none() {
@@ -1082,21 +1091,7 @@ impl Pipeline {
         let now = self.clock.now();
         let moved = self
             .writes
-            .transition(
-                Transition::new(
-                    &job.tenant,
-                    &job.webhook,
-                    &[Status::Delivering],
-                    Status::Retrying,
-                    event_type::RETRYING,
-                    now,
-                )
-                .changes(
-                    Changes::new()
-                        .set(C::NextAttemptAt, Some(now))
-                        .set(C::LastError, Some(NOT_SENT.to_string())),
-                ),
-            )
+            .transition(hand_back(&job.tenant, &job.webhook, now, NOT_SENT))
             .await?;
         Ok(if moved.is_some() {
             Step::Later(now)
