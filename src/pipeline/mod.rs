@@ -156,7 +156,10 @@ const ROOM_PER_HOST_SLOT: usize = 2;
 
 /// How long a webhook stays DELIVERING at most while its attempt is alive:
 /// the wait for a request in hand at its host (at most one delivery
-/// timeout, see [`ROOM_PER_HOST_SLOT`]), then the POST.
+/// timeout, see [`ROOM_PER_HOST_SLOT`]), then the POST. (What happens
+/// between the claim and the request, the write's answer and signing,
+/// takes milliseconds; a takeover that cut it that fine would send the
+/// webhook twice, which at-least-once delivery allows.)
 fn longest_attempt(delivery_timeout: Duration) -> Duration {
     delivery_timeout * 2
 }
@@ -919,13 +922,23 @@ impl Pipeline {
         room: HostRoom,
         running: &mut Running,
     ) -> Result<Step, StoreError> {
+        // Held instead of the worker slot by a delivery that waited for its
+        // request, until the request is answered.
+        let mut place = None;
         let in_hand = match room.host.in_hand.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 // Behind at most `per_host_concurrency` requests (see
-                // `ROOM_PER_HOST_SLOT`); the worker slot goes back
-                // meanwhile, so that a slow host holds no more of them.
-                running.slot = None;
+                // `ROOM_PER_HOST_SLOT`). With a waiting place free, the
+                // worker slot goes back meanwhile, so that a slow host
+                // holds no more of them, and the request is sent under
+                // the place: deliveries without a slot stay within the
+                // places (`WAITING_PER_WORKER_SLOT`). Without one, it
+                // waits in its slot.
+                if let Ok(p) = self.per_host.waiting.clone().try_acquire_owned() {
+                    place = Some(p);
+                    running.slot = None;
+                }
                 let got = {
                     let _waiting = WaitingGauge::enter();
                     tokio::select! {
@@ -936,7 +949,7 @@ impl Pipeline {
                 };
                 match got {
                     Some(p) => p,
-                    None => return self.hand_back_unsent(job).await,
+                    None => return self.hand_back_unsent(job, w.updated_at).await,
                 }
             }
         };
@@ -970,6 +983,7 @@ impl Pipeline {
             },
         };
         drop(in_hand);
+        drop(place);
         drop(room);
         let now = self.clock.now();
         let outcome = classify(response.status, response.retry_after.as_deref(), now);
@@ -1087,11 +1101,20 @@ impl Pipeline {
     /// to RETRYING, due now, for a worker that stays (as an interrupted
     /// attempt does, see `hand_back_if_stale`), instead of waiting to be
     /// cut off by the shutdown grace and sent only once it is stale.
-    async fn hand_back_unsent(&self, job: &Job) -> Result<Step, StoreError> {
+    /// `claimed_at`: the claim's time; a copy that took the attempt over
+    /// since then keeps it.
+    async fn hand_back_unsent(
+        &self,
+        job: &Job,
+        claimed_at: DateTime<Utc>,
+    ) -> Result<Step, StoreError> {
         let now = self.clock.now();
         let moved = self
             .writes
-            .transition(hand_back(&job.tenant, &job.webhook, now, NOT_SENT))
+            .transition(
+                hand_back(&job.tenant, &job.webhook, now, NOT_SENT)
+                    .unchanged_since(Some(claimed_at)),
+            )
             .await?;
         Ok(if moved.is_some() {
             Step::Later(now)

@@ -144,10 +144,12 @@ impl Store {
     /// events, after this returns.
     ///
     /// Rows are locked in webhook id order when written one by one, so two
-    /// such groups never wait for each other in a cycle. On PostgreSQL, a
-    /// group of distinct webhooks is written in one statement
-    /// (`multirow`), which locks its rows in one order of its own (see
-    /// there): a deadlock is unlikely but possible. PostgreSQL detects it
+    /// such groups never wait for each other in a cycle. A group of
+    /// distinct webhooks makes one `UPDATE` for its compare-and-sets
+    /// (`multirow`, PostgreSQL and SQLite; on PostgreSQL, without touches,
+    /// the whole group is one statement). On PostgreSQL that locks its
+    /// rows in one order of its own (see there): a deadlock is unlikely
+    /// but possible. PostgreSQL detects it
     /// and fails one group, and the batcher writes that group's writes one
     /// by one.
     pub(crate) async fn write_group(&self, writes: &[Write]) -> Result<Applied> {

@@ -754,11 +754,11 @@ async fn the_host_limit_is_on_requests_not_on_claims(db: &TestDb) {
             delivering +=
                 usize::from(get(&app, &app.key_a, id).await.status() == Status::Delivering);
         }
-        assert!(
-            delivering <= 2,
-            "{delivering} claimed at once, room is for two"
-        );
         if before && first_held() {
+            assert!(
+                delivering <= 2,
+                "{delivering} claimed at once, room is for two"
+            );
             most = most.max(delivering);
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -174,8 +174,10 @@ async fn one_api_two_workers_deliver_each_webhook_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_workers_attempt_is_taken_over() {
-    // Short timeouts so that the takeover happens within the test.
-    let fast = "[delivery]\ntimeout = \"1s\"\n[queue]\nvisibility_timeout = \"2s\"\n";
+    // Short timeouts so that the takeover happens within the test. The job
+    // comes back after 3 s, past the 2 s an attempt may take (a wait for
+    // a request at its host, then the POST).
+    let fast = "[delivery]\ntimeout = \"1s\"\n[queue]\nvisibility_timeout = \"3s\"\n";
     let Some(d) = Deployment::new(fast).await else {
         return;
     };

@@ -3,7 +3,7 @@
 //! of transitions only, that `UPDATE` and the inserts of their events,
 //! attempts and dead letters in one statement ([`write_whole`]). The SQL
 //! below is PostgreSQL's; SQLite's (`update_sqlite`) reads the same
-//! records with `json_each`.
+//! records with `jsonb_each`.
 //!
 //! Each write brings its own values, target status, `from` statuses and
 //! optional conditions as one record; a column that some write of the
