@@ -10,7 +10,9 @@
 //! or closes no dead letter is a single statement (see
 //! `Store::transition_in_one_statement`); a larger group of transitions is
 //! a single statement too (`multirow::write_whole`), and one with touches
-//! makes one `UPDATE` for its compare-and-sets (see `multirow`).
+//! makes one `UPDATE` for its compare-and-sets (see `multirow`). On SQLite
+//! a group of distinct webhooks makes one `UPDATE` for its compare-and-sets
+//! too, inside the group's transaction.
 //!
 //! A group may also insert new webhooks (`Write::Insert`, one multi-row
 //! `INSERT` before the compare-and-sets); on SQLite the API's Creates
