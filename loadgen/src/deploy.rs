@@ -36,6 +36,8 @@ pub struct Options {
 pub struct Process {
     pub name: String,
     pub child: Child,
+    /// Its HTTP port (`/readyz`, `/metrics`).
+    pub http_port: u16,
 }
 
 impl Process {
@@ -60,6 +62,21 @@ pub struct Deployment {
     pg: Option<(String, String)>,
     redis: Option<(String, String)>,
     env: Vec<(String, String)>,
+}
+
+/// The `_count` and `_sum` of the write-group histogram in a Prometheus
+/// text exposition (0 where absent).
+fn write_groups_in(text: &str) -> (u64, u64) {
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    (
+        value("uploadhook_write_group_size_count"),
+        value("uploadhook_write_group_size_sum"),
+    )
 }
 
 /// Runs a short command to completion off the async runtime.
@@ -272,6 +289,28 @@ impl Deployment {
         )
     }
 
+    /// Write groups so far, summed over the service's processes: (database
+    /// transactions, status changes written), from each process's
+    /// `uploadhook_write_group_size` histogram.
+    pub async fn write_groups(&self) -> anyhow::Result<(u64, u64)> {
+        let http = reqwest::Client::new();
+        let (mut groups, mut writes) = (0, 0);
+        for p in &self.processes {
+            let url = format!("http://127.0.0.1:{}/metrics", p.http_port);
+            let text = http
+                .get(&url)
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            let (g, w) = write_groups_in(&text);
+            groups += g;
+            writes += w;
+        }
+        Ok((groups, writes))
+    }
+
     /// The S3 server's process id.
     pub fn s3_pid(&self) -> Option<u32> {
         self.s3.as_ref().map(Child::id)
@@ -300,6 +339,7 @@ impl Deployment {
         self.processes.push(Process {
             name: name.to_string(),
             child,
+            http_port,
         });
         // Ready when /readyz answers 200 (database and queue reachable).
         let url = format!("http://127.0.0.1:{http_port}/readyz");
@@ -420,6 +460,16 @@ impl Drop for Deployment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_write_group_histogram() {
+        let text = "# TYPE uploadhook_write_group_size histogram\n\
+                    uploadhook_write_group_size_sum 42.0\n\
+                    uploadhook_write_group_size_count 10\n\
+                    uploadhook_write_group_size_bucket{le=\"1.0\"} 3\n";
+        assert_eq!(write_groups_in(text), (10, 42));
+        assert_eq!(write_groups_in("# EOF\n"), (0, 0));
+    }
 
     #[test]
     fn replaces_the_database_of_a_url() {

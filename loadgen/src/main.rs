@@ -399,6 +399,11 @@ async fn run(
     })
     .await;
     let phase1 = t0.elapsed();
+    // Connections the pools opened during the phase are its backends too
+    // (a pid first seen now counts from zero).
+    if let Some(d) = deployment {
+        pg_groups(&mut groups, d.postgres_pids().await?);
+    }
     let cpu1 = measure::snapshot(&groups);
     let created = std::mem::take(&mut *created.lock().unwrap());
     let create_lat = Latencies::new(std::mem::take(&mut *create_lat.lock().unwrap()));
@@ -442,13 +447,13 @@ async fn run(
     }
 
     // Phase 2: Confirm (or the floor), then wait for the receiver.
-    if let Some(d) = deployment {
-        // Pool connections opened during phase 1 are counted too.
-        pg_groups(&mut groups, d.postgres_pids().await?);
-    }
     let confirm_lat = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(n)));
+    let groups2 = match deployment {
+        Some(d) => Some(d.write_groups().await?),
+        None => None,
+    };
     let cpu2 = measure::snapshot(&groups);
     let t2 = Instant::now();
     let items = Arc::new(created.clone());
@@ -589,6 +594,9 @@ async fn run(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if let Some(d) = deployment {
+        pg_groups(&mut groups, d.postgres_pids().await?);
+    }
     let cpu3 = measure::snapshot(&groups);
 
     // What arrived.
@@ -690,6 +698,16 @@ async fn run(
         .into();
     result["wakeups_per_webhook_service"] =
         (service_wakeups as f64 / delivered.max(1) as f64).into();
+    if let (Some((g0, w0)), Some(d)) = (groups2, deployment) {
+        let (g1, w1) = d.write_groups().await?;
+        let (g, w) = (g1.saturating_sub(g0), w1.saturating_sub(w0));
+        println!(
+            "write groups: {g} transactions for {w} status changes ({:.2} per transaction)",
+            w as f64 / g.max(1) as f64
+        );
+        result["write_groups"] = g.into();
+        result["writes_per_transaction"] = (w as f64 / g.max(1) as f64).into();
+    }
     print_memory(procs, &mut result, "end", "end");
     println!("RESULT {result}");
     let bad = receiver.state.bad_signatures.load(Ordering::Relaxed);
