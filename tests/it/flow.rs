@@ -774,16 +774,19 @@ async fn the_host_limit_is_on_requests_not_on_claims(db: &TestDb) {
 
 /// A delivery waits at most 5 s for room at its host; then its job goes
 /// back to the queue and comes round again. With one request at a time and
-/// the first held for 7 s, the second is claimed and waits for the request
-/// (room for two), the third waits out its 5 s and is put back, and all
-/// three still arrive, once each, one at a time.
+/// the first held for 8 s, the second is claimed and waits for the request
+/// (room for two), the third waits out its 5 s and is put back (stored
+/// VERIFIED, where it rests only when put back: a claim goes through
+/// VERIFIED to DELIVERING in one write), and all three still arrive, once
+/// each, one at a time. Had the wait no bound, the third would stay
+/// VERIFYING until the first is answered.
 async fn a_delivery_that_waits_too_long_for_its_host_is_put_back(db: &TestDb) {
     // An attempt may take 15 s here (the tests' default is 5 s).
     let cfg = "[worker]\nconcurrency = 4\nper_host_concurrency = 1\n\
                [delivery]\ntimeout = \"15s\"\n[queue]\nvisibility_timeout = \"30s\"\n";
     let mut app = TestApp::start(db, cfg).await;
     let rx = Receiver::start().await;
-    rx.hold_next(std::time::Duration::from_secs(7));
+    rx.hold_next(std::time::Duration::from_secs(8));
     let first = create_confirmed(&app, &rx.url, "first.txt").await;
     // The first is in flight (held) before the others arrive.
     while rx.received().is_empty() {
@@ -793,6 +796,18 @@ async fn a_delivery_that_waits_too_long_for_its_host_is_put_back(db: &TestDb) {
     for i in 0..2 {
         ids.push(create_confirmed(&app, &rx.url, &format!("later-{i}.txt")).await);
     }
+    let first_held = || rx.received().len() == 1 && rx.in_flight() == 1;
+    let mut put_back = false;
+    while !put_back && first_held() {
+        for id in &ids[1..] {
+            put_back |= get(&app, &app.key_a, id).await.status() == Status::Verified;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        put_back,
+        "no delivery was put back while the first was held for 8 s"
+    );
     assert_each_delivered_once(&app, &rx, &mut ids).await;
     assert_eq!(rx.max_in_flight(), 1);
     app.stop().await;
