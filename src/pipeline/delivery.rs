@@ -140,12 +140,8 @@ impl DeliveryClient {
     /// reqwest connects to such a host without asking the resolver, so
     /// this is its connect-time check. Hostnames pass: the resolver
     /// checks the addresses they resolve to.
-    fn check_literal_host(&self, url: &str) -> Result<(), String> {
-        let Ok(parsed) = reqwest::Url::parse(url) else {
-            // reqwest refuses it too, with its own error.
-            return Ok(());
-        };
-        let Some(ip) = ssrf::literal_host(&parsed) else {
+    fn check_literal_host(&self, url: &reqwest::Url) -> Result<(), String> {
+        let Some(ip) = ssrf::literal_host(url) else {
             return Ok(());
         };
         self.allow.check(ip).map_err(|b| format!("blocked: {b}"))
@@ -159,13 +155,21 @@ impl DeliveryClient {
         body: Bytes,
     ) -> Response {
         let started = std::time::Instant::now();
-        if let Err(error) = self.check_literal_host(url) {
-            return Response {
-                error: Some(error),
-                duration: started.elapsed(),
-                ..Default::default()
-            };
-        }
+        // Parsed once: the URL checked is the one requested (reqwest takes
+        // a parsed URL as it is).
+        let checked = reqwest::Url::parse(url)
+            .map_err(|e| format!("invalid URL: {e}"))
+            .and_then(|u| self.check_literal_host(&u).map(|()| u));
+        let url = match checked {
+            Ok(u) => u,
+            Err(error) => {
+                return Response {
+                    error: Some(error),
+                    duration: started.elapsed(),
+                    ..Default::default()
+                };
+            }
+        };
         let mut req = self.http.post(url).body(body);
         for (name, value) in headers {
             req = req.header(*name, value);
