@@ -40,8 +40,8 @@ use std::sync::{
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::NotSet,
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryTrait,
-    RuntimeErr, Set, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryTrait, RuntimeErr, Set,
+    TransactionTrait,
     sea_query::{Expr, Query},
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -254,7 +254,7 @@ impl Store {
                     let found = txn.query_all(&update_query(t)).await?;
                     match found.as_slice() {
                         [] => continue, // someone else moved it first
-                        [r] => Webhook::from_query_result(r, "")?,
+                        [r] => super::decode::webhook(r)?,
                         _ => {
                             return Err(StoreError::Corrupt(format!(
                                 "webhook id {} matched {} rows",
@@ -403,7 +403,7 @@ impl Store {
                 events: Vec::new(),
             }));
         };
-        let row = Webhook::from_query_result(first, "")?;
+        let row = super::decode::webhook(first)?;
         let events = found
             .iter()
             .map(|r| {
@@ -1090,7 +1090,72 @@ mod tests {
         rows_are_read_together_each_of_its_own_tenant,
         inserts_in_a_group_store_rows_and_events,
         creates_are_grouped_on_sqlite_only_without_a_key,
+        rows_decode_as_sea_orm_decodes_them,
     );
+
+    /// `decode::webhook` reads every column as sea-orm's derived decoder
+    /// does: a row with every optional column set (each to a value of its
+    /// own, so two columns read in each other's place would show) and one
+    /// with every optional column NULL.
+    async fn rows_decode_as_sea_orm_decodes_them(db: &TestDb) {
+        use chrono::TimeZone;
+        use sea_orm::{ActiveModelTrait, FromQueryResult, QueryTrait};
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let at = |s: i64| Utc.timestamp_opt(1_760_000_000 + s, 123_456_000).unwrap();
+        // Times in whole microseconds: PostgreSQL keeps no more.
+        let sparse = Webhook {
+            created_at: at(4),
+            updated_at: at(5),
+            expires_at: at(8),
+            ..new_row(&t, Status::Pending)
+        };
+        let full = Webhook {
+            expected_size: Some(11),
+            size: Some(12),
+            client_etag: Some("ce".into()),
+            etag: Some("e".into()),
+            object_last_modified: Some(at(1)),
+            secret_generated: true,
+            secret_key_id: Some("k1".into()),
+            previous_secret: Some(StoredSecret("ps".into())),
+            previous_secret_key_id: Some("k0".into()),
+            previous_secret_until: Some(at(2)),
+            request_fingerprint: Some("fp".into()),
+            idempotency_key: Some("ik".into()),
+            attempt_count: 3,
+            attempt_base: 1,
+            verify_attempts: 2,
+            next_attempt_at: Some(at(3)),
+            last_error: Some("le".into()),
+            created_at: at(4),
+            updated_at: at(5),
+            verified_at: Some(at(6)),
+            completed_at: Some(at(7)),
+            expires_at: at(8),
+            next_check_at: Some(at(9)),
+            check_count: 4,
+            seen_etag: Some("se".into()),
+            seen_size: Some(13),
+            traceparent: Some("00-tp".into()),
+            ..new_row(&t, Status::Delivering)
+        };
+        for w in [sparse, full] {
+            webhooks::ActiveModel::from(w.clone())
+                .insert(&store.db)
+                .await
+                .unwrap();
+            let select = webhooks::Entity::find_by_id(w.id.clone());
+            let rows = store
+                .db
+                .query_all_raw(select.build(store.db.get_database_backend()))
+                .await
+                .unwrap();
+            let ours = super::super::decode::webhook(&rows[0]).unwrap();
+            assert_eq!(ours, Webhook::from_query_result(&rows[0], "").unwrap());
+            assert_eq!(ours, w);
+        }
+    }
 
     fn bus() -> Arc<dyn EventBus> {
         Arc::new(LocalEventBus::new(1024))

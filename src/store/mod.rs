@@ -10,6 +10,7 @@
 //! Every query on tenant data takes the tenant id.
 
 mod batch;
+mod decode;
 mod detect;
 pub mod entities;
 #[cfg(test)]
@@ -85,15 +86,34 @@ async fn by_unique_key<E: EntityTrait>(
     select: sea_orm::Select<E>,
     db: &impl ConnectionTrait,
 ) -> Result<Option<E::Model>> {
-    let mut rows = select.all(db).await?;
+    at_most_one(select.all(db).await?, E::default().table_name())
+}
+
+/// The one row of a lookup by a unique key, if any.
+fn at_most_one<M>(mut rows: Vec<M>, table: &str) -> Result<Option<M>> {
     if rows.len() > 1 {
         return Err(StoreError::Corrupt(format!(
-            "a lookup by a unique key in {} matched {} rows",
-            E::default().table_name(),
+            "a lookup by a unique key in {table} matched {} rows",
             rows.len()
         )));
     }
     Ok(rows.pop())
+}
+
+/// The webhooks a select finds, decoded by [`decode::webhook`] (not
+/// sea-orm's derived decoder, which formats an error for every NULL
+/// column).
+async fn webhook_rows(
+    select: sea_orm::Select<webhooks::Entity>,
+    db: &impl ConnectionTrait,
+) -> Result<Vec<Webhook>> {
+    let rows = db
+        .query_all_raw(select.build(db.get_database_backend()))
+        .await?;
+    Ok(rows
+        .iter()
+        .map(decode::webhook)
+        .collect::<std::result::Result<_, _>>()?)
 }
 
 /// Applies pending migrations.
@@ -841,12 +861,9 @@ impl Store {
     }
 
     pub async fn find_webhook(&self, tenant: &TenantId, id: &WebhookId) -> Result<Option<Webhook>> {
-        by_unique_key(
-            webhooks::Entity::find_by_id(id.as_str())
-                .filter(webhooks::Column::TenantId.eq(tenant.as_str())),
-            &self.db,
-        )
-        .await
+        let select = webhooks::Entity::find_by_id(id.as_str())
+            .filter(webhooks::Column::TenantId.eq(tenant.as_str()));
+        at_most_one(webhook_rows(select, &self.db).await?, "webhooks")
     }
 
     /// Changes the status from one of `t.from` to `t.to`, atomically with
@@ -875,11 +892,10 @@ impl Store {
             .collect();
         let tenants: std::collections::BTreeSet<&str> = wanted.iter().map(|(t, _)| *t).collect();
         let ids: std::collections::BTreeSet<&str> = wanted.iter().map(|(_, id)| *id).collect();
-        let mut rows = webhooks::Entity::find()
+        let select = webhooks::Entity::find()
             .filter(webhooks::Column::Id.is_in(ids))
-            .filter(webhooks::Column::TenantId.is_in(tenants))
-            .all(&self.db)
-            .await?;
+            .filter(webhooks::Column::TenantId.is_in(tenants));
+        let mut rows = webhook_rows(select, &self.db).await?;
         rows.retain(|w| wanted.contains(&(w.tenant_id.as_str(), w.id.as_str())));
         Ok(rows)
     }

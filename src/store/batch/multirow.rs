@@ -57,8 +57,8 @@
 
 use chrono::SecondsFormat;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult, IdenStatic,
-    QueryResult, Statement, Value,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, IdenStatic, QueryResult, Statement,
+    Value,
 };
 use serde_json::{Map, Value as Json};
 
@@ -385,7 +385,7 @@ pub(super) async fn apply(
             ))
             .await?;
         for r in &found {
-            let row = Webhook::from_query_result(r, "")?;
+            let row = super::super::decode::webhook(r)?;
             let at = ts
                 .binary_search_by(|(_, t)| t.id.as_str().cmp(row.id.as_str()))
                 .ok();
@@ -412,7 +412,7 @@ pub(super) async fn apply(
         .await?;
     for r in &found {
         let (_, slot) = slot(r, &mut out)?;
-        *slot = Some(Some(Webhook::from_query_result(r, "")?));
+        *slot = Some(Some(super::super::decode::webhook(r)?));
     }
     Ok(Some(out))
 }
@@ -486,7 +486,7 @@ pub(super) async fn write_whole(
     let mut events = Vec::with_capacity(found.len() * 2);
     for r in &found {
         let (i, slot) = slot(r, &mut out)?;
-        let row = Webhook::from_query_result(r, "")?;
+        let row = super::super::decode::webhook(r)?;
         let t = ts[position[i]].1;
         let ids: String = r.try_get("", "uh_event_ids")?;
         let ids = ids
