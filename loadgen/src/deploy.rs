@@ -290,9 +290,17 @@ impl Deployment {
     }
 
     /// Write groups so far, summed over the service's processes: (database
-    /// transactions, status changes written), from each process's
-    /// `uploadhook_write_group_size` histogram.
-    pub async fn write_groups(&self) -> anyhow::Result<(u64, u64)> {
+    /// transactions, writes), from each process's
+    /// `uploadhook_write_group_size` histogram. Best effort: a scrape that
+    /// fails leaves the figure out (with a warning), not the run.
+    pub async fn write_groups(&self) -> Option<(u64, u64)> {
+        self.scrape_write_groups()
+            .await
+            .map_err(|e| eprintln!("write groups not reported: /metrics: {e:#}"))
+            .ok()
+    }
+
+    async fn scrape_write_groups(&self) -> anyhow::Result<(u64, u64)> {
         let http = reqwest::Client::new();
         let (mut groups, mut writes) = (0, 0);
         for p in &self.processes {
@@ -382,7 +390,9 @@ impl Deployment {
         let aux = pids(
             psql(
                 url,
-                "SELECT pid FROM pg_stat_activity WHERE backend_type <> 'client backend'",
+                // Not tied to a database (autovacuum and parallel
+                // workers of this one are among the backends above).
+                "SELECT pid FROM pg_stat_activity WHERE datname IS NULL",
             )
             .await?,
         );

@@ -451,9 +451,12 @@ async fn run(
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(n)));
     let groups2 = match deployment {
-        Some(d) => Some(d.write_groups().await?),
+        Some(d) => d.write_groups().await,
         None => None,
     };
+    if let Some(d) = deployment {
+        pg_groups(&mut groups, d.postgres_pids().await?);
+    }
     let cpu2 = measure::snapshot(&groups);
     let t2 = Instant::now();
     let items = Arc::new(created.clone());
@@ -698,11 +701,12 @@ async fn run(
         .into();
     result["wakeups_per_webhook_service"] =
         (service_wakeups as f64 / delivered.max(1) as f64).into();
-    if let (Some((g0, w0)), Some(d)) = (groups2, deployment) {
-        let (g1, w1) = d.write_groups().await?;
+    if let (Some((g0, w0)), Some(d)) = (groups2, deployment)
+        && let Some((g1, w1)) = d.write_groups().await
+    {
         let (g, w) = (g1.saturating_sub(g0), w1.saturating_sub(w0));
         println!(
-            "write groups: {g} transactions for {w} status changes ({:.2} per transaction)",
+            "write groups: {g} transactions for {w} writes ({:.2} per transaction)",
             w as f64 / g.max(1) as f64
         );
         result["write_groups"] = g.into();

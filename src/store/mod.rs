@@ -811,13 +811,10 @@ impl Store {
         tenant: &TenantId,
         key: &str,
     ) -> Result<Option<Webhook>> {
-        by_unique_key(
-            webhooks::Entity::find()
-                .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
-                .filter(webhooks::Column::IdempotencyKey.eq(key)),
-            &self.db,
-        )
-        .await
+        let select = webhooks::Entity::find()
+            .filter(webhooks::Column::TenantId.eq(tenant.as_str()))
+            .filter(webhooks::Column::IdempotencyKey.eq(key));
+        at_most_one(webhook_rows(select, &self.db).await?, "webhooks")
     }
 
     /// Replaces the webhook's signing secret with `new`; the current one
@@ -852,12 +849,9 @@ impl Store {
         if res.rows_affected != 1 {
             return Ok(None);
         }
-        by_unique_key(
-            webhooks::Entity::find_by_id(w.id.as_str())
-                .filter(webhooks::Column::TenantId.eq(w.tenant_id.as_str())),
-            &self.db,
-        )
-        .await
+        let select = webhooks::Entity::find_by_id(w.id.as_str())
+            .filter(webhooks::Column::TenantId.eq(w.tenant_id.as_str()));
+        at_most_one(webhook_rows(select, &self.db).await?, "webhooks")
     }
 
     pub async fn find_webhook(&self, tenant: &TenantId, id: &WebhookId) -> Result<Option<Webhook>> {
