@@ -1151,7 +1151,7 @@ mod tests {
                 .query_all_raw(select.build(store.db.get_database_backend()))
                 .await
                 .unwrap();
-            let ours = super::super::decode::webhook(&rows[0]).unwrap();
+            let ours = crate::store::decode::webhook(&rows[0]).unwrap();
             assert_eq!(ours, Webhook::from_query_result(&rows[0], "").unwrap());
             assert_eq!(ours, w);
         }

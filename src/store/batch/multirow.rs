@@ -63,7 +63,7 @@ use sea_orm::{
 use serde_json::{Map, Value as Json};
 
 use super::{Applied, OwnedTransition};
-use crate::store::{Result, StoreError, Webhook, event_on};
+use crate::store::{Result, StoreError, Webhook, decode, event_on};
 
 /// The database a statement is written for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -385,7 +385,7 @@ pub(super) async fn apply(
             ))
             .await?;
         for r in &found {
-            let row = super::super::decode::webhook(r)?;
+            let row = decode::webhook(r)?;
             let at = ts
                 .binary_search_by(|(_, t)| t.id.as_str().cmp(row.id.as_str()))
                 .ok();
@@ -412,7 +412,7 @@ pub(super) async fn apply(
         .await?;
     for r in &found {
         let (_, slot) = slot(r, &mut out)?;
-        *slot = Some(Some(super::super::decode::webhook(r)?));
+        *slot = Some(Some(decode::webhook(r)?));
     }
     Ok(Some(out))
 }
@@ -486,7 +486,7 @@ pub(super) async fn write_whole(
     let mut events = Vec::with_capacity(found.len() * 2);
     for r in &found {
         let (i, slot) = slot(r, &mut out)?;
-        let row = super::super::decode::webhook(r)?;
+        let row = decode::webhook(r)?;
         let t = ts[position[i]].1;
         let ids: String = r.try_get("", "uh_event_ids")?;
         let ids = ids
