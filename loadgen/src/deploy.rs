@@ -399,6 +399,25 @@ impl Deployment {
         Ok(Some((backends, aux)))
     }
 
+    /// Where PostgreSQL's write-ahead log has been written up to, in bytes
+    /// from its start (`pg_current_wal_insert_lsn`, read at once, unlike
+    /// the statistics views, which backends update up to seconds late).
+    /// The log is the server's: other databases' writes during a run count
+    /// too.
+    pub async fn postgres_wal_bytes(&self) -> Option<u64> {
+        let (url, _) = self.pg.as_ref()?;
+        psql(
+            url,
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint",
+        )
+        .await
+        .map_err(|e| eprintln!("WAL position not read: {e:#}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+    }
+
     /// The redis-server process (from `INFO server`).
     pub async fn redis_pid(&self) -> anyhow::Result<Option<u32>> {
         let Some((url, _)) = &self.redis else {

@@ -305,6 +305,10 @@ async fn run(
         None => None,
     };
     pg_groups(&mut groups, pg_now);
+    let wal0 = match deployment {
+        Some(d) => d.postgres_wal_bytes().await,
+        None => None,
+    };
 
     println!(
         "uploadhook loadgen: {n} webhooks, {}, deployment {}{}",
@@ -454,6 +458,15 @@ async fn run(
         Some(d) => d.write_groups().await,
         None => None,
     };
+    let wal2 = match deployment {
+        Some(d) => d.postgres_wal_bytes().await,
+        None => None,
+    };
+    if let (Some(w0), Some(w1)) = (wal0, wal2) {
+        let per = w1.saturating_sub(w0) as f64 / created.len().max(1) as f64;
+        println!("PostgreSQL WAL in phase 1: {per:.0} bytes per created webhook");
+        result["phase1_wal_bytes_per_webhook"] = per.into();
+    }
     if let Some(d) = deployment {
         pg_groups(&mut groups, d.postgres_pids().await?);
     }
@@ -601,6 +614,10 @@ async fn run(
         pg_groups(&mut groups, d.postgres_pids().await?);
     }
     let cpu3 = measure::snapshot(&groups);
+    let wal3 = match deployment {
+        Some(d) => d.postgres_wal_bytes().await,
+        None => None,
+    };
 
     // What arrived.
     let arrivals = receiver.state.arrivals.lock().unwrap().clone();
@@ -711,6 +728,11 @@ async fn run(
         );
         result["write_groups"] = g.into();
         result["writes_per_transaction"] = (w as f64 / g.max(1) as f64).into();
+    }
+    if let (Some(w0), Some(w1)) = (wal2, wal3) {
+        let per = w1.saturating_sub(w0) as f64 / delivered.max(1) as f64;
+        println!("PostgreSQL WAL: {per:.0} bytes per delivered webhook");
+        result["wal_bytes_per_webhook"] = per.into();
     }
     print_memory(procs, &mut result, "end", "end");
     println!("RESULT {result}");
