@@ -12,6 +12,7 @@ mod m0004_redrive;
 mod m0005_security;
 mod m0006_trace;
 mod m0007_partial_indexes;
+mod m0008_object_key_index;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0005_security::Migration),
             Box::new(m0006_trace::Migration),
             Box::new(m0007_partial_indexes::Migration),
+            Box::new(m0008_object_key_index::Migration),
         ]
     }
 }

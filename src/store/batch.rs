@@ -883,6 +883,95 @@ mod tests {
     /// PostgreSQL guesses 100 rows for a `jsonb_to_recordset`: without the
     /// ids as an array, a group of two was joined by scanning the whole
     /// table (below some tens of thousands of rows), on every write.
+    /// PostgreSQL's plan for `sql` run as sqlx runs it, a prepared
+    /// statement, under `plan_cache_mode = mode`. A generic plan knows
+    /// nothing of the parameters' values (`EXPLAIN` of the query with bound
+    /// values would plan for those values in either mode).
+    async fn prepared_plan(
+        store: &Store,
+        sql: &str,
+        params: &[sea_orm::Value],
+        mode: &str,
+    ) -> String {
+        use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder};
+        let args: Vec<String> = params
+            .iter()
+            .map(|v| PostgresQueryBuilder.value_to_string(v))
+            .collect();
+        let txn = store.db.begin().await.unwrap();
+        txn.execute_unprepared(&format!(
+            "SET LOCAL plan_cache_mode = {mode}; PREPARE planned AS {sql}"
+        ))
+        .await
+        .unwrap();
+        let plan: Vec<String> = txn
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                format!("EXPLAIN EXECUTE planned({})", args.join(", ")),
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0).unwrap())
+            .collect();
+        // Prepared statements outlive a transaction.
+        txn.execute_unprepared("DEALLOCATE planned").await.unwrap();
+        txn.rollback().await.unwrap();
+        plan.join("\n")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_storage_events_lookup_runs_on_the_partial_index() {
+        let Some(db) = TestDb::postgres().await else {
+            return;
+        };
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        // 5,000 webhooks confirmed by hand, half of them still PENDING,
+        // over ten objects; 200 PENDING AUTO ones of other objects: only
+        // those are in the index.
+        store
+            .db
+            .execute_unprepared(&format!(
+                "INSERT INTO webhooks (id, tenant_id, status, \"trigger\", provider, storage, \
+                 bucket, object_key, filename, content_type, url, secret, metadata, created_at, \
+                 updated_at, expires_at) \
+                 SELECT 'wh_' || lpad(to_hex(g), 32, '0'), '{t}', \
+                 CASE WHEN g % 2 = 0 THEN 'pending' ELSE 'completed' END, \
+                 CASE WHEN g > 5000 THEN 'auto' ELSE 'manual' END, 's3', '', 'b', \
+                 CASE WHEN g > 5000 THEN 'a/' || g ELSE 'k/' || (g % 10) END, 'f', 'text/plain', \
+                 'http://127.0.0.1:9/', 'x', '{{}}', now(), now(), now() + interval '1 hour' \
+                 FROM generate_series(1, 5200) AS g; \
+                 ANALYZE webhooks"
+            ))
+            .await
+            .unwrap();
+        let size: i64 = store
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT pg_relation_size('idx_webhooks_object_key') AS n",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "n")
+            .unwrap();
+        // Full, it would take about 20 pages.
+        assert!(size <= 8192 * 4, "the index holds other rows: {size} bytes");
+        let stmt = super::super::detect::pending_auto_query("", "b", "k/3", 100)
+            .build(sea_orm::DatabaseBackend::Postgres);
+        let params = stmt.values.map(|v| v.0).unwrap_or_default();
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            let plan = prepared_plan(&store, &stmt.sql, &params, mode).await;
+            assert!(
+                plan.contains("idx_webhooks_object_key") && !plan.contains("Seq Scan"),
+                "{mode}:\n{plan}"
+            );
+        }
+        db.cleanup().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_small_group_finds_its_rows_through_the_primary_key() {
         let Some(db) = TestDb::postgres().await else {
@@ -924,23 +1013,7 @@ mod tests {
             // Custom plans (the parameters' values known) and the generic
             // plan a prepared statement settles on after five runs.
             for mode in ["force_custom_plan", "force_generic_plan"] {
-                let txn = store.db.begin().await.unwrap();
-                txn.execute_unprepared(&format!("SET LOCAL plan_cache_mode = {mode}"))
-                    .await
-                    .unwrap();
-                let plan: Vec<String> = txn
-                    .query_all_raw(sea_orm::Statement::from_sql_and_values(
-                        sea_orm::DatabaseBackend::Postgres,
-                        format!("EXPLAIN {sql}"),
-                        params.clone(),
-                    ))
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.try_get_by_index::<String>(0).unwrap())
-                    .collect();
-                txn.rollback().await.unwrap();
-                let plan = plan.join("\n");
+                let plan = prepared_plan(&store, &sql, &params, mode).await;
                 assert!(
                     plan.contains("webhooks_pkey") && !plan.contains("Seq Scan on webhooks"),
                     "{mode}, whole = {whole}:\n{plan}"

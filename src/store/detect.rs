@@ -1,7 +1,7 @@
 //! Queries of detection without Confirm: expiry, AUTO checks, and the
 //! lookup of a storage event's webhooks. Every one of them runs on an index
 //! (`idx_webhooks_status_expires`, `idx_webhooks_status_next_check`,
-//! `idx_webhooks_object_key`).
+//! `idx_webhooks_object_key`, partial: PENDING AUTO webhooks only).
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
@@ -149,14 +149,28 @@ impl Store {
         key: &str,
         limit: u64,
     ) -> Result<Vec<Webhook>> {
-        Ok(webhooks::Entity::find()
-            .filter(webhooks::Column::ObjectKey.eq(key))
-            .filter(webhooks::Column::Bucket.eq(bucket))
-            .filter(webhooks::Column::Storage.eq(storage))
-            .filter(webhooks::Column::Status.eq(Status::Pending.as_str()))
-            .filter(webhooks::Column::Trigger.eq(Trigger::Auto.as_str()))
-            .limit(limit)
+        Ok(pending_auto_query(storage, bucket, key, limit)
             .all(self.db())
             .await?)
     }
+}
+
+/// [`Store::pending_auto_for_object`]'s query. The status and the trigger
+/// are constants written inline, not bound: the planner then proves
+/// `idx_webhooks_object_key`'s predicate (the same two comparisons) with a
+/// prepared statement's generic plan too.
+pub(crate) fn pending_auto_query(
+    storage: &str,
+    bucket: &str,
+    key: &str,
+    limit: u64,
+) -> sea_orm::Select<webhooks::Entity> {
+    let constant = |s: &str| Expr::Constant(s.into());
+    webhooks::Entity::find()
+        .filter(webhooks::Column::ObjectKey.eq(key))
+        .filter(webhooks::Column::Bucket.eq(bucket))
+        .filter(webhooks::Column::Storage.eq(storage))
+        .filter(Expr::col(webhooks::Column::Status).eq(constant(Status::Pending.as_str())))
+        .filter(Expr::col(webhooks::Column::Trigger).eq(constant(Trigger::Auto.as_str())))
+        .limit(limit)
 }

@@ -1,5 +1,5 @@
-//! The schema's migrations on each database: the latest one goes down and
-//! up again, and what it changed holds.
+//! The schema's migrations on each database: the latest ones go down and
+//! up again, and what they changed holds.
 
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement};
@@ -8,7 +8,7 @@ use crate::{backend_tests, helpers::TestDb};
 
 backend_tests!(partial_indexes_go_down_and_up_and_keep_keys_unique);
 
-/// The indexes `m0007_partial_indexes` made partial.
+/// The indexes `m0007_partial_indexes` made partial (`m0008` one more).
 const PARTIAL: [&str; 3] = [
     "uq_webhooks_tenant_idempotency",
     "idx_webhooks_status_next_attempt",
@@ -38,6 +38,13 @@ async fn assert_partial(conn: &DatabaseConnection, partial: bool) {
         let def = definition(conn, name).await;
         assert_eq!(def.contains(" IS NOT NULL"), partial, "{name}: {def}");
     }
+    // `m0008_object_key_index`: PENDING AUTO webhooks only.
+    let def = definition(conn, "idx_webhooks_object_key").await;
+    assert_eq!(
+        def.contains("'pending'") && def.contains("'auto'"),
+        partial,
+        "{def}"
+    );
 }
 
 /// Inserts a webhook row of tenant `tn_a` with this idempotency key.
