@@ -414,6 +414,10 @@ pub struct WorkerConfig {
     pub write_batch_max: usize,
     /// Groups written at once on PostgreSQL (SQLite: always one).
     pub write_concurrency: usize,
+    /// How long a group waits for more writes before it is written, when
+    /// writes are arriving (zero: never waits).
+    #[serde(deserialize_with = "de_duration")]
+    pub write_linger: Duration,
 }
 
 /// StreamEvents (`[streams]`).
@@ -715,6 +719,9 @@ impl Config {
         }
         if !(1..=64).contains(&self.worker.write_concurrency) {
             return invalid("worker.write_concurrency", "must be between 1 and 64");
+        }
+        if self.worker.write_linger > Duration::from_millis(50) {
+            return invalid("worker.write_linger", "must be at most 50ms");
         }
         if self.queue.backend == QueueBackend::Redis {
             if self.queue.visibility_timeout <= self.delivery.timeout {
@@ -1106,6 +1113,14 @@ mod tests {
         }
         let cfg = Config::from_toml("[worker]\nwrite_batch_max = 1").unwrap();
         assert_eq!(cfg.worker.write_batch_max, 1);
+        let err = Config::from_toml("[worker]\nwrite_linger = \"51ms\"").unwrap_err();
+        assert!(err.to_string().contains("worker.write_linger"), "{err}");
+        let cfg = Config::from_toml("[worker]\nwrite_linger = \"2ms\"").unwrap();
+        assert_eq!(cfg.worker.write_linger, Duration::from_millis(2));
+        assert_eq!(
+            Config::from_toml("").unwrap().worker.write_linger,
+            Duration::ZERO
+        );
     }
 
     #[test]

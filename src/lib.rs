@@ -420,6 +420,7 @@ pub async fn start(
         cfg.worker
             .write_concurrency
             .min((cfg.database.pool_size() as usize / 2).max(1)),
+        cfg.worker.write_linger,
     );
     if roles.worker {
         let delivery = DeliveryClient::new(&cfg.delivery, allow.clone())

@@ -32,9 +32,12 @@
 //! its own answer. Events are published to the bus after the commit that
 //! stored them, in id order.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
@@ -44,7 +47,10 @@ use sea_orm::{
     TransactionTrait,
     sea_query::{Expr, Query},
 };
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot},
+    time::Instant,
+};
 
 mod multirow;
 use tracing::warn;
@@ -615,7 +621,12 @@ impl WriteBatcher {
     /// one on SQLite, which has one writer). `max` = 1 starts nothing: each
     /// write is then its own transaction, run by its caller (as
     /// `Store::transition` does).
-    pub fn start(store: Store, max: usize, concurrency: usize) -> Self {
+    ///
+    /// `linger` above zero lets a group wait that long for more writes
+    /// before it is written, when writes are arriving: when the previous
+    /// group began less than four lingers ago. A lone write after a quiet
+    /// spell is written at once.
+    pub fn start(store: Store, max: usize, concurrency: usize, linger: Duration) -> Self {
         let groups = Arc::new(AtomicU64::new(0));
         if max <= 1 {
             return Self {
@@ -629,7 +640,16 @@ impl WriteBatcher {
             _ => concurrency.max(1),
         };
         let (tx, rx) = mpsc::channel(max.saturating_mul(4));
-        tokio::spawn(run(store.clone(), rx, max, concurrency, groups.clone()));
+        tokio::spawn(run(
+            store.clone(),
+            rx,
+            Limits {
+                max,
+                concurrency,
+                linger,
+            },
+            groups.clone(),
+        ));
         Self {
             tx: Some(tx),
             store,
@@ -717,23 +737,48 @@ impl WriteBatcher {
     }
 }
 
+/// The writing task's bounds (see [`WriteBatcher::start`]).
+struct Limits {
+    max: usize,
+    concurrency: usize,
+    linger: Duration,
+}
+
 async fn run(
     store: Store,
     mut rx: mpsc::Receiver<Pending>,
-    max: usize,
-    concurrency: usize,
+    Limits {
+        max,
+        concurrency,
+        linger,
+    }: Limits,
     groups: Arc<AtomicU64>,
 ) {
     let writers = Arc::new(Semaphore::new(concurrency));
     let mut batch = Vec::with_capacity(max);
+    let mut last_began: Option<Instant> = None;
     loop {
         // A free writer first: while every writer is busy, the next group
         // gathers in the channel.
         let writer = writers.clone().acquire_owned().await.expect("never closed");
-        // Takes what is waiting, at least one: never waits for more.
+        // Takes what is waiting, at least one.
         if rx.recv_many(&mut batch, max).await == 0 {
             break;
         }
+        let now = Instant::now();
+        if !linger.is_zero() && last_began.is_some_and(|t| now - t < linger * 4) {
+            // Writes are arriving: wait a moment for more (a closed channel
+            // ends the wait; the loop ends at the next turn).
+            let until = now + linger;
+            while batch.len() < max {
+                let room = max - batch.len();
+                match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        last_began = Some(Instant::now());
         groups.fetch_add(1, Ordering::Relaxed);
         let group = std::mem::take(&mut batch);
         if concurrency == 1 {
@@ -797,7 +842,7 @@ mod tests {
     //! fresh PostgreSQL database when `UPLOADHOOK_TEST_DATABASE_URL` is set
     //! (required when `UPLOADHOOK_REQUIRE_SERVICES=1`).
 
-    use std::{sync::Mutex, time::Duration};
+    use std::sync::Mutex;
 
     use sea_orm::{Database, DatabaseConnection, PaginatorTrait, QueryOrder};
     use tokio::sync::broadcast;
@@ -1154,6 +1199,7 @@ mod tests {
         one_failing_write_does_not_fail_the_others,
         what_waits_is_written_as_one_group,
         groups_are_written_at_once_on_postgres,
+        writes_arriving_while_a_group_lingers_join_it,
         a_write_through_a_status_stores_both_events,
         a_transition_alone_stores_its_events_and_attempt,
         a_group_stores_attempts_dead_letters_and_events,
@@ -1769,7 +1815,7 @@ mod tests {
         for _ in 0..60 {
             ids.push(webhook(&store, &t, Status::Verified).await);
         }
-        let batcher = WriteBatcher::start(store.clone(), 128, 1);
+        let batcher = WriteBatcher::start(store.clone(), 128, 1, Duration::ZERO);
         // The first group is stuck behind the lock while the rest arrive.
         let blocker = Blocker::hold(db, &first).await;
         let first_write = spawn_verified(&batcher, &t, &first);
@@ -2218,7 +2264,7 @@ mod tests {
         let store = db.store(bus()).await;
         let sqlite = store.db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite;
         let t = tenant(&store, "a").await;
-        let batcher = WriteBatcher::start(store.clone(), 128, 1);
+        let batcher = WriteBatcher::start(store.clone(), 128, 1, Duration::ZERO);
         let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let (b, row) = (batcher.clone(), new_row(&t, Status::Pending));
@@ -2268,6 +2314,32 @@ mod tests {
     /// PostgreSQL writes several groups at once: a group stuck behind a
     /// locked row does not hold up the others, and two jobs racing to claim
     /// one webhook from different groups still make one claim.
+    async fn writes_arriving_while_a_group_lingers_join_it(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(webhook(&store, &t, Status::Verifying).await);
+        }
+        // A linger far longer than the test's steps.
+        let batcher = WriteBatcher::start(store.clone(), 128, 4, Duration::from_secs(1));
+        // After a quiet spell: a group of its own.
+        let first = spawn_verified(&batcher, &t, &ids[0]);
+        assert!(first.await.unwrap().unwrap().is_some());
+        assert_eq!(batcher.groups_written(), 1);
+        // Right after it: the group waits, and a write sent meanwhile joins.
+        let second = spawn_verified(&batcher, &t, &ids[1]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let third = spawn_verified(&batcher, &t, &ids[2]);
+        assert!(second.await.unwrap().unwrap().is_some());
+        assert!(third.await.unwrap().unwrap().is_some());
+        assert_eq!(batcher.groups_written(), 2);
+        for id in &ids {
+            let w = store.find_webhook(&t, id).await.unwrap().unwrap();
+            assert_eq!(w.status, Status::Verified.as_str());
+        }
+    }
+
     async fn groups_are_written_at_once_on_postgres(db: &TestDb) {
         let store = db.store(bus()).await;
         if store.db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite {
@@ -2279,7 +2351,7 @@ mod tests {
         for _ in 0..40 {
             ids.push(webhook(&store, &t, Status::Verified).await);
         }
-        let batcher = WriteBatcher::start(store.clone(), 8, 4);
+        let batcher = WriteBatcher::start(store.clone(), 8, 4, Duration::ZERO);
         let blocker = Blocker::hold(db, &stuck).await;
         let stuck_write = spawn_verified(&batcher, &t, &stuck);
         wait_until(|| batcher.groups_written() == 1).await;
@@ -2374,7 +2446,7 @@ mod tests {
             ids.push(webhook(&store, &t, Status::Verifying).await);
         }
         checking.seen.lock().unwrap().clear();
-        let batcher = WriteBatcher::start(store.clone(), 128, 1);
+        let batcher = WriteBatcher::start(store.clone(), 128, 1, Duration::ZERO);
         let mut tasks = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let b = batcher.clone();
