@@ -423,6 +423,16 @@ pub async fn start(
         cfg.worker.write_linger,
     );
     if roles.worker {
+        let longest = pipeline::longest_job(cfg.delivery.timeout);
+        if cfg.queue.backend == QueueBackend::Redis && cfg.queue.visibility_timeout < longest {
+            warn!(
+                visibility_timeout = ?cfg.queue.visibility_timeout,
+                longest_job = ?longest,
+                "queue.visibility_timeout is shorter than the longest a job may run (a 30 s HEAD, \
+                 5 s waiting for its host, twice delivery.timeout): a slow job may be taken over \
+                 by another worker and its webhook sent twice"
+            );
+        }
         let delivery = DeliveryClient::new(&cfg.delivery, allow.clone())
             .context("building the delivery HTTP client")?;
         let pipeline = Arc::new(Pipeline::new(

@@ -176,6 +176,19 @@ const WAITING_PER_WORKER_SLOT: usize = 4;
 /// queue (and says it is still being worked on, see `deliver`).
 const HOST_WAIT_MAX: Duration = Duration::from_secs(5);
 
+/// A verification HEAD gives up after this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest one job may run under its queue lease: its HEAD, its wait
+/// for room at the receiver's host, and the attempt. A lease shorter than
+/// this (`queue.visibility_timeout`) may be handed to another worker while
+/// the job still runs; the claim is a compare-and-set, so one of them
+/// delivers, but the other's work is wasted and a slow attempt may be sent
+/// twice (at-least-once allows it).
+pub fn longest_job(delivery_timeout: Duration) -> Duration {
+    HEAD_TIMEOUT + HOST_WAIT_MAX + longest_attempt(delivery_timeout)
+}
+
 /// When a delivery's host stays busy, its job comes back after this.
 const HOST_BUSY_RETRY: chrono::Duration = chrono::Duration::milliseconds(200);
 
@@ -311,7 +324,7 @@ impl Pipeline {
                 + cfg.server.shutdown_grace
                 + Duration::from_secs(30),
             delivery_timeout: cfg.delivery.timeout,
-            head_timeout: Duration::from_secs(30),
+            head_timeout: HEAD_TIMEOUT,
             batch_size: cfg.worker.batch_size,
             per_host: HostLimits {
                 per_host: cfg.worker.per_host_concurrency,
@@ -1194,5 +1207,18 @@ impl Pipeline {
             metadata: metadata_of(w),
         }
         .to_json()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_lease_outlasts_the_longest_job() {
+        let cfg = Config::from_toml("").unwrap();
+        // 30 s HEAD + 5 s for the host + twice the 15 s delivery timeout.
+        assert_eq!(longest_job(cfg.delivery.timeout), Duration::from_secs(65));
+        assert!(cfg.queue.visibility_timeout > longest_job(cfg.delivery.timeout));
     }
 }
