@@ -428,9 +428,9 @@ pub async fn start(
             warn!(
                 visibility_timeout = ?cfg.queue.visibility_timeout,
                 longest_job = ?longest,
-                "queue.visibility_timeout is shorter than the longest a job may run (a 30 s HEAD, \
-                 5 s waiting for its host, twice delivery.timeout): a slow job may be taken over \
-                 by another worker and its webhook sent twice"
+                "queue.visibility_timeout is shorter than the longest a job may run (its HEAD, \
+                 its wait for room at the receiver's host, twice delivery.timeout): a slow job \
+                 may be taken over by another worker and its webhook sent twice"
             );
         }
         let delivery = DeliveryClient::new(&cfg.delivery, allow.clone())

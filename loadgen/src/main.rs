@@ -409,6 +409,10 @@ async fn run(
         pg_groups(&mut groups, d.postgres_pids().await?);
     }
     let cpu1 = measure::snapshot(&groups);
+    let wal1 = match deployment {
+        Some(d) => d.postgres_wal_bytes().await,
+        None => None,
+    };
     let created = std::mem::take(&mut *created.lock().unwrap());
     let create_lat = Latencies::new(std::mem::take(&mut *create_lat.lock().unwrap()));
     let put_lat = Latencies::new(std::mem::take(&mut *put_lat.lock().unwrap()));
@@ -445,6 +449,11 @@ async fn run(
         "after phase 1, all created webhooks PENDING",
         "pending",
     );
+    if let (Some(w0), Some(w1)) = (wal0, wal1) {
+        let per = w1.saturating_sub(w0) as f64 / created.len().max(1) as f64;
+        println!("PostgreSQL WAL in phase 1: {per:.0} bytes per created webhook");
+        result["phase1_wal_bytes_per_webhook"] = per.into();
+    }
     if args.no_confirm {
         println!("RESULT {result}");
         return check(0, 0, &errors, created.len(), n);
@@ -462,11 +471,6 @@ async fn run(
         Some(d) => d.postgres_wal_bytes().await,
         None => None,
     };
-    if let (Some(w0), Some(w1)) = (wal0, wal2) {
-        let per = w1.saturating_sub(w0) as f64 / created.len().max(1) as f64;
-        println!("PostgreSQL WAL in phase 1: {per:.0} bytes per created webhook");
-        result["phase1_wal_bytes_per_webhook"] = per.into();
-    }
     if let Some(d) = deployment {
         pg_groups(&mut groups, d.postgres_pids().await?);
     }

@@ -7,9 +7,10 @@
 //! is indexed elsewhere), so the full index took an entry for each of a
 //! webhook's row versions, about four per webhook, also for webhooks
 //! confirmed by `Confirm` that no storage event ever looks up. Partial, it
-//! takes one entry per AUTO webhook (its insert) and none for the others,
-//! and stays as small as the set of webhooks still waiting for their
-//! object. The predicate compares with constants, and so does the query
+//! takes entries only for an AUTO webhook's row versions while it is
+//! PENDING (its insert, and each HEAD check, which sets `next_check_at`)
+//! and none for the others, and stays as small as the set of webhooks
+//! still waiting for their object. The predicate compares with constants, and so does the query
 //! (`status = 'pending' AND "trigger" = 'auto'` written inline), so the
 //! planner proves it with a prepared statement's generic plan too.
 //!
