@@ -31,6 +31,8 @@ pub struct Options {
     pub delivery_toml: String,
     /// Environment variables for every process (`UPLOADHOOK_SECTION__KEY`).
     pub env: Vec<(String, String)>,
+    /// Run the service processes under `valgrind --tool=callgrind`.
+    pub callgrind: bool,
 }
 
 pub struct Process {
@@ -62,6 +64,7 @@ pub struct Deployment {
     pg: Option<(String, String)>,
     redis: Option<(String, String)>,
     env: Vec<(String, String)>,
+    callgrind: bool,
 }
 
 /// The `_count` and `_sum` of the write-group histogram in a Prometheus
@@ -77,6 +80,41 @@ fn write_groups_in(text: &str) -> (u64, u64) {
         value("uploadhook_write_group_size_count"),
         value("uploadhook_write_group_size_sum"),
     )
+}
+
+/// The sum of the per-thread `Ir` counts `callgrind_control -e Ir`
+/// prints (lines `Th <n> <count>` under `Totals:`).
+fn instructions_in(text: &str) -> Option<u64> {
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("Totals:"));
+    lines.next()?;
+    let mut total = None;
+    for l in lines {
+        let mut words = l.split_whitespace();
+        if words.next() != Some("Th") {
+            break;
+        }
+        let count: u64 = words.nth(1)?.replace(',', "").parse().ok()?;
+        *total.get_or_insert(0) += count;
+    }
+    total
+}
+
+async fn callgrind_control(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("callgrind_control");
+    cmd.args(args);
+    let out = output(cmd)
+        .await
+        .context("running callgrind_control (valgrind)")?;
+    if !out.status.success() {
+        bail!(
+            "callgrind_control {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a short command to completion off the async runtime.
@@ -178,6 +216,7 @@ impl Deployment {
             pg: None,
             redis: None,
             env: Vec::new(),
+            callgrind: opts.callgrind,
         };
         let api_toml;
         let mut worker_tomls = Vec::new();
@@ -319,6 +358,28 @@ impl Deployment {
         Ok((groups, writes))
     }
 
+    /// Zeroes the instruction counters of the service processes (run
+    /// under callgrind).
+    pub async fn callgrind_zero(&self) -> anyhow::Result<()> {
+        for p in &self.processes {
+            callgrind_control(&["-z", &p.pid().to_string()]).await?;
+        }
+        Ok(())
+    }
+
+    /// Instructions each service process executed since its counters were
+    /// zeroed, by name.
+    pub async fn callgrind_instructions(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for p in &self.processes {
+            let text = callgrind_control(&["-e", "Ir", &p.pid().to_string()]).await?;
+            let n = instructions_in(&text)
+                .with_context(|| format!("no counters from callgrind_control: {text}"))?;
+            out.push((p.name.clone(), n));
+        }
+        Ok(out)
+    }
+
     /// The S3 server's process id.
     pub fn s3_pid(&self) -> Option<u32> {
         self.s3.as_ref().map(Child::id)
@@ -334,7 +395,19 @@ impl Deployment {
     ) -> anyhow::Result<()> {
         let log = self.dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;
-        let child = Command::new(bin)
+        let mut cmd = if self.callgrind {
+            let mut c = Command::new("valgrind");
+            c.arg("--tool=callgrind")
+                .arg(format!(
+                    "--callgrind-out-file={}",
+                    self.dir.join(format!("{name}.callgrind")).display()
+                ))
+                .arg(bin);
+            c
+        } else {
+            Command::new(bin)
+        };
+        let child = cmd
             .arg("--config")
             .arg(cfg)
             .arg(role)
@@ -352,7 +425,9 @@ impl Deployment {
         // Ready when /readyz answers 200 (database and queue reachable).
         let url = format!("http://127.0.0.1:{http_port}/readyz");
         let http = reqwest::Client::new();
-        for _ in 0..600 {
+        // Under callgrind, start-up is many times slower.
+        let tries = if self.callgrind { 3000 } else { 600 };
+        for _ in 0..tries {
             if let Ok(r) = http.get(&url).send().await
                 && r.status().is_success()
             {
@@ -368,7 +443,11 @@ impl Deployment {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("{name} not ready after 60 s; log in {}", log.display())
+        bail!(
+            "{name} not ready after {} s; log in {}",
+            tries / 10,
+            log.display()
+        )
     }
 
     /// PostgreSQL processes serving this deployment's database (backends),
@@ -464,6 +543,22 @@ impl Deployment {
             cmd.args(["-u", &url, "EVAL", script, "0", &format!("*{prefix}*")]);
             let _ = output(cmd).await;
         }
+        if self.callgrind {
+            // Each process's profile of the Confirm phase (and of its
+            // shutdown), written at exit: for `callgrind_annotate`.
+            let kept = std::env::current_dir()
+                .unwrap_or_default()
+                .join(format!("callgrind-{}", random_name("")));
+            let _ = std::fs::create_dir_all(&kept);
+            for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                if name.to_string_lossy().contains(".callgrind") {
+                    // (copied: the data folder may be on another file system)
+                    let _ = std::fs::copy(entry.path(), kept.join(&name));
+                }
+            }
+            eprintln!("callgrind profiles in {}", kept.display());
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -498,6 +593,18 @@ mod tests {
                     uploadhook_write_group_size_bucket{le=\"1.0\"} 3\n";
         assert_eq!(write_groups_in(text), (10, 42));
         assert_eq!(write_groups_in("# EOF\n"), (0, 0));
+    }
+
+    #[test]
+    fn reads_callgrinds_counters() {
+        let text = "PID 11532: uploadhook --config api.toml serve\n\
+                    sending command status internal to pid 11532\n\n  \
+                    Totals:     Ir \n   Th 1  302,383 \n   Th 2  1,000 \n\n";
+        assert_eq!(instructions_in(text), Some(303_383));
+        assert_eq!(
+            instructions_in("No active callgrind runs detected.\n"),
+            None
+        );
     }
 
     #[test]

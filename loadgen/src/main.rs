@@ -109,6 +109,13 @@ struct Args {
     /// Give up waiting for deliveries after this many seconds without one.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Run the service processes under valgrind's callgrind and report the
+    /// instructions they execute per delivered webhook in the Confirm
+    /// phase: a count that repeats from run to run, unlike CPU time, for
+    /// before/after comparisons. About fifty times slower: use a few
+    /// hundred webhooks and a low concurrency.
+    #[arg(long, conflicts_with = "target")]
+    callgrind: bool,
     /// Internal: serve the embedded S3 stand-in on this address (with
     /// --s3-root) until killed; how a deployment's S3 server is started.
     #[arg(long, hide = true, requires = "s3_root")]
@@ -185,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
                 redis_url: args.redis_url.clone(),
                 delivery_toml,
                 env,
+                callgrind: args.callgrind,
             })
             .await?;
             let procs = d
@@ -473,6 +481,9 @@ async fn run(
     };
     if let Some(d) = deployment {
         pg_groups(&mut groups, d.postgres_pids().await?);
+        if args.callgrind {
+            d.callgrind_zero().await?;
+        }
     }
     let cpu2 = measure::snapshot(&groups);
     let t2 = Instant::now();
@@ -618,6 +629,10 @@ async fn run(
         pg_groups(&mut groups, d.postgres_pids().await?);
     }
     let cpu3 = measure::snapshot(&groups);
+    let instructions = match deployment {
+        Some(d) if args.callgrind => Some(d.callgrind_instructions().await?),
+        _ => None,
+    };
     let wal3 = match deployment {
         Some(d) => d.postgres_wal_bytes().await,
         None => None,
@@ -732,6 +747,26 @@ async fn run(
         );
         result["write_groups"] = g.into();
         result["writes_per_transaction"] = (w as f64 / g.max(1) as f64).into();
+    }
+    if let Some(counts) = instructions {
+        let per = |n: u64| n as f64 / delivered.max(1) as f64;
+        let total: u64 = counts.iter().map(|(_, n)| n).sum();
+        for (name, n) in &counts {
+            println!(
+                "instructions (callgrind): uploadhook {name} {:.0} per webhook",
+                per(*n)
+            );
+        }
+        println!(
+            "instructions (callgrind): service {:.0} per webhook",
+            per(total)
+        );
+        result["instructions_per_webhook"] = per(total).into();
+        result["instructions_per_webhook_by_process"] = counts
+            .iter()
+            .map(|(name, n)| (name.clone(), serde_json::Value::from(per(*n))))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
     }
     if let (Some(w0), Some(w1)) = (wal2, wal3) {
         let per = w1.saturating_sub(w0) as f64 / delivered.max(1) as f64;
