@@ -323,11 +323,15 @@ pub async fn start(
         store::migrate(&db).await.context("applying migrations")?;
     }
     // Streams are woken by this process's events; with Redis, also by
-    // every other process's (workers commit most events).
+    // every other process's (workers commit most events). A worker-only
+    // process serves no stream: it publishes and does not subscribe.
     let bus: Arc<dyn EventBus> = match &redis {
         None => Arc::new(LocalEventBus::new(1024)),
-        Some(target) => {
+        Some(target) if roles.api => {
             RedisEventBus::start(target.clone(), &cfg.queue.prefix, 1024, shutdown.clone())?
+        }
+        Some(target) => {
+            RedisEventBus::publisher(target.clone(), &cfg.queue.prefix, 1024, shutdown.clone())
         }
     };
     let store = Store::new(db, bus, keyring.clone());

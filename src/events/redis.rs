@@ -1,10 +1,13 @@
 //! The cross-process bus: Redis pub/sub on `<prefix>:events`.
 //!
 //! Every process keeps its in-process broadcast for its own streams and
-//! also publishes each committed event to Redis; every process subscribes
-//! and re-broadcasts what other processes published. A message is only a
-//! wake-up (followers re-read the store), so a lost message costs latency,
-//! never an event.
+//! also publishes each committed event to Redis; every process that serves
+//! streams (the API) subscribes and re-broadcasts what other processes
+//! published. A worker-only process serves no stream, so it only publishes
+//! ([`RedisEventBus::publisher`]): subscribed, it would receive and decode
+//! every event of every process for nothing. A message is only a wake-up
+//! (followers re-read the store), so a lost message costs latency, never
+//! an event.
 //!
 //! Both connections are made in the background and remade by themselves:
 //! the publisher through a reconnecting connection manager, the subscriber
@@ -54,6 +57,8 @@ pub struct RedisEventBus {
     local: LocalEventBus,
     outbox: mpsc::Sender<String>,
     origin: String,
+    /// `"o":"<origin>"`, as `encode` writes it.
+    origin_field: String,
     live: Arc<AtomicBool>,
 }
 
@@ -66,23 +71,41 @@ impl RedisEventBus {
         capacity: usize,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let channel = format!("{prefix}:events");
-        let (outbox, rx) = mpsc::channel(OUTBOX);
-        let bus = Arc::new(Self {
-            local: LocalEventBus::new(capacity),
-            outbox,
-            origin: uuid::Uuid::new_v4().simple().to_string(),
-            live: Arc::new(AtomicBool::new(false)),
-        });
         let client = target.seed_client()?;
-        tokio::spawn(publish_loop(target, channel.clone(), rx, shutdown.clone()));
+        let bus = Self::publisher(target, prefix, capacity, shutdown.clone());
         tokio::spawn(subscribe_loop(
             client,
-            channel,
+            format!("{prefix}:events"),
             Arc::downgrade(&bus),
             shutdown,
         ));
         Ok(bus)
+    }
+
+    /// Starts publishing only: other processes' events never reach this
+    /// one, and [`EventBus::live`] stays `false` (a stream here would poll
+    /// the store). For processes that serve no stream.
+    pub fn publisher(
+        target: RedisTarget,
+        prefix: &str,
+        capacity: usize,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let (outbox, rx) = mpsc::channel(OUTBOX);
+        tokio::spawn(publish_loop(
+            target,
+            format!("{prefix}:events"),
+            rx,
+            shutdown,
+        ));
+        let origin = uuid::Uuid::new_v4().simple().to_string();
+        Arc::new(Self {
+            local: LocalEventBus::new(capacity),
+            outbox,
+            origin_field: format!("\"o\":\"{origin}\""),
+            origin,
+            live: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     fn encode(&self, e: &Event) -> String {
@@ -101,6 +124,11 @@ impl RedisEventBus {
     /// The event of a message from another process; `None` for our own
     /// messages (already broadcast locally) and for garbage.
     fn decode(&self, payload: &str) -> Option<Event> {
+        // Our own messages (about half of what an API process receives)
+        // are told apart before parsing.
+        if payload.contains(&self.origin_field) {
+            return None;
+        }
         let v: serde_json::Value = serde_json::from_str(payload).ok()?;
         if v["o"].as_str()? == self.origin {
             return None;
@@ -251,5 +279,45 @@ async fn subscribed(
                     .map_err(|_| anyhow::anyhow!("ping timed out"))??;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> Event {
+        Event {
+            id: 42,
+            tenant_id: TenantId::from_trusted("tn_a".into()),
+            webhook_id: WebhookId::from_trusted("wh_a".into()),
+            kind: "webhook.verified".into(),
+            status: Status::Verified,
+            occurred_at: DateTime::from_timestamp_micros(1_765_000_000_123_456).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn own_messages_are_skipped_and_others_decoded() {
+        // Nothing listens on port 1: the publishers' connections fail in
+        // the background, which this test does not need.
+        let target = || RedisTarget::parse("redis://127.0.0.1:1").unwrap();
+        let stop = CancellationToken::new();
+        let a = RedisEventBus::publisher(target(), "t", 4, stop.clone());
+        let b = RedisEventBus::publisher(target(), "t", 4, stop.clone());
+        let message = a.encode(&event());
+        assert!(a.decode(&message).is_none(), "{message}");
+        let got = b.decode(&message).expect("another process's event");
+        assert_eq!(
+            (got.id, got.tenant_id.as_str(), got.webhook_id.as_str()),
+            (42, "tn_a", "wh_a")
+        );
+        assert_eq!(
+            (got.kind.as_str(), got.status),
+            ("webhook.verified", Status::Verified)
+        );
+        assert_eq!(got.occurred_at, event().occurred_at);
+        assert!(b.decode("not json").is_none());
+        stop.cancel();
     }
 }

@@ -321,13 +321,15 @@ async fn an_event_from_another_process_arrives_on_a_stream() {
     )
     .await;
     let deadline = tokio::time::Instant::now() + WITHIN;
-    while !(api.store.bus().live() && worker.store.bus().live()) {
+    while !api.store.bus().live() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "never subscribed to Redis"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The worker serves no stream: it publishes and does not subscribe.
+    assert!(!worker.store.bus().live());
     let rx = Receiver::start().await;
     let mut client = proto::webhook_service_client::WebhookServiceClient::connect(format!(
         "http://{}",
@@ -441,5 +443,59 @@ async fn a_lost_redis_subscription_reconnects_by_itself() {
         .unwrap();
     assert_eq!(got.id, event.id);
     assert_eq!(got.tenant_id, event.tenant_id);
+    stop.cancel();
+}
+
+/// A worker-only process publishes its events and does not subscribe: no
+/// stream is served there, and subscribed it would receive and decode
+/// every process's events. An API process still hears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_only_bus_publishes_without_subscribing() {
+    use uploadhook::{
+        domain::{Status, TenantId, WebhookId},
+        events::{Event, EventBus, redis::RedisEventBus},
+        pipeline::redis_conn::RedisTarget,
+    };
+    let Some(url) = crate::helpers::required_env("UPLOADHOOK_TEST_REDIS_URL") else {
+        return;
+    };
+    let prefix = format!("test-bus-{}", uuid::Uuid::new_v4().simple());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let target = || RedisTarget::parse(&url).unwrap();
+    let api = RedisEventBus::start(target(), &prefix, 16, stop.clone()).unwrap();
+    let worker = RedisEventBus::publisher(target(), &prefix, 16, stop.clone());
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !api.live() {
+        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!worker.live());
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(format!("{prefix}:events"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(subscribers, 1, "only the API process subscribes");
+    let mut rx = api.subscribe();
+    let event = Event {
+        id: 9,
+        tenant_id: TenantId::from_trusted("ten_x".into()),
+        webhook_id: WebhookId::from_trusted("wh_x".into()),
+        kind: "webhook.completed".into(),
+        status: Status::Completed,
+        occurred_at: chrono::Utc::now(),
+    };
+    worker.publish(event.clone());
+    let got = tokio::time::timeout(WITHIN, rx.recv())
+        .await
+        .expect("the API process did not hear the worker")
+        .unwrap();
+    assert_eq!(got.id, event.id);
     stop.cancel();
 }
