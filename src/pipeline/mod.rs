@@ -555,7 +555,11 @@ impl Pipeline {
                 let row = rows.as_ref().map(|rows| rows.of(&lease.job));
                 let this = self.clone();
                 let stopping = shutdown.clone();
-                tasks.spawn(async move { this.process(lease, row, permit, stopping).await });
+                // A job's future is tens of kilobytes: made and boxed inside
+                // the task, it is not copied into the task on spawn.
+                tasks.spawn(
+                    async move { Box::pin(this.process(lease, row, permit, stopping)).await },
+                );
             }
             // Reap finished tasks so that the set does not grow.
             while tasks.try_join_next().is_some() {}
@@ -710,7 +714,8 @@ impl Pipeline {
             }
         };
         self.verify_head_limits.acquire(&w.storage).await;
-        let head = tokio::time::timeout(self.head_timeout, storage.head(&w.object_key))
+        // Boxed: the HEAD's future is large, and the timeout would copy it.
+        let head = tokio::time::timeout(self.head_timeout, Box::pin(storage.head(&w.object_key)))
             .await
             .unwrap_or_else(|_| {
                 Err(crate::storage::StorageError::InvalidInput(format!(
