@@ -76,6 +76,13 @@ impl LocalEventBus {
         let (tx, _) = broadcast::channel(capacity);
         Self { tx }
     }
+
+    /// Whether anything (a stream's follower) listens now. A follower
+    /// subscribes before it reads the store, so an event published while
+    /// nothing listens wakes no one that needs it.
+    pub fn has_subscribers(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
 }
 
 impl EventBus for LocalEventBus {
@@ -448,6 +455,16 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    #[test]
+    fn a_bus_knows_whether_anything_listens() {
+        let bus = LocalEventBus::new(4);
+        assert!(!bus.has_subscribers());
+        let rx = bus.subscribe();
+        assert!(bus.has_subscribers());
+        drop(rx);
+        assert!(!bus.has_subscribers());
+    }
 
     /// An event log in memory; `hidden` ids are "not committed yet".
     #[derive(Default)]

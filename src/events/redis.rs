@@ -262,6 +262,11 @@ async fn subscribed(
                     anyhow::bail!("connection closed");
                 };
                 let Some(bus) = bus.upgrade() else { return Ok(()) };
+                // With no stream open here, a wake-up has no one to wake:
+                // not decoded (most of an API process's share of the bus).
+                if !bus.local.has_subscribers() {
+                    continue;
+                }
                 if let Some(event) = msg
                     .get_payload::<String>()
                     .ok()
