@@ -82,39 +82,32 @@ fn write_groups_in(text: &str) -> (u64, u64) {
     )
 }
 
-/// The sum of the per-thread `Ir` counts `callgrind_control -e Ir`
-/// prints (lines `Th <n> <count>` under `Totals:`).
-fn instructions_in(text: &str) -> Option<u64> {
-    let mut lines = text
+/// The `totals:` line of a callgrind profile: the instructions counted
+/// in it, over every thread.
+fn instructions_in(profile: &str) -> Option<u64> {
+    profile
         .lines()
-        .skip_while(|l| !l.trim_start().starts_with("Totals:"));
-    lines.next()?;
-    let mut total = None;
-    for l in lines {
-        let mut words = l.split_whitespace();
-        if words.next() != Some("Th") {
-            break;
-        }
-        let count: u64 = words.nth(1)?.replace(',', "").parse().ok()?;
-        *total.get_or_insert(0) += count;
-    }
-    total
+        .find_map(|l| l.strip_prefix("totals:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 async fn callgrind_control(args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new("callgrind_control");
     cmd.args(args);
-    let out = output(cmd)
+    let out = tokio::time::timeout(Duration::from_secs(120), output(cmd))
         .await
+        .context("callgrind_control did not answer within 120 s")?
         .context("running callgrind_control (valgrind)")?;
-    if !out.status.success() {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // It exits with 0 whatever happened; "OK." says the command was done.
+    if !out.status.success() || !text.contains("OK.") {
         bail!(
-            "callgrind_control {}: {}",
+            "callgrind_control {}: {text}{}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(text)
 }
 
 /// Runs a short command to completion off the async runtime.
@@ -368,13 +361,24 @@ impl Deployment {
     }
 
     /// Instructions each service process executed since its counters were
-    /// zeroed, by name.
+    /// zeroed, by name: each writes a profile (`<name>.callgrind.<n>`, every
+    /// thread's counts in one file), whose totals are read.
     pub async fn callgrind_instructions(&self) -> anyhow::Result<Vec<(String, u64)>> {
         let mut out = Vec::new();
         for p in &self.processes {
-            let text = callgrind_control(&["-e", "Ir", &p.pid().to_string()]).await?;
-            let n = instructions_in(&text)
-                .with_context(|| format!("no counters from callgrind_control: {text}"))?;
+            callgrind_control(&["--dump=confirm-phase", &p.pid().to_string()]).await?;
+            let prefix = format!("{}.callgrind.", p.name);
+            let latest = std::fs::read_dir(&self.dir)?
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let n: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
+                    Some((n, e.path()))
+                })
+                .max()
+                .with_context(|| format!("{}: no callgrind profile was written", p.name))?;
+            let n = instructions_in(&std::fs::read_to_string(&latest.1)?)
+                .with_context(|| format!("{}: no totals", latest.1.display()))?;
             out.push((p.name.clone(), n));
         }
         Ok(out)
@@ -520,7 +524,9 @@ impl Deployment {
             let _ = output(kill).await;
         }
         for p in &mut self.processes {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            // Under callgrind, stopping and writing the profile is slow.
+            let grace = Duration::from_secs(if self.callgrind { 180 } else { 20 });
+            let deadline = std::time::Instant::now() + grace;
             while matches!(p.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -550,6 +556,11 @@ impl Deployment {
                 .unwrap_or_default()
                 .join(format!("callgrind-{}", random_name("")));
             let _ = std::fs::create_dir_all(&kept);
+            for p in &self.processes {
+                if !self.dir.join(format!("{}.callgrind", p.name)).exists() {
+                    eprintln!("{}: callgrind wrote no final profile (killed?)", p.name);
+                }
+            }
             for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
                 let name = entry.file_name();
                 if name.to_string_lossy().contains(".callgrind") {
@@ -596,15 +607,11 @@ mod tests {
     }
 
     #[test]
-    fn reads_callgrinds_counters() {
-        let text = "PID 11532: uploadhook --config api.toml serve\n\
-                    sending command status internal to pid 11532\n\n  \
-                    Totals:     Ir \n   Th 1  302,383 \n   Th 2  1,000 \n\n";
-        assert_eq!(instructions_in(text), Some(303_383));
-        assert_eq!(
-            instructions_in("No active callgrind runs detected.\n"),
-            None
-        );
+    fn reads_callgrinds_totals() {
+        let profile = "# callgrind format\nversion: 1\ncreator: callgrind-3.19.0\n\
+                       events: Ir\nsummary: 0\ntotals: 1213561085\n\nfl=(1) ???\n";
+        assert_eq!(instructions_in(profile), Some(1_213_561_085));
+        assert_eq!(instructions_in("events: Ir\n"), None);
     }
 
     #[test]

@@ -311,6 +311,8 @@ mod tests {
         let a = RedisEventBus::publisher(target(), "t", 4, stop.clone());
         let b = RedisEventBus::publisher(target(), "t", 4, stop.clone());
         let message = a.encode(&event());
+        // Told apart before parsing, not only by the parsed field.
+        assert!(message.contains(&a.origin_field), "{message}");
         assert!(a.decode(&message).is_none(), "{message}");
         let got = b.decode(&message).expect("another process's event");
         assert_eq!(
