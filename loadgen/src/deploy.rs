@@ -420,7 +420,14 @@ impl Deployment {
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .with_context(|| {
+                let under = if self.callgrind {
+                    " under valgrind"
+                } else {
+                    ""
+                };
+                format!("starting {}{under}", bin.display())
+            })?;
         self.processes.push(Process {
             name: name.to_string(),
             child,

@@ -313,10 +313,7 @@ async fn run(
         None => None,
     };
     pg_groups(&mut groups, pg_now);
-    let wal0 = match deployment {
-        Some(d) => d.postgres_wal_bytes().await,
-        None => None,
-    };
+    let wal0 = wal_position(deployment).await;
 
     println!(
         "uploadhook loadgen: {n} webhooks, {}, deployment {}{}",
@@ -417,10 +414,7 @@ async fn run(
         pg_groups(&mut groups, d.postgres_pids().await?);
     }
     let cpu1 = measure::snapshot(&groups);
-    let wal1 = match deployment {
-        Some(d) => d.postgres_wal_bytes().await,
-        None => None,
-    };
+    let wal1 = wal_position(deployment).await;
     let created = std::mem::take(&mut *created.lock().unwrap());
     let create_lat = Latencies::new(std::mem::take(&mut *create_lat.lock().unwrap()));
     let put_lat = Latencies::new(std::mem::take(&mut *put_lat.lock().unwrap()));
@@ -457,11 +451,13 @@ async fn run(
         "after phase 1, all created webhooks PENDING",
         "pending",
     );
-    if let (Some(w0), Some(w1)) = (wal0, wal1) {
-        let per = w1.saturating_sub(w0) as f64 / created.len().max(1) as f64;
-        println!("PostgreSQL WAL in phase 1: {per:.0} bytes per created webhook");
-        result["phase1_wal_bytes_per_webhook"] = per.into();
-    }
+    report_wal(
+        &mut result,
+        "phase1_wal_bytes_per_webhook",
+        "in phase 1, per created webhook",
+        (wal0, wal1),
+        created.len(),
+    );
     if args.no_confirm {
         println!("RESULT {result}");
         return check(0, 0, &errors, created.len(), n);
@@ -475,10 +471,7 @@ async fn run(
         Some(d) => d.write_groups().await,
         None => None,
     };
-    let wal2 = match deployment {
-        Some(d) => d.postgres_wal_bytes().await,
-        None => None,
-    };
+    let wal2 = wal_position(deployment).await;
     if let Some(d) = deployment {
         pg_groups(&mut groups, d.postgres_pids().await?);
         if args.callgrind {
@@ -633,10 +626,7 @@ async fn run(
         Some(d) if args.callgrind => Some(d.callgrind_instructions().await?),
         _ => None,
     };
-    let wal3 = match deployment {
-        Some(d) => d.postgres_wal_bytes().await,
-        None => None,
-    };
+    let wal3 = wal_position(deployment).await;
 
     // What arrived.
     let arrivals = receiver.state.arrivals.lock().unwrap().clone();
@@ -768,15 +758,42 @@ async fn run(
             .collect::<serde_json::Map<_, _>>()
             .into();
     }
-    if let (Some(w0), Some(w1)) = (wal2, wal3) {
-        let per = w1.saturating_sub(w0) as f64 / delivered.max(1) as f64;
-        println!("PostgreSQL WAL: {per:.0} bytes per delivered webhook");
-        result["wal_bytes_per_webhook"] = per.into();
-    }
+    report_wal(
+        &mut result,
+        "wal_bytes_per_webhook",
+        "per delivered webhook",
+        (wal2, wal3),
+        delivered,
+    );
     print_memory(procs, &mut result, "end", "end");
     println!("RESULT {result}");
     let bad = receiver.state.bad_signatures.load(Ordering::Relaxed);
     check(missing, bad, &errors, created.len(), n)
+}
+
+/// PostgreSQL's write-ahead log position, when this tool started a
+/// deployment on PostgreSQL.
+async fn wal_position(deployment: Option<&Deployment>) -> Option<u64> {
+    match deployment {
+        Some(d) => d.postgres_wal_bytes().await,
+        None => None,
+    }
+}
+
+/// The WAL written between two positions, per webhook, printed and put in
+/// the result under `key`.
+fn report_wal(
+    result: &mut serde_json::Value,
+    key: &str,
+    what: &str,
+    (from, to): (Option<u64>, Option<u64>),
+    webhooks: usize,
+) {
+    if let (Some(from), Some(to)) = (from, to) {
+        let per = to.saturating_sub(from) as f64 / webhooks.max(1) as f64;
+        println!("PostgreSQL WAL: {per:.0} bytes {what}");
+        result[key] = per.into();
+    }
 }
 
 /// A run that lost or garbled webhooks, or had failed requests, is a

@@ -378,14 +378,26 @@ async fn an_event_from_another_process_arrives_on_a_stream() {
     db.cleanup().await;
 }
 
+/// An event of tenant `ten_x`, as a bus carries it.
+fn bus_event(id: i64) -> uploadhook::events::Event {
+    use uploadhook::domain::{Status, TenantId, WebhookId};
+    uploadhook::events::Event {
+        id,
+        tenant_id: TenantId::from_trusted("ten_x".into()),
+        webhook_id: WebhookId::from_trusted("wh_x".into()),
+        kind: "webhook.completed".into(),
+        status: Status::Completed,
+        occurred_at: chrono::Utc::now(),
+    }
+}
+
 /// A pub/sub connection that breaks is made again by itself; meanwhile
 /// the bus says it is not live (so followers poll), and afterwards events
 /// from another process wake it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_redis_subscription_reconnects_by_itself() {
     use uploadhook::{
-        domain::{Status, TenantId, WebhookId},
-        events::{Event, EventBus, redis::RedisEventBus},
+        events::{EventBus, redis::RedisEventBus},
         pipeline::redis_conn::RedisTarget,
     };
     let Some(url) = crate::helpers::required_env("UPLOADHOOK_TEST_REDIS_URL") else {
@@ -428,14 +440,7 @@ async fn a_lost_redis_subscription_reconnects_by_itself() {
     wait(Box::new(move || a.live()), "never subscribed again").await;
 
     let mut rx = through_proxy.subscribe();
-    let event = Event {
-        id: 7,
-        tenant_id: TenantId::from_trusted("ten_x".into()),
-        webhook_id: WebhookId::from_trusted("wh_x".into()),
-        kind: "webhook.created".into(),
-        status: Status::Pending,
-        occurred_at: chrono::Utc::now(),
-    };
+    let event = bus_event(7);
     direct.publish(event.clone());
     let got = tokio::time::timeout(WITHIN, rx.recv())
         .await
@@ -452,8 +457,7 @@ async fn a_lost_redis_subscription_reconnects_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_only_bus_publishes_without_subscribing() {
     use uploadhook::{
-        domain::{Status, TenantId, WebhookId},
-        events::{Event, EventBus, redis::RedisEventBus},
+        events::{EventBus, redis::RedisEventBus},
         pipeline::redis_conn::RedisTarget,
     };
     let Some(url) = crate::helpers::required_env("UPLOADHOOK_TEST_REDIS_URL") else {
@@ -483,14 +487,7 @@ async fn a_worker_only_bus_publishes_without_subscribing() {
         .unwrap();
     assert_eq!(subscribers, 1, "only the API process subscribes");
     let mut rx = api.subscribe();
-    let event = Event {
-        id: 9,
-        tenant_id: TenantId::from_trusted("ten_x".into()),
-        webhook_id: WebhookId::from_trusted("wh_x".into()),
-        kind: "webhook.completed".into(),
-        status: Status::Completed,
-        occurred_at: chrono::Utc::now(),
-    };
+    let event = bus_event(9);
     worker.publish(event.clone());
     let got = tokio::time::timeout(WITHIN, rx.recv())
         .await
