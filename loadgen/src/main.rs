@@ -41,7 +41,7 @@ use uploadhook::proto::{self, webhook_service_client::WebhookServiceClient};
 
 use crate::{
     deploy::{Deployment, Kind},
-    measure::{Group, Latencies},
+    measure::{Group, Latencies, Timeline},
     receiver::{Mode, Receiver},
 };
 
@@ -116,6 +116,12 @@ struct Args {
     /// hundred webhooks and a low concurrency.
     #[arg(long, conflicts_with = "target")]
     callgrind: bool,
+    /// Write one CSV line per delivered webhook to this file: when its
+    /// Confirm (or floor run) was sent, in ms since the phase began, and
+    /// how long until it arrived, in ms; to see when the slow ones
+    /// happened (a stall, or spread out).
+    #[arg(long)]
+    arrivals_csv: Option<PathBuf>,
     /// Internal: serve the embedded S3 stand-in on this address (with
     /// --s3-root) until killed; how a deployment's S3 server is started.
     #[arg(long, hide = true, requires = "s3_root")]
@@ -123,6 +129,9 @@ struct Args {
     #[arg(long, hide = true)]
     s3_root: Option<PathBuf>,
 }
+
+/// The start of a phase reported apart from the rest as well.
+const WARM_UP: Duration = Duration::from_secs(1);
 
 /// One created and uploaded webhook.
 #[derive(Clone)]
@@ -632,6 +641,7 @@ async fn run(
     let arrivals = receiver.state.arrivals.lock().unwrap().clone();
     let sent_at = std::mem::take(&mut *sent_at.lock().unwrap());
     let mut to_arrival = Vec::with_capacity(want);
+    let mut timeline: Vec<(Duration, Duration)> = Vec::new();
     let mut retry_late = Vec::new();
     let (mut delivered, mut duplicates, mut unknown) = (0usize, 0usize, 0usize);
     let mut last = t2;
@@ -647,6 +657,10 @@ async fn run(
             last = last.max(ok);
             let first = if args.retry { a.times[0] } else { ok };
             to_arrival.push(first.saturating_duration_since(*sent));
+            timeline.push((
+                sent.saturating_duration_since(t2),
+                first.saturating_duration_since(*sent),
+            ));
         }
         if args.retry && a.times.len() >= 2 {
             let gap = a.times[1].saturating_duration_since(a.times[0]);
@@ -661,6 +675,17 @@ async fn run(
             .iter()
             .filter(|(id, a)| sent_at.contains_key(*id) && a.ok_at.is_none())
             .count();
+    let timeline = Timeline::new(timeline);
+    if let Some(path) = &args.arrivals_csv {
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        timeline
+            .write_csv(&mut out)
+            .and_then(|()| std::io::Write::flush(&mut out))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("arrival times written to {}", path.display());
+    }
     let window = last.saturating_duration_since(t2);
     let per_s = delivered as f64 / window.as_secs_f64();
     let to_arrival = Latencies::new(to_arrival);
@@ -686,6 +711,19 @@ async fn run(
         if args.retry { " (first attempt)" } else { "" },
         to_arrival.line()
     );
+    // An idle worker's first moments (connections opened, PostgreSQL's
+    // caches of new backends filled) weigh on the p99 of a short run:
+    // shown apart, never instead.
+    let steady = timeline.sent_from(WARM_UP);
+    if steady.len() > 0 {
+        println!(
+            "  of which sent after the first {} s: {}",
+            WARM_UP.as_secs(),
+            steady.line()
+        );
+        result["arrival_p50_ms_after_warm_up"] = (steady.pct(50.0).as_secs_f64() * 1e3).into();
+        result["arrival_p99_ms_after_warm_up"] = (steady.pct(99.0).as_secs_f64() * 1e3).into();
+    }
     println!(
         "duplicates {duplicates} · missing {missing} · unknown ids {unknown} · bad signatures {}",
         receiver.state.bad_signatures.load(Ordering::Relaxed)

@@ -42,6 +42,45 @@ impl Latencies {
     }
 }
 
+/// Each delivered webhook's send time (since its phase began) and its
+/// latency to arrival: when the slow ones happened.
+pub struct Timeline(Vec<(Duration, Duration)>);
+
+impl Timeline {
+    /// Sorted by send time.
+    pub fn new(mut v: Vec<(Duration, Duration)>) -> Self {
+        v.sort_unstable();
+        Self(v)
+    }
+
+    /// The latencies of the webhooks sent at or after `from`: the steady
+    /// state, without the first moments after an idle worker started on
+    /// the phase.
+    pub fn sent_from(&self, from: Duration) -> Latencies {
+        Latencies::new(
+            self.0
+                .iter()
+                .filter(|(sent, _)| *sent >= from)
+                .map(|&(_, took)| took)
+                .collect(),
+        )
+    }
+
+    /// `sent_ms,arrival_ms`, a line per webhook in send order.
+    pub fn write_csv(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        writeln!(out, "sent_ms,arrival_ms")?;
+        for (sent, took) in &self.0 {
+            writeln!(
+                out,
+                "{:.3},{:.3}",
+                sent.as_secs_f64() * 1e3,
+                took.as_secs_f64() * 1e3
+            )?;
+        }
+        Ok(())
+    }
+}
+
 pub fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -189,6 +228,22 @@ mod tests {
         assert_eq!(l.pct(100.0), Duration::from_millis(100));
         assert_eq!(l.max(), Duration::from_millis(100));
         assert_eq!(Latencies::new(vec![]).pct(50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_timeline_is_written_in_send_order_and_cut_by_send_time() {
+        let d = Duration::from_millis;
+        let t = Timeline::new(vec![(d(1500), d(3)), (d(20), d(250)), (d(1000), d(7))]);
+        let mut csv = Vec::new();
+        t.write_csv(&mut csv).unwrap();
+        assert_eq!(
+            String::from_utf8(csv).unwrap(),
+            "sent_ms,arrival_ms\n20.000,250.000\n1000.000,7.000\n1500.000,3.000\n"
+        );
+        let steady = t.sent_from(Duration::from_secs(1));
+        assert_eq!(steady.len(), 2);
+        assert_eq!(steady.max(), d(7));
+        assert_eq!(t.sent_from(Duration::ZERO).max(), d(250));
     }
 
     #[test]
