@@ -216,6 +216,10 @@ pub struct DatabaseConfig {
     /// Connection pool size; unset: see [`DatabaseConfig::pool_size`].
     #[serde(default)]
     pub max_connections: Option<u32>,
+    /// Connections opened at start and kept open; unset: see
+    /// [`DatabaseConfig::pool_min`].
+    #[serde(default)]
+    pub min_connections: Option<u32>,
 }
 
 impl DatabaseConfig {
@@ -231,6 +235,17 @@ impl DatabaseConfig {
     pub fn pool_size(&self) -> u32 {
         self.max_connections
             .unwrap_or(if self.is_sqlite() { 1 } else { 10 })
+    }
+
+    /// `min_connections`, or by default the whole pool: connections opened
+    /// on demand made the first moments of a burst after start (or after
+    /// an idle spell, when sqlx closes idle connections) wait for
+    /// PostgreSQL to start backends: with PostgreSQL + Redis at 500/s,
+    /// the first half second's p50 from Confirm to arrival was 7-115 ms
+    /// and its max 130-274 ms, against 4-6 and 37-55 ms with the pool
+    /// open (BENCHMARKS.md, session 21).
+    pub fn pool_min(&self) -> u32 {
+        self.min_connections.unwrap_or_else(|| self.pool_size())
     }
 
     pub fn is_sqlite(&self) -> bool {
@@ -723,6 +738,12 @@ impl Config {
         if self.worker.write_linger > Duration::from_millis(50) {
             return invalid("worker.write_linger", "must be at most 50ms");
         }
+        if !self.worker.write_linger.is_zero() && self.worker.write_batch_max == 1 {
+            return invalid(
+                "worker.write_linger",
+                "has no effect with worker.write_batch_max = 1 (each write is its own transaction): set it to \"0ms\" or raise write_batch_max",
+            );
+        }
         if self.queue.backend == QueueBackend::Redis {
             if self.queue.visibility_timeout <= self.delivery.timeout {
                 return invalid(
@@ -844,6 +865,16 @@ impl Config {
         }
         if self.queue.reconcile_every.is_zero() {
             return invalid("queue.reconcile_every", "must be positive");
+        }
+        if self
+            .database
+            .min_connections
+            .is_some_and(|min| min > self.database.pool_size())
+        {
+            return invalid(
+                "database.min_connections",
+                "must be at most database.max_connections (10 on PostgreSQL and 1 on SQLite unless set)",
+            );
         }
         if self.database.max_connections == Some(0) {
             return invalid("database.max_connections", "must be at least 1");
@@ -1025,6 +1056,27 @@ mod tests {
     }
 
     #[test]
+    fn the_whole_pool_is_kept_open_unless_set() {
+        let pg = "[database]\nurl = \"postgres://u@h/db\"\n";
+        assert_eq!(Config::from_toml(pg).unwrap().database.pool_min(), 10);
+        let cfg = Config::from_toml(&format!("{pg}max_connections = 3")).unwrap();
+        assert_eq!(cfg.database.pool_min(), 3);
+        let cfg = Config::from_toml(&format!("{pg}min_connections = 0")).unwrap();
+        assert_eq!(cfg.database.pool_min(), 0, "opened on demand");
+        let cfg = Config::from_toml(&format!("{pg}min_connections = 10")).unwrap();
+        assert_eq!(cfg.database.pool_min(), 10);
+        assert_eq!(Config::from_toml("").unwrap().database.pool_min(), 1);
+        for bad in [
+            format!("{pg}min_connections = 11"),
+            format!("{pg}max_connections = 3\nmin_connections = 4"),
+            "[database]\nmin_connections = 2".to_string(),
+        ] {
+            let err = Config::from_toml(&bad).unwrap_err().to_string();
+            assert!(err.contains("database.min_connections"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::from_toml("[server]\ngrpc_adr = \"1.2.3.4:1\"").unwrap_err();
         let msg = err.to_string();
@@ -1117,6 +1169,15 @@ mod tests {
         assert!(err.to_string().contains("worker.write_linger"), "{err}");
         let cfg = Config::from_toml("[worker]\nwrite_linger = \"2ms\"").unwrap();
         assert_eq!(cfg.worker.write_linger, Duration::from_millis(2));
+        // A linger with nothing to group is a mistake, not a silent no-op.
+        let err = Config::from_toml("[worker]\nwrite_linger = \"2ms\"\nwrite_batch_max = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("worker.write_linger") && err.contains("write_batch_max"),
+            "{err}"
+        );
+        Config::from_toml("[worker]\nwrite_linger = \"0ms\"\nwrite_batch_max = 1").unwrap();
         assert_eq!(
             Config::from_toml("").unwrap().worker.write_linger,
             Duration::ZERO

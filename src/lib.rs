@@ -241,7 +241,7 @@ async fn open_db(cfg: &Config) -> anyhow::Result<sea_orm::DatabaseConnection> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
-    store::connect(url, cfg.database.pool_size())
+    store::connect_pool(url, cfg.database.pool_size(), cfg.database.pool_min())
         .await
         .context("connecting to the database (database.url)")
 }

@@ -1235,6 +1235,7 @@ mod tests {
         what_waits_is_written_as_one_group,
         groups_are_written_at_once_on_postgres,
         writes_arriving_while_a_group_lingers_join_it,
+        a_lingering_group_is_written_when_the_batcher_closes,
         a_write_through_a_status_stores_both_events,
         a_transition_alone_stores_its_events_and_attempt,
         a_group_stores_attempts_dead_letters_and_events,
@@ -2381,6 +2382,45 @@ mod tests {
             let w = store.find_webhook(&t, id).await.unwrap().unwrap();
             assert_eq!(w.status, Status::Verified.as_str());
         }
+    }
+
+    /// The channel closes while a group lingers (every batcher dropped,
+    /// the write's caller cancelled, as when the process stops): the wait
+    /// ends, the write already taken is still written, and the writing
+    /// task ends.
+    async fn a_lingering_group_is_written_when_the_batcher_closes(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let t = tenant(&store, "a").await;
+        let first = webhook(&store, &t, Status::Verifying).await;
+        let second = webhook(&store, &t, Status::Verifying).await;
+        // A linger the test would notice: it fails rather than wait it out.
+        let batcher = WriteBatcher::start(store.clone(), 8, 4, Duration::from_secs(60));
+        spawn_verified(&batcher, &t, &first).await.unwrap().unwrap();
+        // Begun right after the first group: this one lingers.
+        let caller = spawn_verified(&batcher, &t, &second);
+        wait_until(|| batcher.groups_written() == 1 && !caller.is_finished()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let w = store.find_webhook(&t, &second).await.unwrap().unwrap();
+        assert_eq!(w.status, Status::Verifying.as_str(), "it did not linger");
+        let events_before = stored_events(&store, &t, &second).await.len();
+        caller.abort();
+        drop(batcher);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let w = store.find_webhook(&t, &second).await.unwrap().unwrap();
+            if w.status == Status::Verified.as_str() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the lingering write was not written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            stored_events(&store, &t, &second).await.len(),
+            events_before + 1
+        );
     }
 
     /// PostgreSQL writes several groups at once: a group stuck behind a

@@ -58,10 +58,22 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// before use.
 pub const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Opens a connection pool.
+/// Opens a connection pool whose connections are opened on demand.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection> {
+    connect_pool(url, max_connections, 0).await
+}
+
+/// Opens a connection pool of up to `max_connections`, of which
+/// `min_connections` are opened at once (in the background) and kept open.
+pub async fn connect_pool(
+    url: &str,
+    max_connections: u32,
+    min_connections: u32,
+) -> Result<DatabaseConnection> {
     let mut opts = ConnectOptions::new(url.to_string());
-    opts.max_connections(max_connections).sqlx_logging(false);
+    opts.max_connections(max_connections)
+        .min_connections(min_connections.min(max_connections))
+        .sqlx_logging(false);
     // A pooled connection is pinged before it is handed out only when it
     // has been idle for a while (it may have been cut meanwhile). Pinging
     // on every acquire, sqlx's default, costs a round trip per statement.
