@@ -237,15 +237,15 @@ impl DatabaseConfig {
             .unwrap_or(if self.is_sqlite() { 1 } else { 10 })
     }
 
-    /// `min_connections`, or by default the whole pool: connections opened
-    /// on demand made the first moments of a burst after start (or after
-    /// an idle spell, when sqlx closes idle connections) wait for
-    /// PostgreSQL to start backends: with PostgreSQL + Redis at 500/s,
-    /// the first half second's p50 from Confirm to arrival was 7-115 ms
-    /// and its max 130-274 ms, against 4-6 and 37-55 ms with the pool
-    /// open (BENCHMARKS.md, session 21).
+    /// `min_connections`, or by default 0: connections are opened on
+    /// demand. The whole pool opened at start takes most of the delay off
+    /// the first half second of a burst (PostgreSQL + Redis at 500/s: its
+    /// max from Confirm to arrival 37-142 ms against 130-310 ms), but in
+    /// four of five pairs its p50 was higher (work spread over ten
+    /// backends on two cores), so it is an option (BENCHMARKS.md, session
+    /// 21).
     pub fn pool_min(&self) -> u32 {
-        self.min_connections.unwrap_or_else(|| self.pool_size())
+        self.min_connections.unwrap_or(0)
     }
 
     pub fn is_sqlite(&self) -> bool {
@@ -866,18 +866,19 @@ impl Config {
         if self.queue.reconcile_every.is_zero() {
             return invalid("queue.reconcile_every", "must be positive");
         }
-        if self
-            .database
-            .min_connections
-            .is_some_and(|min| min > self.database.pool_size())
+        if self.database.max_connections == Some(0) {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        if let Some(min) = self.database.min_connections
+            && min > self.database.pool_size()
         {
             return invalid(
                 "database.min_connections",
-                "must be at most database.max_connections (10 on PostgreSQL and 1 on SQLite unless set)",
+                &format!(
+                    "must be at most the pool's size, database.max_connections ({})",
+                    self.database.pool_size()
+                ),
             );
-        }
-        if self.database.max_connections == Some(0) {
-            return invalid("database.max_connections", "must be at least 1");
         }
         for (name, s) in &self.storage {
             if !valid_storage_name(name) {
@@ -1056,16 +1057,15 @@ mod tests {
     }
 
     #[test]
-    fn the_whole_pool_is_kept_open_unless_set() {
+    fn connections_are_opened_on_demand_unless_set() {
         let pg = "[database]\nurl = \"postgres://u@h/db\"\n";
-        assert_eq!(Config::from_toml(pg).unwrap().database.pool_min(), 10);
-        let cfg = Config::from_toml(&format!("{pg}max_connections = 3")).unwrap();
-        assert_eq!(cfg.database.pool_min(), 3);
-        let cfg = Config::from_toml(&format!("{pg}min_connections = 0")).unwrap();
-        assert_eq!(cfg.database.pool_min(), 0, "opened on demand");
+        assert_eq!(Config::from_toml(pg).unwrap().database.pool_min(), 0);
         let cfg = Config::from_toml(&format!("{pg}min_connections = 10")).unwrap();
-        assert_eq!(cfg.database.pool_min(), 10);
-        assert_eq!(Config::from_toml("").unwrap().database.pool_min(), 1);
+        assert_eq!(cfg.database.pool_min(), 10, "the whole pool");
+        let cfg =
+            Config::from_toml(&format!("{pg}max_connections = 3\nmin_connections = 3")).unwrap();
+        assert_eq!(cfg.database.pool_min(), 3);
+        assert_eq!(Config::from_toml("").unwrap().database.pool_min(), 0);
         for bad in [
             format!("{pg}min_connections = 11"),
             format!("{pg}max_connections = 3\nmin_connections = 4"),

@@ -151,7 +151,7 @@ impl Running {
 
 /// Opens the database and applies migrations (`uploadhook migrate`).
 pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
-    let db = open_db(cfg).await?;
+    let db = open_db(cfg, 0).await?;
     store::migrate(&db).await.context("applying migrations")?;
     Ok(())
 }
@@ -159,7 +159,7 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
 /// Opens the store without starting anything (CLI commands).
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     let keyring = Arc::new(master_keyring(cfg)?);
-    let db = open_db(cfg).await?;
+    let db = open_db(cfg, 0).await?;
     Ok(Store::new(db, Arc::new(LocalEventBus::new(16)), keyring))
 }
 
@@ -231,7 +231,13 @@ fn write_private(file: &std::path::Path, contents: &str) -> std::io::Result<()> 
     opts.open(file)?.write_all(contents.as_bytes())
 }
 
-async fn open_db(cfg: &Config) -> anyhow::Result<sea_orm::DatabaseConnection> {
+/// The pool, with `min_connections` of it opened before this returns (a
+/// serving process passes `database.pool_min()`; a CLI command, which
+/// makes a few statements, 0).
+async fn open_db(
+    cfg: &Config,
+    min_connections: u32,
+) -> anyhow::Result<sea_orm::DatabaseConnection> {
     let url = cfg.database.url.expose_secret();
     if let Some(path) = url.strip_prefix("sqlite://") {
         let path = path.split('?').next().unwrap_or("");
@@ -241,9 +247,18 @@ async fn open_db(cfg: &Config) -> anyhow::Result<sea_orm::DatabaseConnection> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
-    store::connect_pool(url, cfg.database.pool_size(), cfg.database.pool_min())
+    store::connect_pool(url, cfg.database.pool_size(), min_connections)
         .await
-        .context("connecting to the database (database.url)")
+        .with_context(|| {
+            if min_connections > 1 {
+                format!(
+                    "connecting to the database (database.url) and opening {min_connections} \
+                     connections (database.min_connections)"
+                )
+            } else {
+                "connecting to the database (database.url)".to_string()
+            }
+        })
 }
 
 /// The queue and the reconciler's lease for the configured backend.
@@ -318,7 +333,7 @@ pub async fn start(
     let keyring = Arc::new(master_keyring(&cfg)?);
     // TLS files first: a wrong path fails the start before anything runs.
     let tls = tls::Tls::load(&cfg.server.tls)?;
-    let db = open_db(&cfg).await?;
+    let db = open_db(&cfg, cfg.database.pool_min()).await?;
     if cfg.database.migrate_on_start {
         store::migrate(&db).await.context("applying migrations")?;
     }

@@ -711,9 +711,9 @@ async fn run(
         if args.retry { " (first attempt)" } else { "" },
         to_arrival.line()
     );
-    // An idle worker's first moments (connections opened, PostgreSQL's
-    // caches of new backends filled) weigh on the p99 of a short run:
-    // shown apart, never instead.
+    // The first moments of a phase (a worker idle until then: its
+    // prepared statements, PostgreSQL's caches, HTTP connections) weigh
+    // on the p99 of a short run: shown apart, never instead.
     let steady = timeline.sent_from(WARM_UP);
     if steady.len() > 0 {
         println!(

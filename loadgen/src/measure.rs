@@ -66,9 +66,9 @@ impl Timeline {
         )
     }
 
-    /// `sent_ms,arrival_ms`, a line per webhook in send order.
+    /// `sent_ms,latency_ms`, a line per webhook in send order.
     pub fn write_csv(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
-        writeln!(out, "sent_ms,arrival_ms")?;
+        writeln!(out, "sent_ms,latency_ms")?;
         for (sent, took) in &self.0 {
             writeln!(
                 out,
@@ -238,7 +238,7 @@ mod tests {
         t.write_csv(&mut csv).unwrap();
         assert_eq!(
             String::from_utf8(csv).unwrap(),
-            "sent_ms,arrival_ms\n20.000,250.000\n1000.000,7.000\n1500.000,3.000\n"
+            "sent_ms,latency_ms\n20.000,250.000\n1000.000,7.000\n1500.000,3.000\n"
         );
         let steady = t.sent_from(Duration::from_secs(1));
         assert_eq!(steady.len(), 2);

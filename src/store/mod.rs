@@ -64,7 +64,14 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
 }
 
 /// Opens a connection pool of up to `max_connections`, of which
-/// `min_connections` are opened at once (in the background) and kept open.
+/// `min_connections` are opened before this returns (one after another;
+/// sqlx gives up after its 30 s acquire timeout, e.g. when the server has
+/// no slots left) and kept: sqlx opens new ones whenever fewer are open.
+/// A pool opened whole (`min_connections` = `max_connections`) closes no
+/// connection for being idle, so that it stays warm (its prepared
+/// statements cached) through quiet spells; sqlx still replaces each
+/// connection after 30 minutes. Otherwise idle connections are closed
+/// after 10 minutes (sqlx's defaults).
 pub async fn connect_pool(
     url: &str,
     max_connections: u32,
@@ -72,8 +79,11 @@ pub async fn connect_pool(
 ) -> Result<DatabaseConnection> {
     let mut opts = ConnectOptions::new(url.to_string());
     opts.max_connections(max_connections)
-        .min_connections(min_connections.min(max_connections))
+        .min_connections(min_connections)
         .sqlx_logging(false);
+    if min_connections >= max_connections {
+        opts.idle_timeout(None);
+    }
     // A pooled connection is pinged before it is handed out only when it
     // has been idle for a while (it may have been cut meanwhile). Pinging
     // on every acquire, sqlx's default, costs a round trip per statement.

@@ -345,26 +345,19 @@ async fn redis_down_at_start_then_back_loses_nothing() {
     d.stop().await;
 }
 
-/// A process opens its whole database pool at start (database.min_connections
-/// unset), so that a burst after start does not wait for PostgreSQL to start
-/// backends; with `min_connections` set it opens that many.
+/// A process opens `database.min_connections` of its pool before it
+/// serves, so that a burst after start does not wait for PostgreSQL to
+/// start backends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_process_opens_its_pool_at_start() {
-    let Some(d) = Deployment::new("").await else {
+    let Some(d) = Deployment::new("[database]\nmin_connections = 4\n").await else {
         return;
     };
     let worker = d.worker("[database]\nmin_connections = 2\n").await;
-    let open = |r: &uploadhook::Running| r.store.db().get_postgres_connection_pool().size();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    // The test pool is 5 (`TestDb::pool_toml`), idle after start.
-    while open(d.api.as_ref().unwrap()) < 5 || open(&worker) < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "pools not opened: api {}, worker {}",
-            open(d.api.as_ref().unwrap()),
-            open(&worker)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for (process, running, min) in [("api", d.api.as_ref().unwrap(), 4), ("worker", &worker, 2)] {
+        let pool = running.store.db().get_postgres_connection_pool();
+        assert_eq!(pool.options().get_min_connections(), min, "{process}");
+        assert!(pool.size() >= min, "{process}: {} open", pool.size());
     }
     worker.stop().await;
     d.stop().await;
