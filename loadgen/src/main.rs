@@ -449,8 +449,8 @@ async fn run(
         "deployment": format!("{:?}", args.deployment),
         "concurrency": args.concurrency,
         "rate": args.rate,
-        "create_p50_ms": create_lat.pct(50.0).as_secs_f64() * 1e3,
-        "create_p99_ms": create_lat.pct(99.0).as_secs_f64() * 1e3,
+        "create_p50_ms": create_lat.pct_ms(50.0),
+        "create_p99_ms": create_lat.pct_ms(99.0),
         "phase1_per_s": created.len() as f64 / phase1.as_secs_f64(),
     });
 
@@ -695,8 +695,8 @@ async fn run(
         println!("\n== Phase 2: Confirm -> delivered ==");
         let confirm_lat = Latencies::new(std::mem::take(&mut *confirm_lat.lock().unwrap()));
         println!("Confirm latency: {}", confirm_lat.line());
-        result["confirm_p50_ms"] = (confirm_lat.pct(50.0).as_secs_f64() * 1e3).into();
-        result["confirm_p99_ms"] = (confirm_lat.pct(99.0).as_secs_f64() * 1e3).into();
+        result["confirm_p50_ms"] = confirm_lat.pct_ms(50.0).into();
+        result["confirm_p99_ms"] = confirm_lat.pct_ms(99.0).into();
     }
     println!(
         "sent {} in {:.2} s (offered {}); delivered {delivered} in {:.2} s = {per_s:.0} webhooks/s",
@@ -721,8 +721,8 @@ async fn run(
             WARM_UP.as_secs(),
             steady.line()
         );
-        result["arrival_p50_ms_after_warm_up"] = (steady.pct(50.0).as_secs_f64() * 1e3).into();
-        result["arrival_p99_ms_after_warm_up"] = (steady.pct(99.0).as_secs_f64() * 1e3).into();
+        result["arrival_p50_ms_after_warm_up"] = steady.pct_ms(50.0).into();
+        result["arrival_p99_ms_after_warm_up"] = steady.pct_ms(99.0).into();
     }
     println!(
         "duplicates {duplicates} · missing {missing} · unknown ids {unknown} · bad signatures {}",
@@ -734,9 +734,9 @@ async fn run(
             "retry lateness (second attempt minus first minus 1 s): {}",
             late.line()
         );
-        result["retry_late_p50_ms"] = (late.pct(50.0).as_secs_f64() * 1e3).into();
-        result["retry_late_p99_ms"] = (late.pct(99.0).as_secs_f64() * 1e3).into();
-        result["retry_late_max_ms"] = (late.max().as_secs_f64() * 1e3).into();
+        result["retry_late_p50_ms"] = late.pct_ms(50.0).into();
+        result["retry_late_p99_ms"] = late.pct_ms(99.0).into();
+        result["retry_late_max_ms"] = late.max_ms().into();
     }
     report_errors(&errors);
     let cpu = measure::cpu_delta(&cpu2, &cpu3);
@@ -746,10 +746,10 @@ async fn run(
     result["duplicates"] = duplicates.into();
     result["missing"] = missing.into();
     result["delivered_per_s"] = per_s.into();
-    result["arrival_p50_ms"] = (to_arrival.pct(50.0).as_secs_f64() * 1e3).into();
-    result["arrival_p95_ms"] = (to_arrival.pct(95.0).as_secs_f64() * 1e3).into();
-    result["arrival_p99_ms"] = (to_arrival.pct(99.0).as_secs_f64() * 1e3).into();
-    result["arrival_max_ms"] = (to_arrival.max().as_secs_f64() * 1e3).into();
+    result["arrival_p50_ms"] = to_arrival.pct_ms(50.0).into();
+    result["arrival_p95_ms"] = to_arrival.pct_ms(95.0).into();
+    result["arrival_p99_ms"] = to_arrival.pct_ms(99.0).into();
+    result["arrival_max_ms"] = to_arrival.max_ms().into();
     // The service, PostgreSQL and Redis: neither this tool nor the S3
     // server.
     result["cpu_ms_per_webhook_service"] = (service_cpu * 1e3 / delivered.max(1) as f64).into();

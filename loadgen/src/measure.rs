@@ -29,6 +29,16 @@ impl Latencies {
         self.0.last().copied().unwrap_or_default()
     }
 
+    /// [`Latencies::pct`] in milliseconds, as the `RESULT` line gives it.
+    pub fn pct_ms(&self, p: f64) -> f64 {
+        self.pct(p).as_secs_f64() * 1e3
+    }
+
+    /// [`Latencies::max`] in milliseconds.
+    pub fn max_ms(&self) -> f64 {
+        self.max().as_secs_f64() * 1e3
+    }
+
     /// `p50 1.23 ms, p95 …, p99 …, max …`
     pub fn line(&self) -> String {
         format!(

@@ -347,17 +347,24 @@ async fn redis_down_at_start_then_back_loses_nothing() {
 
 /// A process opens `database.min_connections` of its pool before it
 /// serves, so that a burst after start does not wait for PostgreSQL to
-/// start backends.
+/// start backends; a pool opened whole closes none for being idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_process_opens_its_pool_at_start() {
-    let Some(d) = Deployment::new("[database]\nmin_connections = 4\n").await else {
+    // The whole pool of the tests (`TestDb::pool_toml`: 5) in the API.
+    let Some(d) = Deployment::new("[database]\nmin_connections = 5\n").await else {
         return;
     };
     let worker = d.worker("[database]\nmin_connections = 2\n").await;
-    for (process, running, min) in [("api", d.api.as_ref().unwrap(), 4), ("worker", &worker, 2)] {
+    for (process, running, min, whole) in [
+        ("api", d.api.as_ref().unwrap(), 5, true),
+        ("worker", &worker, 2, false),
+    ] {
         let pool = running.store.db().get_postgres_connection_pool();
-        assert_eq!(pool.options().get_min_connections(), min, "{process}");
+        let options = pool.options();
+        assert_eq!(options.get_min_connections(), min, "{process}");
+        assert_eq!(options.get_max_connections(), 5, "{process}");
         assert!(pool.size() >= min, "{process}: {} open", pool.size());
+        assert_eq!(options.get_idle_timeout().is_none(), whole, "{process}");
     }
     worker.stop().await;
     d.stop().await;
