@@ -216,7 +216,7 @@ pub struct DatabaseConfig {
     /// Connection pool size; unset: see [`DatabaseConfig::pool_size`].
     #[serde(default)]
     pub max_connections: Option<u32>,
-    /// Connections opened at start and kept open; unset: see
+    /// Connections opened at start, and as many kept open; unset: see
     /// [`DatabaseConfig::pool_min`].
     #[serde(default)]
     pub min_connections: Option<u32>,
@@ -241,8 +241,8 @@ impl DatabaseConfig {
     /// demand. The whole pool opened at start takes most of the delay off
     /// the first half second of a burst (PostgreSQL + Redis at 500/s: its
     /// max from Confirm to arrival 37-142 ms against 130-310 ms), but in
-    /// four of five pairs its p50 was higher (work spread over ten
-    /// backends on two cores), so it is an option (BENCHMARKS.md, session
+    /// four of five pairs its p50 was higher (likely the work spread over
+    /// ten backends on two cores), so it is an option (BENCHMARKS.md, session
     /// 21).
     pub fn pool_min(&self) -> u32 {
         self.min_connections.unwrap_or(0)

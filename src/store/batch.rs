@@ -611,8 +611,16 @@ struct Pending {
 pub struct WriteBatcher {
     tx: Option<mpsc::Sender<Pending>>,
     store: Store,
-    /// Groups begun by the writing task.
-    groups: Arc<AtomicU64>,
+    counts: Arc<Counts>,
+}
+
+/// What the writing task has done, for tests and figures.
+#[derive(Default)]
+struct Counts {
+    /// Groups begun.
+    groups: AtomicU64,
+    /// Writes taken from the channel (a lingering group's included).
+    taken: AtomicU64,
 }
 
 impl WriteBatcher {
@@ -628,12 +636,12 @@ impl WriteBatcher {
     /// spell is written at once, and so is a group that gathered while
     /// every writer was busy (under load, grouping needs no wait).
     pub fn start(store: Store, max: usize, concurrency: usize, linger: Duration) -> Self {
-        let groups = Arc::new(AtomicU64::new(0));
+        let counts = Arc::new(Counts::default());
         if max <= 1 {
             return Self {
                 tx: None,
                 store,
-                groups,
+                counts,
             };
         }
         let concurrency = match store.db.get_database_backend() {
@@ -649,12 +657,12 @@ impl WriteBatcher {
                 concurrency,
                 linger,
             },
-            groups.clone(),
+            counts.clone(),
         ));
         Self {
             tx: Some(tx),
             store,
-            groups,
+            counts,
         }
     }
 
@@ -665,7 +673,12 @@ impl WriteBatcher {
 
     /// How many grouped transactions the writing task has begun.
     pub fn groups_written(&self) -> u64 {
-        self.groups.load(Ordering::Relaxed)
+        self.counts.groups.load(Ordering::Relaxed)
+    }
+
+    /// How many writes the writing task has taken from its channel.
+    pub fn writes_taken(&self) -> u64 {
+        self.counts.taken.load(Ordering::Relaxed)
     }
 
     /// [`Store::transition`], written in a group.
@@ -753,7 +766,7 @@ async fn run(
         concurrency,
         linger,
     }: Limits,
-    groups: Arc<AtomicU64>,
+    counts: Arc<Counts>,
 ) {
     let writers = Arc::new(Semaphore::new(concurrency));
     let mut batch = Vec::with_capacity(max);
@@ -766,9 +779,11 @@ async fn run(
         // group is written at once, without a linger.
         let gathered = !rx.is_empty();
         // Takes what is waiting, at least one.
-        if rx.recv_many(&mut batch, max).await == 0 {
+        let n = rx.recv_many(&mut batch, max).await;
+        if n == 0 {
             break;
         }
+        counts.taken.fetch_add(n as u64, Ordering::Relaxed);
         let now = Instant::now();
         if !linger.is_zero() && !gathered && last_began.is_some_and(|t| now - t < linger * 4) {
             // Writes are arriving: wait a moment for more (a closed channel
@@ -778,12 +793,14 @@ async fn run(
                 let room = max - batch.len();
                 match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        counts.taken.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
             }
         }
         last_began = Some(Instant::now());
-        groups.fetch_add(1, Ordering::Relaxed);
+        counts.groups.fetch_add(1, Ordering::Relaxed);
         let group = std::mem::take(&mut batch);
         if concurrency == 1 {
             flush(&store, group).await;
@@ -2398,11 +2415,7 @@ mod tests {
         // Begun right after the first group: this one lingers.
         let caller = spawn_verified(&batcher, &t, &second);
         // Taken from the channel (into the lingering group), not written.
-        wait_until(|| {
-            let tx = batcher.tx.as_ref().unwrap();
-            tx.capacity() == tx.max_capacity()
-        })
-        .await;
+        wait_until(|| batcher.writes_taken() == 2).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!caller.is_finished());
         let w = store.find_webhook(&t, &second).await.unwrap().unwrap();
