@@ -614,7 +614,8 @@ pub struct WriteBatcher {
     counts: Arc<Counts>,
 }
 
-/// What the writing task has done, for tests and figures.
+/// What the writing task has done, read by tests (figures come from the
+/// write-group histogram in `/metrics`).
 #[derive(Default)]
 struct Counts {
     /// Groups begun.
