@@ -18,6 +18,7 @@
 //! started with `--serve-s3`, so that its CPU is reported apart from the
 //! service's.
 
+mod compare;
 mod deploy;
 mod measure;
 mod receiver;
@@ -122,6 +123,20 @@ struct Args {
     /// happened (a stall, or spread out).
     #[arg(long)]
     arrivals_csv: Option<PathBuf>,
+    /// Paired comparison: N pairs of runs of variant A (this command as
+    /// given) and variant B (--b-bin, --b-set), each run a deployment of
+    /// its own, in turn (A B, then B A, …); reports each figure's ratio
+    /// B / A pair by pair and the median. With neither --b-bin nor
+    /// --b-set, A against itself: the noise.
+    #[arg(long, conflicts_with_all = ["target", "arrivals_csv", "callgrind"])]
+    pairs: Option<usize>,
+    /// Variant B's `uploadhook` binary (default: A's).
+    #[arg(long, requires = "pairs")]
+    b_bin: Option<PathBuf>,
+    /// Variant B's environment for the service processes, on top of --set,
+    /// e.g. `--b-set UPLOADHOOK_WORKER__WRITE_CONCURRENCY=2`.
+    #[arg(long = "b-set", requires = "pairs")]
+    b_set: Vec<String>,
     /// Internal: serve the embedded S3 stand-in on this address (with
     /// --s3-root) until killed; how a deployment's S3 server is started.
     #[arg(long, hide = true, requires = "s3_root")]
@@ -148,6 +163,23 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let (Some(addr), Some(root)) = (args.serve_s3, &args.s3_root) {
         return serve_s3(addr, root).await;
+    }
+    if let Some(pairs) = args.pairs {
+        for kv in &args.b_set {
+            if !kv.contains('=') {
+                anyhow::bail!("--b-set {kv}: expected NAME=VALUE");
+            }
+        }
+        let a = service_bin(&args)?;
+        let b = compare::Variant {
+            bin: args.b_bin.clone().unwrap_or_else(|| a.clone()),
+            set: args.b_set.clone(),
+        };
+        let a = compare::Variant {
+            bin: a,
+            set: Vec::new(),
+        };
+        return compare::run(pairs, a, b).await;
     }
     let secret = uploadhook::signing::SigningKey::generate_secret();
     let mode = if args.retry {
@@ -187,16 +219,9 @@ async fn main() -> anyhow::Result<()> {
                         .with_context(|| format!("--set {kv}: expected NAME=VALUE"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let bin = match &args.bin {
-                Some(b) => b.clone(),
-                None => std::env::current_exe()?
-                    .parent()
-                    .context("no parent folder")?
-                    .join("uploadhook"),
-            };
             let d = Deployment::start(&deploy::Options {
                 kind: args.deployment,
-                bin,
+                bin: service_bin(&args)?,
                 database_url: args.database_url.clone(),
                 redis_url: args.redis_url.clone(),
                 delivery_toml,
@@ -234,6 +259,18 @@ async fn main() -> anyhow::Result<()> {
         d.stop().await;
     }
     result
+}
+
+/// The release `uploadhook` binary to start: --bin, or the one next to
+/// this binary.
+fn service_bin(args: &Args) -> anyhow::Result<PathBuf> {
+    Ok(match &args.bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no parent folder")?
+            .join("uploadhook"),
+    })
 }
 
 /// Serves the embedded S3 stand-in with its default bucket and keys (the
