@@ -15,26 +15,38 @@ use std::{ffi::OsString, path::PathBuf, process::Stdio};
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
-/// The figures compared, each with whether a higher value is better.
-const FIGURES: [(&str, bool); 8] = [
-    ("delivered_per_s", true),
-    ("cpu_ms_per_webhook_service", false),
-    ("arrival_p50_ms", false),
-    ("arrival_p99_ms", false),
-    ("arrival_p99_ms_after_warm_up", false),
-    ("create_p99_ms", false),
-    ("wakeups_per_webhook_service", false),
-    ("writes_per_transaction", true),
+/// The figures compared (keys of a run's `RESULT` line), each with
+/// whether a higher value is better (`None`: neither, e.g. writes per
+/// transaction, which a setting may change on purpose).
+const FIGURES: [(&str, Option<bool>); 8] = [
+    ("delivered_per_s", Some(true)),
+    ("cpu_ms_per_webhook_service", Some(false)),
+    ("arrival_p50_ms", Some(false)),
+    ("arrival_p99_ms", Some(false)),
+    ("arrival_p99_ms_after_warm_up", Some(false)),
+    ("create_p99_ms", Some(false)),
+    ("wakeups_per_webhook_service", Some(false)),
+    ("writes_per_transaction", None),
 ];
 
 /// The options that describe the comparison itself, taken out of the
 /// arguments a child run gets; each takes a value.
 const OWN_OPTIONS: [&str; 4] = ["--pairs", "--b-bin", "--b-set", "--bin"];
 
+/// loadgen's options that take no value; every other option takes one.
+const FLAGS: [&str; 5] = [
+    "--retry",
+    "--floor",
+    "--no-confirm",
+    "--hold",
+    "--callgrind",
+];
+
 /// One side of the comparison.
 pub struct Variant {
     pub bin: PathBuf,
-    /// `NAME=VALUE` environment for its service processes.
+    /// `NAME=VALUE` environment for its service processes, on top of the
+    /// command's own `--set`.
     pub set: Vec<String>,
 }
 
@@ -43,21 +55,21 @@ pub struct Variant {
 /// binary and environment.
 pub fn child_args(args: &[OsString], v: &Variant) -> Vec<OsString> {
     let mut out = Vec::with_capacity(args.len() + 2 + 2 * v.set.len());
-    let mut skip_value = false;
-    for a in args {
-        if std::mem::take(&mut skip_value) {
-            continue;
-        }
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
         let text = a.to_string_lossy();
-        if let Some(&own) = OWN_OPTIONS
-            .iter()
-            .find(|o| text == **o || text.strip_prefix(**o).is_some_and(|r| r.starts_with('=')))
-        {
-            // `--pairs 5` takes the next argument along; `--pairs=5` not.
-            skip_value = text == own;
+        // `--name=value`, `--name value` (the value taken along, whatever
+        // it looks like), or a flag.
+        let (name, value) = match text.split_once('=') {
+            Some((name, _)) => (name, None),
+            None if text.starts_with("--") && !FLAGS.contains(&&*text) => (&*text, args.next()),
+            None => (&*text, None),
+        };
+        if OWN_OPTIONS.contains(&name) {
             continue;
         }
         out.push(a.clone());
+        out.extend(value.cloned());
     }
     out.push("--bin".into());
     out.push(v.bin.clone().into_os_string());
@@ -83,7 +95,7 @@ pub fn result_of(stdout: &str) -> Option<Map<String, Value>> {
 
 /// The median of `xs` (the mean of the two middle ones for an even count).
 pub fn median(xs: &[f64]) -> Option<f64> {
-    let mut s: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    let mut s = xs.to_vec();
     if s.is_empty() {
         return None;
     }
@@ -96,21 +108,27 @@ pub fn median(xs: &[f64]) -> Option<f64> {
     })
 }
 
-/// One figure over the pairs: each pair's ratio B / A, their median and
-/// range, and how many pairs favour B.
+/// One figure over the pairs: each pair's ratio B / A, their median, and
+/// how many pairs favour B (`None` for a figure that is better neither
+/// higher nor lower).
 #[derive(Debug, PartialEq)]
 pub struct Summary {
     pub figure: &'static str,
     pub ratios: Vec<f64>,
     pub median: f64,
-    pub b_better: usize,
+    pub b_better: Option<usize>,
 }
 
-/// The figures that every run of both variants reported, each summed up.
-pub fn summarize(a: &[Map<String, Value>], b: &[Map<String, Value>]) -> Vec<Summary> {
+/// Each figure some run reported: `Ok` when every pair gives a ratio,
+/// `Err(figure)` when some run did not report it or A's was 0.
+pub fn summarize(
+    a: &[Map<String, Value>],
+    b: &[Map<String, Value>],
+) -> Vec<Result<Summary, &'static str>> {
     FIGURES
         .iter()
-        .filter_map(|&(figure, higher_is_better)| {
+        .filter(|(figure, _)| a.iter().chain(b).any(|r| r.contains_key(*figure)))
+        .map(|&(figure, higher_is_better)| {
             let ratios: Vec<f64> = a
                 .iter()
                 .zip(b)
@@ -119,13 +137,16 @@ pub fn summarize(a: &[Map<String, Value>], b: &[Map<String, Value>]) -> Vec<Summ
                     let b = b.get(figure)?.as_f64()?;
                     (a > 0.0).then_some(b / a)
                 })
-                .collect::<Option<_>>()?;
-            let median = median(&ratios)?;
-            let b_better = ratios
-                .iter()
-                .filter(|&&r| if higher_is_better { r > 1.0 } else { r < 1.0 })
-                .count();
-            Some(Summary {
+                .collect::<Option<_>>()
+                .ok_or(figure)?;
+            let median = median(&ratios).ok_or(figure)?;
+            let b_better = higher_is_better.map(|higher| {
+                ratios
+                    .iter()
+                    .filter(|&&r| if higher { r > 1.0 } else { r < 1.0 })
+                    .count()
+            });
+            Ok(Summary {
                 figure,
                 ratios,
                 median,
@@ -135,9 +156,21 @@ pub fn summarize(a: &[Map<String, Value>], b: &[Map<String, Value>]) -> Vec<Summ
         .collect()
 }
 
+/// Which variant runs first in pair `pair` (from 0): A in even pairs, B in
+/// odd ones; indexes into `[A, B]`.
+pub fn order(pair: usize) -> [usize; 2] {
+    if pair.is_multiple_of(2) {
+        [0, 1]
+    } else {
+        [1, 0]
+    }
+}
+
 /// Runs the comparison and prints each run's main figures, then the
-/// summary and a `RESULT` line with every run's results.
-pub async fn run(pairs: usize, a: Variant, b: Variant) -> anyhow::Result<()> {
+/// summary and a `RESULT` line with every run's results. `common`: the
+/// `--set` both variants get. If a run fails, the pairs done so far are
+/// summed up before the error.
+pub async fn run(pairs: usize, a: Variant, b: Variant, common: &[String]) -> anyhow::Result<()> {
     if pairs == 0 {
         bail!("--pairs: must be at least 1");
     }
@@ -145,64 +178,102 @@ pub async fn run(pairs: usize, a: Variant, b: Variant) -> anyhow::Result<()> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let mut results: [Vec<Map<String, Value>>; 2] = [Vec::new(), Vec::new()];
     println!(
-        "paired comparison, {pairs} pairs: A = {} {:?}, B = {} {:?}",
+        "paired comparison, {pairs} pairs: A = {} {:?}, B = {} {:?}, both {common:?}",
         a.bin.display(),
         a.set,
         b.bin.display(),
         b.set
     );
     for pair in 0..pairs {
-        // A B, then B A, …
-        let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
-        for side in order {
-            let v = [&a, &b][side];
-            let mut cmd = std::process::Command::new(&exe);
-            cmd.args(child_args(&args, v))
-                .stdin(Stdio::null())
-                .stderr(Stdio::inherit());
-            let out = tokio::task::spawn_blocking(move || cmd.output())
-                .await?
-                .context("starting a run")?;
-            let stdout = String::from_utf8_lossy(&out.stdout);
+        for side in order(pair) {
             let label = ["A", "B"][side];
-            if !out.status.success() {
-                bail!(
-                    "pair {}, run {label} failed ({}):\n{stdout}",
-                    pair + 1,
-                    out.status
-                );
+            match run_one(&exe, &args, [&a, &b][side]).await {
+                Ok(r) => {
+                    print_run(pair, label, &r);
+                    results[side].push(r);
+                }
+                Err(e) => {
+                    // The pairs done so far, then the error.
+                    let done = results[0].len().min(results[1].len());
+                    report(&results[0][..done], &results[1][..done], &a, &b, common);
+                    return Err(e.context(format!("pair {}, run {label}", pair + 1)));
+                }
             }
-            let r = result_of(&stdout)
-                .with_context(|| format!("pair {}, run {label}: no RESULT line", pair + 1))?;
-            let get = |k: &str| r.get(k).and_then(Value::as_f64);
-            println!(
-                "pair {} {label}: {:.0} webhooks/s · {} ms per webhook · Confirm to arrival p50 {} ms, p99 {} ms",
-                pair + 1,
-                get("delivered_per_s").unwrap_or(f64::NAN),
-                get("cpu_ms_per_webhook_service").map_or("-".into(), |c| format!("{c:.3}")),
-                get("arrival_p50_ms").map_or("-".into(), |c| format!("{c:.1}")),
-                get("arrival_p99_ms").map_or("-".into(), |c| format!("{c:.1}")),
-            );
-            results[side].push(r);
         }
     }
-    let [ra, rb] = &results;
-    let summary = summarize(ra, rb);
-    println!("B / A, pair by pair (median; range; pairs where B is better):");
+    report(&results[0], &results[1], &a, &b, common);
+    Ok(())
+}
+
+/// One child run; its `RESULT`, which a failed run has none of.
+async fn run_one(
+    exe: &std::path::Path,
+    args: &[OsString],
+    v: &Variant,
+) -> anyhow::Result<Map<String, Value>> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(child_args(args, v))
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await?
+        .context("starting a run")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("the run failed ({}):\n{stdout}", out.status);
+    }
+    result_of(&stdout).context("no RESULT line")
+}
+
+fn print_run(pair: usize, label: &str, r: &Map<String, Value>) {
+    let get = |k: &str, digits: usize| {
+        r.get(k)
+            .and_then(Value::as_f64)
+            .map_or("-".into(), |v| format!("{v:.digits$}"))
+    };
+    println!(
+        "pair {} {label}: {} webhooks/s · {} ms per webhook · Confirm to arrival p50 {} ms, p99 {} ms",
+        pair + 1,
+        get("delivered_per_s", 0),
+        get("cpu_ms_per_webhook_service", 3),
+        get("arrival_p50_ms", 1),
+        get("arrival_p99_ms", 1),
+    );
+}
+
+/// Prints the summary of the pairs `ra`, `rb` and the `RESULT` line.
+fn report(
+    ra: &[Map<String, Value>],
+    rb: &[Map<String, Value>],
+    a: &Variant,
+    b: &Variant,
+    common: &[String],
+) {
+    println!(
+        "B / A over {} pairs (median; range; pairs where B is better):",
+        ra.len()
+    );
     let mut ratios = Map::new();
-    for s in &summary {
+    for s in summarize(ra, rb) {
+        let s = match s {
+            Ok(s) => s,
+            Err(figure) => {
+                println!("  {figure:<30} not compared: a run did not report it, or A's was 0");
+                continue;
+            }
+        };
         let (lo, hi) = s
             .ratios
             .iter()
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
                 (lo.min(*r), hi.max(*r))
             });
+        let better = s
+            .b_better
+            .map_or("-".into(), |n| format!("{n} of {}", s.ratios.len()));
         println!(
-            "  {:<30} {:.3} ({lo:.3}–{hi:.3}; {} of {})",
-            s.figure,
-            s.median,
-            s.b_better,
-            s.ratios.len()
+            "  {:<30} {:.3} ({lo:.3}–{hi:.3}; {better})",
+            s.figure, s.median
         );
         ratios.insert(
             s.figure.into(),
@@ -210,13 +281,13 @@ pub async fn run(pairs: usize, a: Variant, b: Variant) -> anyhow::Result<()> {
         );
     }
     let result = json!({
-        "pairs": pairs,
+        "pairs": ra.len(),
+        "set_both": common,
         "a": {"bin": a.bin, "set": a.set, "runs": ra},
         "b": {"bin": b.bin, "set": b.set, "runs": rb},
         "ratios": ratios,
     });
     println!("RESULT {result}");
-    Ok(())
 }
 
 #[cfg(test)]
@@ -227,18 +298,22 @@ mod tests {
         xs.iter().map(OsString::from).collect()
     }
 
-    #[test]
-    fn a_child_run_gets_the_arguments_less_the_comparison() {
-        let v = Variant {
+    fn variant() -> Variant {
+        Variant {
             bin: "/b/uploadhook".into(),
             set: vec!["K=V".into()],
-        };
+        }
+    }
+
+    #[test]
+    fn a_child_run_gets_the_arguments_less_the_comparison() {
         let args = os(&[
             "--deployment",
             "embedded",
             "--pairs",
             "3",
             "--b-set=K=V",
+            "--floor",
             "--webhooks",
             "100",
             "--b-bin",
@@ -246,12 +321,18 @@ mod tests {
             "--bin=/a/uploadhook",
             "--set",
             "X=1",
+            "--b-set",
+            "K=V",
+            "--pairs=3",
+            "--bin",
+            "/a/uploadhook",
         ]);
         assert_eq!(
-            child_args(&args, &v),
+            child_args(&args, &variant()),
             os(&[
                 "--deployment",
                 "embedded",
+                "--floor",
                 "--webhooks",
                 "100",
                 "--set",
@@ -262,9 +343,25 @@ mod tests {
                 "K=V",
             ])
         );
-        // An option that only starts like one of them is kept.
-        let args = os(&["--pairsx", "1"]);
-        assert_eq!(child_args(&args, &v)[..2], os(&["--pairsx", "1"])[..]);
+    }
+
+    #[test]
+    fn a_value_that_looks_like_an_option_stays_with_its_option() {
+        // An option that only starts like one of them is kept, and so is
+        // a value that looks like one.
+        let args = os(&["--pairsx", "1", "--set", "--bin", "--set=--pairs"]);
+        assert_eq!(
+            child_args(&args, &variant())[..5],
+            os(&["--pairsx", "1", "--set", "--bin", "--set=--pairs"])[..]
+        );
+    }
+
+    #[test]
+    fn pairs_alternate_which_variant_runs_first() {
+        assert_eq!(
+            (0..4).map(order).collect::<Vec<_>>(),
+            vec![[0, 1], [1, 0], [0, 1], [1, 0]]
+        );
     }
 
     #[test]
@@ -283,28 +380,79 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
         assert_eq!(median(&[]), None);
-        assert_eq!(median(&[f64::NAN, 1.0]), Some(1.0));
+    }
+
+    fn run(figures: &[(&str, f64)]) -> Map<String, Value> {
+        figures
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect()
     }
 
     #[test]
     fn ratios_say_which_side_is_better_per_figure() {
-        let run = |per_s: f64, cpu: f64| {
-            let mut m = Map::new();
-            m.insert("delivered_per_s".into(), per_s.into());
-            m.insert("cpu_ms_per_webhook_service".into(), cpu.into());
-            m
-        };
-        let a = [run(100.0, 1.0), run(200.0, 1.0), run(100.0, 2.0)];
-        let b = [run(110.0, 0.5), run(180.0, 1.5), run(120.0, 1.0)];
-        let s = summarize(&a, &b);
-        // Figures some run did not report are left out.
+        let a = [
+            run(&[
+                ("delivered_per_s", 100.0),
+                ("cpu_ms_per_webhook_service", 1.0),
+            ]),
+            run(&[
+                ("delivered_per_s", 200.0),
+                ("cpu_ms_per_webhook_service", 1.0),
+            ]),
+            run(&[
+                ("delivered_per_s", 100.0),
+                ("cpu_ms_per_webhook_service", 2.0),
+            ]),
+        ];
+        let b = [
+            run(&[
+                ("delivered_per_s", 110.0),
+                ("cpu_ms_per_webhook_service", 0.5),
+            ]),
+            run(&[
+                ("delivered_per_s", 180.0),
+                ("cpu_ms_per_webhook_service", 1.5),
+            ]),
+            run(&[
+                ("delivered_per_s", 120.0),
+                ("cpu_ms_per_webhook_service", 1.0),
+            ]),
+        ];
+        let s: Vec<Summary> = summarize(&a, &b).into_iter().map(Result::unwrap).collect();
+        // Figures no run reported are left out.
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].figure, "delivered_per_s");
         assert_eq!(s[0].ratios, vec![1.1, 0.9, 1.2]);
         assert_eq!(s[0].median, 1.1);
-        assert_eq!(s[0].b_better, 2, "higher throughput is better");
+        assert_eq!(s[0].b_better, Some(2), "higher throughput is better");
         assert_eq!(s[1].figure, "cpu_ms_per_webhook_service");
         assert_eq!(s[1].median, 0.5);
-        assert_eq!(s[1].b_better, 2, "less CPU is better");
+        assert_eq!(s[1].b_better, Some(2), "less CPU is better");
+    }
+
+    #[test]
+    fn a_figure_without_a_ratio_in_some_pair_is_not_compared() {
+        let a = [
+            run(&[("delivered_per_s", 100.0), ("arrival_p50_ms", 0.0)]),
+            run(&[("delivered_per_s", 100.0), ("arrival_p50_ms", 2.0)]),
+        ];
+        let b = [
+            run(&[("delivered_per_s", 100.0), ("arrival_p50_ms", 1.0)]),
+            run(&[("arrival_p50_ms", 1.0), ("writes_per_transaction", 3.0)]),
+        ];
+        let s = summarize(&a, &b);
+        assert_eq!(s.len(), 3);
+        // B's second run did not report it.
+        assert_eq!(s[0], Err("delivered_per_s"));
+        // A's first was 0.
+        assert_eq!(s[1], Err("arrival_p50_ms"));
+        // Reported by one run only.
+        assert_eq!(s[2], Err("writes_per_transaction"));
+        // A figure better neither way counts no side.
+        let a = [run(&[("writes_per_transaction", 4.0)])];
+        let b = [run(&[("writes_per_transaction", 8.0)])];
+        let s = summarize(&a, &b).pop().unwrap().unwrap();
+        assert_eq!((s.median, s.b_better), (2.0, None));
     }
 }

@@ -165,11 +165,8 @@ async fn main() -> anyhow::Result<()> {
         return serve_s3(addr, root).await;
     }
     if let Some(pairs) = args.pairs {
-        for kv in &args.b_set {
-            if !kv.contains('=') {
-                anyhow::bail!("--b-set {kv}: expected NAME=VALUE");
-            }
-        }
+        parse_env(&args.set, "--set")?;
+        parse_env(&args.b_set, "--b-set")?;
         let a = service_bin(&args)?;
         let b = compare::Variant {
             bin: args.b_bin.clone().unwrap_or_else(|| a.clone()),
@@ -179,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
             bin: a,
             set: Vec::new(),
         };
-        return compare::run(pairs, a, b).await;
+        return compare::run(pairs, a, b, &args.set).await;
     }
     let secret = uploadhook::signing::SigningKey::generate_secret();
     let mode = if args.retry {
@@ -210,15 +207,7 @@ async fn main() -> anyhow::Result<()> {
             if args.hold {
                 delivery_toml.push_str("timeout = \"1h\"\n");
             }
-            let env = args
-                .set
-                .iter()
-                .map(|kv| {
-                    kv.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .with_context(|| format!("--set {kv}: expected NAME=VALUE"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let env = parse_env(&args.set, "--set")?;
             let d = Deployment::start(&deploy::Options {
                 kind: args.deployment,
                 bin: service_bin(&args)?,
@@ -259,6 +248,17 @@ async fn main() -> anyhow::Result<()> {
         d.stop().await;
     }
     result
+}
+
+/// `NAME=VALUE` arguments of `flag` as pairs.
+fn parse_env(list: &[String], flag: &str) -> anyhow::Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{flag} {kv}: expected NAME=VALUE"))
+        })
+        .collect()
 }
 
 /// The release `uploadhook` binary to start: --bin, or the one next to
