@@ -48,7 +48,7 @@ use sea_orm::{
     sea_query::{Expr, Query},
 };
 use tokio::{
-    sync::{Semaphore, mpsc, oneshot},
+    sync::{mpsc, oneshot},
     time::Instant,
 };
 
@@ -145,6 +145,95 @@ pub(crate) struct Applied {
     pub events: Vec<Event>,
 }
 
+/// A connection a writer of the [`WriteBatcher`] keeps between its groups
+/// on PostgreSQL. Taken from the pool for each group, a connection costs
+/// a round trip more: sqlx pings every connection its pool takes back
+/// (BENCHMARKS, "Session 22"). `None` until the writer's first group, and
+/// again once its connection failed.
+#[derive(Default)]
+pub(crate) struct Held(Option<sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Postgres>>);
+
+/// Where a group's single statement runs on PostgreSQL: on its writer's
+/// kept connection ([`Held`]), or on a connection of the pool.
+pub(crate) struct Pg<'a> {
+    db: &'a sea_orm::DatabaseConnection,
+    held: Option<&'a mut Held>,
+}
+
+impl Pg<'_> {
+    pub(crate) async fn query_all(
+        &mut self,
+        stmt: sea_orm::Statement,
+    ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+        let Some(held) = self.held.as_deref_mut() else {
+            return self.db.query_all_raw(stmt).await;
+        };
+        let values = stmt
+            .values
+            .unwrap_or_else(|| sea_orm::sea_query::Values(Vec::new()));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let conn = match &mut held.0 {
+                Some(conn) => conn,
+                none @ None => none.insert(
+                    self.db
+                        .get_postgres_connection_pool()
+                        .acquire()
+                        .await
+                        .map_err(sqlx_error)?,
+                ),
+            };
+            // Prepared and cached on the connection, as sea-orm's own
+            // queries are.
+            let found = sea_orm::sqlx::query_with(
+                sea_orm::sqlx::AssertSqlSafe(stmt.sql.as_str()),
+                sea_query_sqlx::SqlxValues(values.clone()),
+            )
+            .fetch_all(&mut **conn)
+            .await;
+            match found {
+                Ok(rows) => return Ok(rows.into_iter().map(sea_orm::QueryResult::from).collect()),
+                // A statement the database refused (a conflict, a broken
+                // constraint) leaves the connection as it was.
+                Err(e) if !connection_lost(&e) => return Err(sqlx_error(e)),
+                // Otherwise the connection broke, maybe while it sat idle
+                // between groups (a restarted server, a proxy's timeout). It goes back to the pool, which closes it, and
+                // the statement runs once more on another, as the pool's
+                // own connections are checked when they were idle. (Had
+                // the statement run, its compare-and-sets now match
+                // nothing, as when a failed group's writes are tried one by
+                // one.)
+                Err(e) => {
+                    held.0 = None;
+                    if tries > 1 {
+                        return Err(sqlx_error(e));
+                    }
+                    warn!(error = %e, "a writer's connection failed; trying another");
+                }
+            }
+        }
+    }
+}
+
+/// Whether `e` says the connection is gone, rather than that the database
+/// refused one statement: any error but the database's own, and its
+/// errors of a server shutting down or ending the session (SQLSTATE class
+/// 57P, "operator intervention", which a server sends before it closes
+/// the connection) or of the connection (class 08).
+fn connection_lost(e: &sea_orm::sqlx::Error) -> bool {
+    match e {
+        sea_orm::sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        _ => true,
+    }
+}
+
+fn sqlx_error(e: sea_orm::sqlx::Error) -> DbErr {
+    DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))
+}
+
 impl Store {
     /// Applies `writes` in one transaction, in the given order for each
     /// webhook. Each write is its own compare-and-set, scoped by its
@@ -161,8 +250,19 @@ impl Store {
     /// and fails one group, and the batcher writes that group's writes one
     /// by one.
     pub(crate) async fn write_group(&self, writes: &[Write]) -> Result<Applied> {
+        self.write_group_on(writes, None).await
+    }
+
+    /// [`Store::write_group`], its single statement on PostgreSQL run on
+    /// `held`, the writer's kept connection, when given.
+    pub(crate) async fn write_group_on(
+        &self,
+        writes: &[Write],
+        held: Option<&mut Held>,
+    ) -> Result<Applied> {
+        let mut pg = Pg { db: &self.db, held };
         if let [Write::Transition(t)] = writes
-            && let Some(applied) = self.transition_in_one_statement(t).await?
+            && let Some(applied) = self.transition_in_one_statement(&mut pg, t).await?
         {
             return Ok(applied);
         }
@@ -189,7 +289,7 @@ impl Store {
                 })
                 .collect();
             if let Some(ts) = ts
-                && let Some(applied) = multirow::write_whole(&self.db, &ts).await?
+                && let Some(applied) = multirow::write_whole(&mut pg, &ts).await?
             {
                 return Ok(applied);
             }
@@ -340,7 +440,11 @@ impl Store {
     /// `COMMIT`): the compare-and-set `UPDATE` and, from its `RETURNING`,
     /// the events and the attempt row, in data-modifying CTEs.
     /// `None`: the write needs the general path.
-    async fn transition_in_one_statement(&self, t: &OwnedTransition) -> Result<Option<Applied>> {
+    async fn transition_in_one_statement(
+        &self,
+        pg: &mut Pg<'_>,
+        t: &OwnedTransition,
+    ) -> Result<Option<Applied>> {
         use sea_orm::sea_query::{PostgresQueryBuilder, Value};
 
         if self.db.get_database_backend() != sea_orm::DatabaseBackend::Postgres
@@ -395,9 +499,8 @@ impl Store {
              FROM u, e ORDER BY e.id",
             rows.join(", ")
         );
-        let found = self
-            .db
-            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+        let found = pg
+            .query_all(sea_orm::Statement::from_sql_and_values(
                 sea_orm::DatabaseBackend::Postgres,
                 sql,
                 values.0,
@@ -769,13 +872,27 @@ async fn run(
     }: Limits,
     counts: Arc<Counts>,
 ) {
-    let writers = Arc::new(Semaphore::new(concurrency));
+    // The writers, each with the connection it keeps (PostgreSQL); an
+    // idle one waits here.
+    let (idle, mut writers) = mpsc::channel::<Held>(concurrency);
+    // Only while that leaves the pool a connection for everything else
+    // (with a pool of one, a kept connection would leave reads none).
+    let keep = store.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres
+        && store
+            .db
+            .get_postgres_connection_pool()
+            .options()
+            .get_max_connections() as usize
+            > concurrency;
+    for _ in 0..concurrency {
+        let _ = idle.try_send(Held::default());
+    }
     let mut batch = Vec::with_capacity(max);
     let mut last_began: Option<Instant> = None;
     loop {
         // A free writer first: while every writer is busy, the next group
         // gathers in the channel.
-        let writer = writers.clone().acquire_owned().await.expect("never closed");
+        let mut writer = writers.recv().await.expect("`idle` is held here");
         // Writes already waiting gathered while every writer was busy: that
         // group is written at once, without a linger.
         let gathered = !rx.is_empty();
@@ -804,26 +921,30 @@ async fn run(
         counts.groups.fetch_add(1, Ordering::Relaxed);
         let group = std::mem::take(&mut batch);
         if concurrency == 1 {
-            flush(&store, group).await;
+            flush(&store, group, keep.then_some(&mut writer)).await;
+            let _ = idle.try_send(writer);
         } else {
             // Groups written at once lock their rows in webhook id order
             // (see `write_group`), so they never wait for each other in a
             // cycle; two jobs' writes to one webhook are compare-and-sets,
             // so whichever commits first wins, as without grouping.
             let store = store.clone();
+            let idle = idle.clone();
             tokio::spawn(async move {
-                flush(&store, group).await;
-                drop(writer);
+                flush(&store, group, keep.then_some(&mut writer)).await;
+                let _ = idle.send(writer).await;
             });
         }
     }
 }
 
-async fn flush(store: &Store, batch: Vec<Pending>) {
+/// Writes `batch` as one group and answers each write; `writer`: the
+/// writer's kept connection, if it keeps one.
+async fn flush(store: &Store, batch: Vec<Pending>, writer: Option<&mut Held>) {
     METRICS.write_group(batch.len());
     let (writes, replies): (Vec<Write>, Vec<_>) =
         batch.into_iter().map(|p| (p.write, p.reply)).unzip();
-    let err = match store.write_group(&writes).await {
+    let err = match store.write_group_on(&writes, writer).await {
         Ok(applied) => {
             store.publish_all(applied.events);
             for (reply, row) in replies.into_iter().zip(applied.rows) {
@@ -1118,6 +1239,118 @@ mod tests {
                 );
             }
         }
+        db.cleanup().await;
+    }
+
+    /// The backend of the connection whose last statement was a group's
+    /// (a writer's kept one), if any. (This query's own text holds the
+    /// pattern, hence the second condition.)
+    async fn writer_backend(store: &Store) -> Option<i32> {
+        store
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                 AND query LIKE 'WITH u AS (UPDATE%' AND query NOT LIKE '%pg_stat_activity%'",
+            ))
+            .await
+            .unwrap()
+            .map(|r| r.try_get::<i32>("", "pid").unwrap())
+    }
+
+    /// On PostgreSQL a writer keeps its connection from one group to the
+    /// next instead of giving it back to the pool after each (which pings
+    /// it, a round trip more); one that broke while the writer was idle
+    /// is replaced, and the write still goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_keeps_its_connection_and_replaces_a_broken_one() {
+        let Some(db) = TestDb::postgres().await else {
+            return;
+        };
+        let store = db.store_on(bus(), 4).await;
+        let t = tenant(&store, "a").await;
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(webhook(&store, &t, Status::Verifying).await);
+        }
+        let batcher = WriteBatcher::start(store.clone(), 128, 1, Duration::ZERO);
+        let moved = spawn_verified(&batcher, &t, &ids[0])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(moved.is_some());
+        let first = writer_backend(&store).await.expect("the group's backend");
+        // Every connection the pool has (4) runs a statement at once: had
+        // the writer's gone back to the pool, its last statement would no
+        // longer be the group's.
+        let busy: Vec<_> = (0..4)
+            .map(|_| {
+                let db = store.db.clone();
+                tokio::spawn(async move {
+                    db.execute_unprepared("SELECT pg_sleep(0.05)")
+                        .await
+                        .unwrap();
+                })
+            })
+            .collect();
+        for b in busy {
+            b.await.unwrap();
+        }
+        assert_eq!(
+            writer_backend(&store).await,
+            Some(first),
+            "kept out of the pool"
+        );
+        let moved = spawn_verified(&batcher, &t, &ids[1])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(moved.is_some());
+        assert_eq!(
+            writer_backend(&store).await,
+            Some(first),
+            "the same connection"
+        );
+        // The server ends that connection while the writer is idle.
+        store
+            .db
+            .execute_unprepared(&format!("SELECT pg_terminate_backend({first})"))
+            .await
+            .unwrap();
+        // Gone from the server's list once it has exited.
+        for _ in 0..500 {
+            if writer_backend(&store).await != Some(first) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_ne!(writer_backend(&store).await, Some(first));
+        let moved = spawn_verified(&batcher, &t, &ids[2])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(moved.is_some(), "written on another connection");
+        let second = writer_backend(&store).await.expect("the new backend");
+        assert_ne!(second, first);
+        db.cleanup().await;
+    }
+
+    /// With a pool of one connection, the writer does not keep it: reads
+    /// would find none (they would wait for sqlx's 30 s acquire timeout,
+    /// then fail).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_keeps_no_connection_from_a_pool_of_one() {
+        let Some(db) = TestDb::postgres().await else {
+            return;
+        };
+        let store = db.store_on(bus(), 1).await;
+        let t = tenant(&store, "a").await;
+        let id = webhook(&store, &t, Status::Verifying).await;
+        let batcher = WriteBatcher::start(store.clone(), 128, 1, Duration::ZERO);
+        let moved = spawn_verified(&batcher, &t, &id).await.unwrap().unwrap();
+        assert!(moved.is_some());
+        let read = store.find_webhook(&t, &id).await.unwrap().unwrap();
+        assert_eq!(read.status, Status::Verified.as_str());
         db.cleanup().await;
     }
 
@@ -1503,7 +1736,7 @@ mod tests {
                 Pending { write, reply }
             })
             .collect();
-        flush(store, batch).await;
+        flush(store, batch, None).await;
         let mut out = Vec::new();
         for a in answers {
             out.push(a.await.expect("every write is answered"));

@@ -56,10 +56,7 @@
 //! know.
 
 use chrono::SecondsFormat;
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, IdenStatic, QueryResult, Statement,
-    Value,
-};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, IdenStatic, QueryResult, Statement, Value};
 use serde_json::{Map, Value as Json};
 
 use super::{Applied, OwnedTransition};
@@ -436,7 +433,7 @@ pub(super) async fn apply(
 ///
 /// `None` when some value cannot be encoded: nothing was written then.
 pub(super) async fn write_whole(
-    db: &DatabaseConnection,
+    pg: &mut super::Pg<'_>,
     ts: &[(usize, &OwnedTransition)],
 ) -> Result<Option<Applied>> {
     let mut out: Vec<Option<Option<Webhook>>> = vec![None; ts.len()];
@@ -471,8 +468,8 @@ pub(super) async fn write_whole(
          (SELECT \"webhook_id\", array_to_string(array_agg(\"id\" ORDER BY \"id\"), ',') AS uh_event_ids \
          FROM e GROUP BY \"webhook_id\") AS ids ON ids.\"webhook_id\" = u.\"id\"",
     );
-    let found = db
-        .query_all_raw(Statement::from_sql_and_values(
+    let found = pg
+        .query_all(Statement::from_sql_and_values(
             sea_orm::DatabaseBackend::Postgres,
             sql,
             params,
