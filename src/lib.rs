@@ -436,6 +436,8 @@ pub async fn start(
         cfg.worker.write_batch_max,
         // Each group in flight holds a connection of the pool: at most half
         // of it, so that reads and the API's other calls always find one.
+        // (Writers keep theirs between groups only from a pool of more
+        // than twice their number: see `store::batch::Held`.)
         cfg.worker
             .write_concurrency
             .min((cfg.database.pool_size() as usize / 2).max(1)),

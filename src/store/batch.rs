@@ -148,10 +148,21 @@ pub(crate) struct Applied {
 /// A connection a writer of the [`WriteBatcher`] keeps between its groups
 /// on PostgreSQL. Taken from the pool for each group, a connection costs
 /// a round trip more: sqlx pings every connection its pool takes back
-/// (BENCHMARKS, "Session 22"). `None` until the writer's first group, and
-/// again once its connection failed.
+/// (BENCHMARKS, "Session 22"). Empty until the writer's first group, and
+/// again once its connection failed or outlived the pool's
+/// `max_lifetime`; pinged first when it sat idle for
+/// [`super::PING_IF_IDLE_FOR`], as the pool's own connections are.
 #[derive(Default)]
-pub(crate) struct Held(Option<sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Postgres>>);
+pub(crate) struct Held(Option<Kept>);
+
+pub(crate) struct Kept {
+    conn: sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Postgres>,
+    taken_at: Instant,
+    used_at: Instant,
+}
+
+/// How long a kept connection that sat idle may take to answer its ping.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a group's single statement runs on PostgreSQL: on its writer's
 /// kept connection ([`Held`]), or on a connection of the pool.
@@ -168,65 +179,104 @@ impl Pg<'_> {
         let Some(held) = self.held.as_deref_mut() else {
             return self.db.query_all_raw(stmt).await;
         };
+        let pool = self.db.get_postgres_connection_pool();
         let values = stmt
             .values
             .unwrap_or_else(|| sea_orm::sea_query::Values(Vec::new()));
         let mut tries = 0;
         loop {
             tries += 1;
-            let conn = match &mut held.0 {
-                Some(conn) => conn,
-                none @ None => none.insert(
-                    self.db
-                        .get_postgres_connection_pool()
+            // A kept connection past the pool's lifetime goes back (the
+            // pool closes it); one that sat idle is pinged first, and goes
+            // back if that fails (nothing was sent on it then).
+            if let Some(k) = &mut held.0 {
+                let expired = pool
+                    .options()
+                    .get_max_lifetime()
+                    .is_some_and(|max| k.taken_at.elapsed() >= max);
+                let dead = !expired
+                    && k.used_at.elapsed() >= super::PING_IF_IDLE_FOR
+                    && !matches!(
+                        tokio::time::timeout(
+                            PING_TIMEOUT,
+                            sea_orm::sqlx::Connection::ping(&mut *k.conn)
+                        )
+                        .await,
+                        Ok(Ok(()))
+                    );
+                if expired || dead {
+                    held.0 = None;
+                }
+            }
+            let reused = held.0.is_some();
+            let k = match &mut held.0 {
+                Some(k) => k,
+                none @ None => {
+                    let conn = pool
                         .acquire()
                         .await
-                        .map_err(sqlx_error)?,
-                ),
+                        .map_err(|e| DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))))?;
+                    let now = Instant::now();
+                    none.insert(Kept {
+                        conn,
+                        taken_at: now,
+                        used_at: now,
+                    })
+                }
             };
+            k.used_at = Instant::now();
             // Prepared and cached on the connection, as sea-orm's own
             // queries are.
             let found = sea_orm::sqlx::query_with(
                 sea_orm::sqlx::AssertSqlSafe(stmt.sql.as_str()),
                 sea_query_sqlx::SqlxValues(values.clone()),
             )
-            .fetch_all(&mut **conn)
+            .fetch_all(&mut *k.conn)
             .await;
-            match found {
+            let e = match found {
                 Ok(rows) => return Ok(rows.into_iter().map(sea_orm::QueryResult::from).collect()),
-                // A statement the database refused (a conflict, a broken
-                // constraint) leaves the connection as it was.
-                Err(e) if !connection_lost(&e) => return Err(sqlx_error(e)),
-                // Otherwise the connection broke, maybe while it sat idle
-                // between groups (a restarted server, a proxy's timeout). It goes back to the pool, which closes it, and
-                // the statement runs once more on another, as the pool's
-                // own connections are checked when they were idle. (Had
-                // the statement run, its compare-and-sets now match
-                // nothing, as when a failed group's writes are tried one by
-                // one.)
-                Err(e) => {
+                Err(e) => e,
+            };
+            match ended_by_server(&e) {
+                // The database refused the statement (a conflict, a broken
+                // constraint): the connection is as it was.
+                None => return Err(sqlx_error(e)),
+                // The server had ended the session before it read the
+                // statement (a restart, a terminated backend): nothing ran.
+                // On a connection kept from an earlier group, the
+                // statement runs once more on another.
+                Some(true) => {
                     held.0 = None;
-                    if tries > 1 {
+                    if !reused || tries > 1 {
                         return Err(sqlx_error(e));
                     }
-                    warn!(error = %e, "a writer's connection failed; trying another");
+                    warn!(error = %e, "a writer's kept connection was closed by the server; taking another");
+                }
+                // The connection failed some other way (the network): the
+                // statement may or may not have run, so it is not run
+                // again here; the caller gets the error, as from the pool.
+                Some(false) => {
+                    held.0 = None;
+                    return Err(sqlx_error(e));
                 }
             }
         }
     }
 }
 
-/// Whether `e` says the connection is gone, rather than that the database
-/// refused one statement: any error but the database's own, and its
-/// errors of a server shutting down or ending the session (SQLSTATE class
-/// 57P, "operator intervention", which a server sends before it closes
-/// the connection) or of the connection (class 08).
-fn connection_lost(e: &sea_orm::sqlx::Error) -> bool {
+/// Whether `e` says the connection is gone (`Some`), rather than that the
+/// database refused one statement (`None`); `Some(true)` when the server
+/// said it had ended the session, so that the statement never ran:
+/// SQLSTATE class 57P ("operator intervention": a shutdown, a terminated
+/// backend, which the server sends before it closes the connection) or
+/// class 08 (connection exceptions).
+fn ended_by_server(e: &sea_orm::sqlx::Error) -> Option<bool> {
     match e {
         sea_orm::sqlx::Error::Database(d) => d
             .code()
-            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
-        _ => true,
+            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
+            .then_some(true),
+        _ => Some(false),
     }
 }
 
@@ -875,15 +925,16 @@ async fn run(
     // The writers, each with the connection it keeps (PostgreSQL); an
     // idle one waits here.
     let (idle, mut writers) = mpsc::channel::<Held>(concurrency);
-    // Only while that leaves the pool a connection for everything else
-    // (with a pool of one, a kept connection would leave reads none).
+    // Only while the pool has more than twice as many connections as
+    // writers: a writer whose group takes the general path (a transaction)
+    // holds a second one meanwhile, and reads must still find one.
     let keep = store.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres
         && store
             .db
             .get_postgres_connection_pool()
             .options()
             .get_max_connections() as usize
-            > concurrency;
+            > 2 * concurrency;
     for _ in 0..concurrency {
         let _ = idle.try_send(Held::default());
     }
@@ -929,12 +980,35 @@ async fn run(
             // cycle; two jobs' writes to one webhook are compare-and-sets,
             // so whichever commits first wins, as without grouping.
             let store = store.clone();
-            let idle = idle.clone();
+            let mut loan = Loan {
+                held: writer,
+                idle: idle.clone(),
+            };
             tokio::spawn(async move {
-                flush(&store, group, keep.then_some(&mut writer)).await;
-                let _ = idle.send(writer).await;
+                flush(&store, group, keep.then_some(&mut loan.held)).await;
             });
         }
+    }
+}
+
+/// A writer lent to a group's task: back with the idle ones when the task
+/// ends, without its connection if the task panicked (the group may have
+/// left it mid-statement).
+struct Loan {
+    held: Held,
+    idle: mpsc::Sender<Held>,
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        let held = if std::thread::panicking() {
+            Held::default()
+        } else {
+            held
+        };
+        // There is room: the channel holds as many as there are writers.
+        let _ = self.idle.try_send(held);
     }
 }
 
@@ -1332,14 +1406,28 @@ mod tests {
         assert!(moved.is_some(), "written on another connection");
         let second = writer_backend(&store).await.expect("the new backend");
         assert_ne!(second, first);
+        // Written once: one event.
+        let events: i64 = store
+            .db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT count(*) AS n FROM events WHERE webhook_id = $1 AND \"type\" = $2",
+                [ids[2].as_str().into(), event_type::VERIFIED.into()],
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "n")
+            .unwrap();
+        assert_eq!(events, 1);
         db.cleanup().await;
     }
 
-    /// With a pool of one connection, the writer does not keep it: reads
-    /// would find none (they would wait for sqlx's 30 s acquire timeout,
-    /// then fail).
+    /// A writer keeps no connection from a small pool (no more than
+    /// twice as many connections as writers): from a pool of one, reads
+    /// would find none at all.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_writer_keeps_no_connection_from_a_pool_of_one() {
+    async fn a_writer_keeps_no_connection_from_a_small_pool() {
         let Some(db) = TestDb::postgres().await else {
             return;
         };
@@ -1349,7 +1437,13 @@ mod tests {
         let batcher = WriteBatcher::start(store.clone(), 128, 1, Duration::ZERO);
         let moved = spawn_verified(&batcher, &t, &id).await.unwrap().unwrap();
         assert!(moved.is_some());
-        let read = store.find_webhook(&t, &id).await.unwrap().unwrap();
+        // A kept connection would leave the read waiting for sqlx's
+        // acquire timeout (30 s).
+        let read = tokio::time::timeout(Duration::from_secs(10), store.find_webhook(&t, &id))
+            .await
+            .expect("a read finds the connection")
+            .unwrap()
+            .unwrap();
         assert_eq!(read.status, Status::Verified.as_str());
         db.cleanup().await;
     }
