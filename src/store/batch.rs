@@ -241,10 +241,15 @@ impl Pg<'_> {
                 // The database refused the statement (a conflict, a broken
                 // constraint): the connection is as it was.
                 None => return Err(sqlx_error(e)),
-                // The server had ended the session before it read the
-                // statement (a restart, a terminated backend): nothing ran.
-                // On a connection kept from an earlier group, the
-                // statement runs once more on another.
+                // The server ended the session (a restart, a terminated
+                // backend). On a connection kept from an earlier group that
+                // is almost always from before it read the statement, and
+                // a statement it was running is rolled back; so the
+                // statement runs once more on another connection. (Only a
+                // server stopped between its commit and its answer leaves
+                // the rerun nothing to move: the caller then takes the
+                // webhook as moved by another (a claim is left to the stale
+                // sweep), and the events miss the live streams.)
                 Some(true) => {
                     held.0 = None;
                     if !reused || tries > 1 {
