@@ -155,7 +155,7 @@ pub(crate) struct Applied {
 #[derive(Default)]
 pub(crate) struct Held(Option<Kept>);
 
-pub(crate) struct Kept {
+struct Kept {
     conn: sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Postgres>,
     taken_at: Instant,
     used_at: Instant,
@@ -226,7 +226,9 @@ impl Pg<'_> {
             };
             k.used_at = Instant::now();
             // Prepared and cached on the connection, as sea-orm's own
-            // queries are.
+            // queries are. The values are copied, since sqlx takes them
+            // and a rerun (below) needs them again: a few kilobytes
+            // against a round trip.
             let found = sea_orm::sqlx::query_with(
                 sea_orm::sqlx::AssertSqlSafe(stmt.sql.as_str()),
                 sea_query_sqlx::SqlxValues(values.clone()),
