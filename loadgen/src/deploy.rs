@@ -127,13 +127,21 @@ fn random_name(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())[..prefix.len() + 12].to_string()
 }
 
-/// Replaces the database name of a postgres:// URL.
+/// Replaces the database name of a postgres:// URL, keeping its
+/// parameters (`?sslmode=disable`, whose value may hold a `/`).
 fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
-    let (base, _) = url
+    let (path, query) = match url.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (url, None),
+    };
+    let (base, _) = path
         .rsplit_once('/')
         .filter(|(b, _)| b.contains("://"))
-        .context("--database-url must end with /<database>")?;
-    Ok(format!("{base}/{db}"))
+        .context("--database-url must end with /<database>, before any ?parameters")?;
+    Ok(match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    })
 }
 
 async fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
@@ -508,6 +516,26 @@ impl Deployment {
         .ok()
     }
 
+    /// How many of the service's connections to its PostgreSQL database
+    /// use TLS, and how many there are (`pg_stat_ssl`). A URL without
+    /// `sslmode` uses TLS whenever the server offers it, which changes the
+    /// figures (BENCHMARKS.md, "Session 23").
+    pub async fn postgres_tls(&self) -> Option<(u64, u64)> {
+        let (url, db) = self.pg.as_ref()?;
+        let out = psql(
+            url,
+            &format!(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s \
+                 JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{db}'"
+            ),
+        )
+        .await
+        .map_err(|e| eprintln!("TLS of the connections not read: {e:#}"))
+        .ok()?;
+        let (tls, all) = out.trim().split_once('|')?;
+        Some((tls.parse().ok()?, all.parse().ok()?))
+    }
+
     /// The redis-server process (from `INFO server`).
     pub async fn redis_pid(&self) -> anyhow::Result<Option<u32>> {
         let Some((url, _)) = &self.redis else {
@@ -627,6 +655,15 @@ mod tests {
             with_database("postgres://postgres@127.0.0.1:5432/test", "x").unwrap(),
             "postgres://postgres@127.0.0.1:5432/x"
         );
+        assert_eq!(
+            with_database(
+                "postgres://postgres@127.0.0.1:5432/test?sslmode=verify-ca&sslrootcert=/etc/ca.crt",
+                "x"
+            )
+            .unwrap(),
+            "postgres://postgres@127.0.0.1:5432/x?sslmode=verify-ca&sslrootcert=/etc/ca.crt"
+        );
         assert!(with_database("nothing", "x").is_err());
+        assert!(with_database("nothing?path=/a/b", "x").is_err());
     }
 }

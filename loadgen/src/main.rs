@@ -840,6 +840,14 @@ async fn run(
         (wal2, wal3),
         delivered,
     );
+    if let Some((tls, all)) = match deployment {
+        Some(d) => d.postgres_tls().await,
+        None => None,
+    } {
+        println!("PostgreSQL: {tls} of the service's {all} connections use TLS");
+        result["postgres_connections"] = all.into();
+        result["postgres_connections_tls"] = tls.into();
+    }
     print_memory(procs, &mut result, "end", "end");
     println!("RESULT {result}");
     let bad = receiver.state.bad_signatures.load(Ordering::Relaxed);
