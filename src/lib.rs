@@ -19,6 +19,8 @@ pub mod signing;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod test_sockets;
 pub mod tls;
 
 use std::{net::SocketAddr, sync::Arc};

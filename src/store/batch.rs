@@ -1455,6 +1455,26 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// The store's PostgreSQL connections send without delay
+    /// (`TCP_NODELAY`, which sqlx sets from 0.9.1 on). Without it a
+    /// statement of more than one TLS record, such as a large write
+    /// group's, waited 40 ms for the server's delayed ACK (BENCHMARKS.md,
+    /// session 23).
+    #[tokio::test]
+    async fn postgres_connections_send_without_delay() {
+        let Some(db) = TestDb::postgres().await else {
+            return;
+        };
+        let store = db.store_on(bus(), 2).await;
+        tenant(&store, "a").await;
+        let port =
+            <sea_orm::sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&db.url)
+                .unwrap()
+                .get_port();
+        assert_eq!(crate::test_sockets::any_nodelay_to(&[port]), Some(true));
+        db.cleanup().await;
+    }
+
     /// On SQLite, a group's compare-and-sets are one `UPDATE … FROM
     /// jsonb_each(?)`, not one `UPDATE` each: every statement is a round
     /// trip to the connection's thread, which the embedded pipeline waits
