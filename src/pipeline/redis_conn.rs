@@ -42,6 +42,7 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
+    io::tcp::TcpSettings,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use secrecy::ExposeSecret;
@@ -99,6 +100,7 @@ impl RedisTarget {
             Some(seed) => (seed.into_connection_info()?, true),
             None => (url.into_connection_info()?, false),
         };
+        let info = info.set_tcp_settings(tcp_settings());
         match info.addr() {
             ConnectionAddr::TcpTls { insecure: true, .. } => {
                 return Err(RedisError::from((
@@ -194,6 +196,7 @@ impl RedisTarget {
         // `response_timeout` is also the overall bound of a request, retries
         // and redirections included (see the module docs).
         let mut builder = ClusterClientBuilder::new([seed.clone()])
+            .tcp_settings(tcp_settings())
             .connection_timeout(t.connect)
             .response_timeout(t.response);
         if let Some(certs) = certs {
@@ -205,6 +208,16 @@ impl RedisTarget {
             .await
             .map(|c| Conn::Cluster(Box::new(c)))
     }
+}
+
+/// Every connection's socket options: `TCP_NODELAY`, which redis-rs
+/// leaves off. A multiplexed connection writes a command while earlier
+/// ones await their answers; without it the kernel holds such a write
+/// back until the earlier one is acknowledged (Nagle), and a command of
+/// more than one TLS record waits for the server's delayed ACK, up to
+/// 40 ms (what sqlx 0.9.0 did to PostgreSQL, BENCHMARKS.md session 23).
+fn tcp_settings() -> TcpSettings {
+    TcpSettings::default().set_nodelay(true)
 }
 
 /// Makes aws-lc-rs rustls' process-wide provider, unless one is already.

@@ -2102,4 +2102,37 @@ mod tests {
             assert_eq!(decode(f.into_iter()), Some(j.clone()));
         }
     }
+
+    /// Connections to one Redis and to a cluster send without delay (`TCP_NODELAY`; redis-rs leaves it off): a
+    /// multiplexed connection writes a command while earlier ones await
+    /// their answers.
+    #[tokio::test]
+    async fn connections_send_without_delay() {
+        for cluster in [false, true] {
+            let Some(space) = Space::new(cluster) else {
+                continue;
+            };
+            let ports = match &space.cluster {
+                Some(c) => c.ports().to_vec(),
+                None => vec![
+                    space
+                        .url
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.trim_end_matches('/').parse().ok())
+                        .expect("a port in UPLOADHOOK_TEST_REDIS_URL"),
+                ],
+            };
+            // One connection: both kinds are made from the same settings.
+            let target = RedisTarget::parse(&space.url).unwrap();
+            let mut c = target.dedicated(COMMAND_TIMEOUTS).await.unwrap();
+            let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+            assert_eq!(pong, "PONG");
+            assert_eq!(
+                crate::test_sockets::any_nodelay_to(&ports),
+                Some(true),
+                "cluster: {cluster}"
+            );
+        }
+    }
 }
