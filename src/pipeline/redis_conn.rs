@@ -213,9 +213,10 @@ impl RedisTarget {
 /// Every connection's socket options: `TCP_NODELAY`, which redis-rs
 /// leaves off. A multiplexed connection writes a command while earlier
 /// ones await their answers; without it the kernel holds such a write
-/// back until the earlier one is acknowledged (Nagle), and a command of
-/// more than one TLS record waits for the server's delayed ACK, up to
-/// 40 ms (what sqlx 0.9.0 did to PostgreSQL, BENCHMARKS.md session 23).
+/// back until the earlier one is acknowledged (Nagle); a command of more
+/// than one TLS record can then wait for the server's delayed ACK, up to
+/// 40 ms, as PostgreSQL statements did with sqlx 0.9.0 (BENCHMARKS.md,
+/// session 23).
 fn tcp_settings() -> TcpSettings {
     TcpSettings::default().set_nodelay(true)
 }
