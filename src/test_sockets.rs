@@ -2,13 +2,12 @@
 
 use std::os::fd::{BorrowedFd, RawFd};
 
-/// Whether any of this process's TCP sockets connected to one of `ports`
-/// sends without delay (`TCP_NODELAY`); `None` when none is connected to
-/// them. Other tests of the same process may have sockets to the same
-/// ports, so a test asks whether its connection is among those that do,
-/// not whether all do.
-pub(crate) fn any_nodelay_to(ports: &[u16]) -> Option<bool> {
-    let mut found = None;
+/// `TCP_NODELAY` of this process's TCP socket from local port `local` to
+/// peer port `peer`; `None` if there is none. A test learns its own
+/// connection's ports from the server (`CLIENT INFO`,
+/// `inet_client_port()`), so that other tests' sockets to the same
+/// server, in the same process under `cargo test`, do not count.
+pub(crate) fn nodelay_between(local: u16, peer: u16) -> Option<bool> {
     for entry in std::fs::read_dir("/proc/self/fd").expect("reading /proc/self/fd") {
         let Ok(entry) = entry else { continue };
         let is_socket = std::fs::read_link(entry.path())
@@ -19,19 +18,18 @@ pub(crate) fn any_nodelay_to(ports: &[u16]) -> Option<bool> {
         if !is_socket {
             continue;
         }
-        // SAFETY: the descriptor was open a moment ago and only read here;
-        // if another test closed it meanwhile, the calls below fail (or ask
-        // a descriptor opened since), and it is skipped or counted as found.
+        // SAFETY: the descriptor was open a moment ago and is only read
+        // here (getsockname, getpeername, getsockopt). If another test
+        // closed it meanwhile the calls fail, or ask a descriptor opened
+        // since, whose ports then do not match; either way it is skipped.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let sock = socket2::SockRef::from(&fd);
-        let to_port = sock
-            .peer_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .is_some_and(|a| ports.contains(&a.port()));
-        if let (true, Ok(on)) = (to_port, sock.tcp_nodelay()) {
-            found = Some(found.unwrap_or(false) || on);
+        let port = |a: std::io::Result<socket2::SockAddr>| {
+            a.ok().and_then(|a| a.as_socket()).map(|a| a.port())
+        };
+        if port(sock.local_addr()) == Some(local) && port(sock.peer_addr()) == Some(peer) {
+            return sock.tcp_nodelay().ok();
         }
     }
-    found
+    None
 }

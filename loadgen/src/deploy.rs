@@ -134,6 +134,11 @@ fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
         Some((path, query)) => (path, Some(query)),
         None => (url, None),
     };
+    // A `dbname=` parameter would take the service to another database
+    // than the one this tool creates, measures and drops.
+    if query.is_some_and(|q| q.split('&').any(|kv| kv.starts_with("dbname="))) {
+        bail!("--database-url: give the database in the path, not as ?dbname=");
+    }
     let (base, _) = path
         .rsplit_once('/')
         .filter(|(b, _)| b.contains("://"))
@@ -522,6 +527,8 @@ impl Deployment {
     /// figures (BENCHMARKS.md, "Session 23").
     pub async fn postgres_tls(&self) -> Option<(u64, u64)> {
         let (url, db) = self.pg.as_ref()?;
+        // Quoted as a literal below: a name of this tool's own making.
+        debug_assert!(db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
         let out = psql(
             url,
             &format!(
@@ -665,5 +672,10 @@ mod tests {
         );
         assert!(with_database("nothing", "x").is_err());
         assert!(with_database("nothing?path=/a/b", "x").is_err());
+        assert_eq!(
+            with_database("postgres:///test?host=/run/postgresql", "x").unwrap(),
+            "postgres:///x?host=/run/postgresql"
+        );
+        assert!(with_database("postgres://h/test?sslmode=disable&dbname=other", "x").is_err());
     }
 }

@@ -2103,33 +2103,34 @@ mod tests {
         }
     }
 
-    /// Connections to one Redis and to a cluster send without delay (`TCP_NODELAY`; redis-rs leaves it off): a
-    /// multiplexed connection writes a command while earlier ones await
-    /// their answers.
+    /// Connections to one Redis and to a cluster send without delay
+    /// (`TCP_NODELAY`; redis-rs leaves it off): a multiplexed connection
+    /// writes a command while earlier ones await their answers.
     #[tokio::test]
     async fn connections_send_without_delay() {
         for cluster in [false, true] {
             let Some(space) = Space::new(cluster) else {
                 continue;
             };
-            let ports = match &space.cluster {
-                Some(c) => c.ports().to_vec(),
-                None => vec![
-                    space
-                        .url
-                        .rsplit(':')
-                        .next()
-                        .and_then(|p| p.trim_end_matches('/').parse().ok())
-                        .expect("a port in UPLOADHOOK_TEST_REDIS_URL"),
-                ],
-            };
             // One connection: both kinds are made from the same settings.
             let target = RedisTarget::parse(&space.url).unwrap();
             let mut c = target.dedicated(COMMAND_TIMEOUTS).await.unwrap();
-            let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
-            assert_eq!(pong, "PONG");
+            // This connection's own ports, as the server sees them.
+            let info: String = redis::cmd("CLIENT")
+                .arg("INFO")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            let port_of = |field: &str| -> u16 {
+                info.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(field))
+                    .and_then(|addr| addr.rsplit(':').next())
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or_else(|| panic!("no {field} in CLIENT INFO: {info}"))
+            };
+            let (ours, server) = (port_of("addr="), port_of("laddr="));
             assert_eq!(
-                crate::test_sockets::any_nodelay_to(&ports),
+                crate::test_sockets::nodelay_between(ours, server),
                 Some(true),
                 "cluster: {cluster}"
             );

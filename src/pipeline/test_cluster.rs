@@ -86,11 +86,6 @@ impl TestCluster {
         format!("{scheme}://127.0.0.1:{}", self.ports[0])
     }
 
-    /// The nodes' ports.
-    pub(crate) fn ports(&self) -> &[u16] {
-        &self.ports
-    }
-
     /// The CA that signed a TLS cluster's certificate (PEM file).
     pub(crate) fn ca_file(&self) -> Option<&Path> {
         self.tls.as_ref().map(|t| t.ca.as_path())
