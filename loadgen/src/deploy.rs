@@ -3,6 +3,7 @@
 //! and cleaning all of it up afterwards.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -10,6 +11,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use std::process::{Child, Command, Output};
+
+use crate::stages;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Kind {
@@ -541,6 +544,18 @@ impl Deployment {
         .ok()?;
         let (tls, all) = out.trim().split_once('|')?;
         Some((tls.parse().ok()?, all.parse().ok()?))
+    }
+
+    /// What the service stored of each webhook's way (PostgreSQL
+    /// deployments): see [`stages::Stored`].
+    pub async fn stage_times(&self) -> Option<HashMap<String, stages::Stored>> {
+        let (url, db) = self.pg.as_ref()?;
+        let url = with_database(url, db).ok()?;
+        let out = psql(&url, stages::QUERY)
+            .await
+            .map_err(|e| eprintln!("the service's stage times not read: {e:#}"))
+            .ok()?;
+        Some(stages::parse(&out))
     }
 
     /// The redis-server process (from `INFO server`).

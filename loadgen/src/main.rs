@@ -22,6 +22,7 @@ mod compare;
 mod deploy;
 mod measure;
 mod receiver;
+mod stages;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -513,6 +514,9 @@ async fn run(
     let confirm_lat = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(n)));
+    // When each Confirm was answered (for the stages' report).
+    let answered_at: Arc<Mutex<HashMap<String, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(n)));
     let groups2 = match deployment {
         Some(d) => d.write_groups().await,
         None => None,
@@ -526,6 +530,7 @@ async fn run(
     }
     let cpu2 = measure::snapshot(&groups);
     let t2 = Instant::now();
+    let clock = stages::WallClock::now();
     let items = Arc::new(created.clone());
     let phase2_offered = if args.floor {
         let d = deployment.context("--floor needs a deployment that this tool starts")?;
@@ -599,17 +604,19 @@ async fn run(
     } else {
         drive(items.len(), args.concurrency, args.rate, {
             let (client, auth) = (client.clone(), auth.clone());
-            let (items, sent_at, confirm_lat, errors) = (
+            let (items, sent_at, answered_at, confirm_lat, errors) = (
                 items.clone(),
                 sent_at.clone(),
+                answered_at.clone(),
                 confirm_lat.clone(),
                 errors.clone(),
             );
             move |i| {
                 let (mut client, auth) = (client.clone(), auth.clone());
-                let (items, sent_at, confirm_lat, errors) = (
+                let (items, sent_at, answered_at, confirm_lat, errors) = (
                     items.clone(),
                     sent_at.clone(),
+                    answered_at.clone(),
                     confirm_lat.clone(),
                     errors.clone(),
                 );
@@ -621,9 +628,13 @@ async fn run(
                     });
                     req.metadata_mut().insert("authorization", auth);
                     let started = Instant::now();
-                    sent_at.lock().unwrap().insert(id, started);
+                    sent_at.lock().unwrap().insert(id.clone(), started);
                     match client.confirm(req).await {
-                        Ok(_) => confirm_lat.lock().unwrap().push(started.elapsed()),
+                        Ok(_) => {
+                            let answered = Instant::now();
+                            confirm_lat.lock().unwrap().push(answered - started);
+                            answered_at.lock().unwrap().insert(id, answered);
+                        }
                         Err(e) => errors.lock().unwrap().push(format!("confirm: {e}")),
                     }
                 }
@@ -765,6 +776,26 @@ async fn run(
         "duplicates {duplicates} · missing {missing} · unknown ids {unknown} · bad signatures {}",
         receiver.state.bad_signatures.load(Ordering::Relaxed)
     );
+    // Where the time went: not for the floor (no service) nor the retry
+    // scenario (its arrival is the first, failed, attempt).
+    if !args.floor
+        && !args.retry
+        && let Some(d) = deployment
+        && let Some(stored) = d.stage_times().await
+    {
+        let answered_at = std::mem::take(&mut *answered_at.lock().unwrap());
+        let rows = arrivals.iter().filter_map(|(id, a)| {
+            let ours = stages::Ours {
+                sent: clock.unix_us(*sent_at.get(id)?),
+                confirm_answered: clock.unix_us(*answered_at.get(id)?),
+                arrived: clock.unix_us(a.ok_at?),
+            };
+            Some((ours, stored.get(id)))
+        });
+        let breakdown = stages::breakdown(rows);
+        breakdown.print();
+        result["stages"] = breakdown.json();
+    }
     if args.retry {
         let late = Latencies::new(retry_late);
         println!(

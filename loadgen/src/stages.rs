@@ -1,0 +1,256 @@
+//! Where a webhook's time goes between Confirm and arrival: this tool's
+//! own times (the Confirm sent and answered, the arrival) between the
+//! times the service stored for the webhook (PostgreSQL deployments).
+//! Both sides read the same machine's clock.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::json;
+
+use crate::measure::{Latencies, ms};
+
+/// One webhook's times as the service stored them, in Unix microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stored {
+    /// Confirm's handler took it (the `upload.confirmed` event's time).
+    pub confirmed: Option<i64>,
+    /// The HEAD answered (`verified_at`).
+    pub verified: Option<i64>,
+    /// A worker had room at the receiver's host and asked to claim the
+    /// delivery (the `delivery.started` event's time).
+    pub claim: Option<i64>,
+    /// The claim was written and the first POST began (the first
+    /// attempt's `started_at`).
+    pub post: Option<i64>,
+    /// The receiver's answer was read (`completed_at`).
+    pub answered: Option<i64>,
+}
+
+/// The SELECT that [`parse`] reads, one row per webhook.
+pub const QUERY: &str = "SELECT w.id, \
+     (SELECT (extract(epoch FROM min(e.occurred_at)) * 1e6)::bigint FROM events e \
+      WHERE e.webhook_id = w.id AND e.\"type\" = 'upload.confirmed'), \
+     (extract(epoch FROM w.verified_at) * 1e6)::bigint, \
+     (SELECT (extract(epoch FROM min(e.occurred_at)) * 1e6)::bigint FROM events e \
+      WHERE e.webhook_id = w.id AND e.\"type\" = 'delivery.started'), \
+     (SELECT (extract(epoch FROM min(a.started_at)) * 1e6)::bigint FROM attempts a \
+      WHERE a.webhook_id = w.id AND a.number = 1), \
+     (extract(epoch FROM w.completed_at) * 1e6)::bigint \
+     FROM webhooks w";
+
+/// Reads psql's unaligned rows of [`QUERY`]: `id|confirmed|verified|claim|post|answered`,
+/// a NULL empty.
+pub fn parse(text: &str) -> HashMap<String, Stored> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split('|');
+            let id = fields.next()?.to_string();
+            let mut next = || fields.next().and_then(|v| v.trim().parse().ok());
+            let stored = Stored {
+                confirmed: next(),
+                verified: next(),
+                claim: next(),
+                post: next(),
+                answered: next(),
+            };
+            Some((id, stored))
+        })
+        .collect()
+}
+
+/// Turns this tool's `Instant`s into Unix microseconds, the service's
+/// clock.
+pub struct WallClock {
+    at: Instant,
+    unix_us: i64,
+}
+
+impl WallClock {
+    pub fn now() -> Self {
+        let at = Instant::now();
+        let unix_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        Self { at, unix_us }
+    }
+
+    pub fn unix_us(&self, t: Instant) -> i64 {
+        match t.checked_duration_since(self.at) {
+            Some(after) => self.unix_us + after.as_micros() as i64,
+            None => self.unix_us - self.at.duration_since(t).as_micros() as i64,
+        }
+    }
+}
+
+/// This tool's times of one webhook, in Unix microseconds.
+#[derive(Clone, Copy)]
+pub struct Ours {
+    pub sent: i64,
+    pub confirm_answered: i64,
+    pub arrived: i64,
+}
+
+/// The stages, in the order a webhook goes through them: the key in the
+/// `RESULT` line, and what the report calls it.
+pub const STAGES: [(&str, &str); 7] = [
+    ("to_handler", "Confirm sent -> its handler"),
+    (
+        "confirm_write",
+        "handler -> Confirm answered (its write, the enqueue)",
+    ),
+    (
+        "queue_and_head",
+        "Confirm answered -> HEAD answered (the queue, the row read, the HEAD)",
+    ),
+    ("host_room", "HEAD answered -> room at the receiver's host"),
+    ("claim_write", "the claim's write"),
+    ("post_to_arrival", "POST begun -> arrived at the receiver"),
+    ("arrival_to_answer", "arrived -> the worker read the answer"),
+];
+
+/// Each stage's durations, over the delivered webhooks whose times are
+/// all known. A stage that ends before it begins counts zero (a worker
+/// can take the job and HEAD the object before the Confirm's answer
+/// reaches this tool); the stage before it then holds the overlap.
+pub struct Breakdown {
+    pub webhooks: usize,
+    pub incomplete: usize,
+    stages: Vec<Latencies>,
+}
+
+pub fn breakdown<'a>(rows: impl Iterator<Item = (Ours, Option<&'a Stored>)>) -> Breakdown {
+    let mut stages = vec![Vec::new(); STAGES.len()];
+    let (mut webhooks, mut incomplete) = (0, 0);
+    for (ours, stored) in rows {
+        let points = stored.and_then(|s| {
+            Some([
+                ours.sent,
+                s.confirmed?,
+                ours.confirm_answered,
+                s.verified?,
+                s.claim?,
+                s.post?,
+                ours.arrived,
+                s.answered?,
+            ])
+        });
+        let Some(points) = points else {
+            incomplete += 1;
+            continue;
+        };
+        webhooks += 1;
+        for (stage, ends) in stages.iter_mut().zip(points.windows(2)) {
+            stage.push(Duration::from_micros((ends[1] - ends[0]).max(0) as u64));
+        }
+    }
+    Breakdown {
+        webhooks,
+        incomplete,
+        stages: stages.into_iter().map(Latencies::new).collect(),
+    }
+}
+
+impl Breakdown {
+    pub fn print(&self) {
+        println!(
+            "where the time went, stage by stage (p50 · p90 · p99 of {} webhooks{}; \
+             the percentiles of the stages do not add up to the whole):",
+            self.webhooks,
+            if self.incomplete > 0 {
+                format!(", {} without every time", self.incomplete)
+            } else {
+                String::new()
+            }
+        );
+        for ((_, name), l) in STAGES.iter().zip(&self.stages) {
+            println!(
+                "  {name:<72} {} · {} · {}",
+                ms(l.pct(50.0)),
+                ms(l.pct(90.0)),
+                ms(l.pct(99.0))
+            );
+        }
+    }
+
+    /// `{"to_handler": {"p50_ms": …, "p90_ms": …, "p99_ms": …}, …}`
+    pub fn json(&self) -> serde_json::Value {
+        STAGES
+            .iter()
+            .zip(&self.stages)
+            .map(|((key, _), l)| {
+                (
+                    key.to_string(),
+                    json!({
+                        "p50_ms": l.pct_ms(50.0),
+                        "p90_ms": l.pct_ms(90.0),
+                        "p99_ms": l.pct_ms(99.0),
+                    }),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_psqls_rows_with_nulls() {
+        let rows = parse("wh_a|10|20|30|40|50\nwh_b|10||||\n");
+        assert_eq!(
+            rows["wh_a"],
+            Stored {
+                confirmed: Some(10),
+                verified: Some(20),
+                claim: Some(30),
+                post: Some(40),
+                answered: Some(50),
+            }
+        );
+        assert_eq!(
+            rows["wh_b"],
+            Stored {
+                confirmed: Some(10),
+                ..Stored::default()
+            }
+        );
+    }
+
+    #[test]
+    fn splits_a_webhooks_way_into_stages() {
+        let stored = Stored {
+            confirmed: Some(1_100),
+            verified: Some(4_000),
+            claim: Some(4_100),
+            post: Some(6_000),
+            answered: Some(6_900),
+        };
+        let ours = Ours {
+            sent: 1_000,
+            // Answered after the HEAD: that stage counts zero.
+            confirm_answered: 5_000,
+            arrived: 6_500,
+        };
+        let b = breakdown([(ours, Some(&stored))].into_iter());
+        assert_eq!((b.webhooks, b.incomplete), (1, 0));
+        let us: Vec<u128> = b.stages.iter().map(|l| l.pct(50.0).as_micros()).collect();
+        assert_eq!(us, [100, 3_900, 0, 100, 1_900, 500, 400]);
+        let missing = breakdown([(ours, None), (ours, Some(&Stored::default()))].into_iter());
+        assert_eq!((missing.webhooks, missing.incomplete), (0, 2));
+    }
+
+    #[test]
+    fn converts_instants_to_unix_time_both_ways() {
+        let clock = WallClock::now();
+        let later = clock.at + Duration::from_millis(3);
+        assert_eq!(clock.unix_us(later) - clock.unix_us(clock.at), 3_000);
+        if let Some(earlier) = clock.at.checked_sub(Duration::from_millis(2)) {
+            assert_eq!(clock.unix_us(clock.at) - clock.unix_us(earlier), 2_000);
+        }
+    }
+}
