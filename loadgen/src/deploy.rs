@@ -546,16 +546,36 @@ impl Deployment {
         Some((tls.parse().ok()?, all.parse().ok()?))
     }
 
-    /// What the service stored of each webhook's way (PostgreSQL
-    /// deployments): see [`stages::Stored`].
+    /// What the service stored of each webhook's way: see
+    /// [`stages::Stored`]. PostgreSQL through `psql`; SQLite (embedded)
+    /// through the `sqlite3` shell, read-only, when it is installed.
     pub async fn stage_times(&self) -> Option<HashMap<String, stages::Stored>> {
-        let (url, db) = self.pg.as_ref()?;
-        let url = with_database(url, db).ok()?;
-        let out = psql(&url, stages::QUERY)
-            .await
-            .map_err(|e| eprintln!("the service's stage times not read: {e:#}"))
-            .ok()?;
-        Some(stages::parse(&out))
+        let read = match &self.pg {
+            Some((url, db)) => {
+                let url = with_database(url, db).ok()?;
+                psql(&url, stages::QUERY)
+                    .await
+                    .map(|out| stages::parse(&out, stages::micros))
+            }
+            None => {
+                let mut cmd = Command::new("sqlite3");
+                cmd.arg("-readonly")
+                    .arg(self.dir.join("uploadhook.db"))
+                    .arg(stages::SQLITE_QUERY);
+                output(cmd)
+                    .await
+                    .context("running sqlite3 (the SQLite shell)")
+                    .and_then(|out| {
+                        if !out.status.success() {
+                            bail!("sqlite3: {}", String::from_utf8_lossy(&out.stderr));
+                        }
+                        let text = String::from_utf8_lossy(&out.stdout);
+                        Ok(stages::parse(&text, stages::rfc3339_micros))
+                    })
+            }
+        };
+        read.map_err(|e| eprintln!("the service's stage times not read: {e:#}"))
+            .ok()
     }
 
     /// The redis-server process (from `INFO server`).

@@ -1,7 +1,8 @@
 //! Where a webhook's time goes between Confirm and arrival: this tool's
 //! own times (the Confirm sent and answered, the arrival) between the
-//! times the service stored for the webhook (PostgreSQL deployments).
-//! Both sides read the same machine's clock.
+//! times the service stored for the webhook (PostgreSQL through `psql`,
+//! SQLite through the `sqlite3` shell). Both sides read the same
+//! machine's clock.
 
 use std::{
     collections::HashMap,
@@ -45,14 +46,39 @@ pub const QUERY: &str = "SELECT w.id, \
        FROM events GROUP BY webhook_id) e ON e.webhook_id = w.id \
      LEFT JOIN attempts a ON a.webhook_id = w.id AND a.number = 1";
 
-/// Reads psql's unaligned rows of [`QUERY`]: `id|confirmed|verified|claim|post|answered`,
-/// a NULL empty.
-pub fn parse(text: &str) -> HashMap<String, Stored> {
+/// [`QUERY`] on SQLite, which stores times as RFC 3339 text: the times
+/// come back as stored, for [`rfc3339_micros`].
+pub const SQLITE_QUERY: &str = "SELECT w.id, e.confirmed, w.verified_at, e.claim, \
+     a.started_at, w.completed_at \
+     FROM webhooks w \
+     LEFT JOIN (SELECT webhook_id, \
+       min(occurred_at) FILTER (WHERE \"type\" = 'upload.confirmed') AS confirmed, \
+       min(occurred_at) FILTER (WHERE \"type\" = 'delivery.started') AS claim \
+       FROM events GROUP BY webhook_id) e ON e.webhook_id = w.id \
+     LEFT JOIN attempts a ON a.webhook_id = w.id AND a.number = 1";
+
+/// A field of [`QUERY`]'s output: Unix microseconds.
+pub fn micros(v: &str) -> Option<i64> {
+    v.parse().ok()
+}
+
+/// A field of [`SQLITE_QUERY`]'s output: a time as SQLite holds it
+/// (`2026-12-07T03:06:10.123456+00:00`).
+pub fn rfc3339_micros(v: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(v)
+        .ok()
+        .map(|t| t.timestamp_micros())
+}
+
+/// Reads the rows of [`QUERY`] (psql's unaligned output) or of
+/// [`SQLITE_QUERY`] (the sqlite3 shell's list mode), each field through
+/// `time`: `id|confirmed|verified|claim|post|answered`, a NULL empty.
+pub fn parse(text: &str, time: fn(&str) -> Option<i64>) -> HashMap<String, Stored> {
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split('|');
             let id = fields.next()?.to_string();
-            let mut next = || fields.next().and_then(|v| v.trim().parse().ok());
+            let mut next = || fields.next().and_then(|v| time(v.trim()));
             let stored = Stored {
                 confirmed: next(),
                 verified: next(),
@@ -205,7 +231,7 @@ mod tests {
 
     #[test]
     fn reads_psqls_rows_with_nulls() {
-        let rows = parse("wh_a|10|20|30|40|50\nwh_b|10||||\n");
+        let rows = parse("wh_a|10|20|30|40|50\nwh_b|10||||\n", micros);
         assert_eq!(
             rows["wh_a"],
             Stored {
@@ -221,6 +247,27 @@ mod tests {
             Stored {
                 confirmed: Some(10),
                 ..Stored::default()
+            }
+        );
+    }
+
+    #[test]
+    fn reads_sqlites_times() {
+        let rows = parse(
+            "wh_a|2026-12-07T03:06:10.000123+00:00|2026-12-07T03:06:10.5+00:00||\
+             2026-12-07T03:06:11+00:00|garbage\n",
+            rfc3339_micros,
+        );
+        let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp();
+        let base = at("2026-12-07T03:06:10Z") * 1_000_000;
+        assert_eq!(
+            rows["wh_a"],
+            Stored {
+                confirmed: Some(base + 123),
+                verified: Some(base + 500_000),
+                claim: None,
+                post: Some(base + 1_000_000),
+                answered: None,
             }
         );
     }
