@@ -125,8 +125,12 @@ pub fn summarize(
     a: &[Map<String, Value>],
     b: &[Map<String, Value>],
 ) -> Vec<Result<Summary, &'static str>> {
+    // Then where the latency went, stage by stage (a run that read its
+    // stages reports them).
+    let stages = crate::stages::P50_FIGURES.map(|f| (f, Some(false)));
     FIGURES
         .iter()
+        .chain(&stages)
         .filter(|(figure, _)| a.iter().chain(b).any(|r| r.contains_key(*figure)))
         .map(|&(figure, higher_is_better)| {
             let ratios: Vec<f64> = a

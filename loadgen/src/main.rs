@@ -794,7 +794,7 @@ async fn run(
         });
         let breakdown = stages::breakdown(rows);
         breakdown.print();
-        result["stages"] = breakdown.json();
+        breakdown.report_into(&mut result);
     }
     if args.retry {
         let late = Latencies::new(retry_late);

@@ -141,6 +141,18 @@ pub const STAGES: [(&str, &str); 7] = [
     ("arrival_to_answer", "arrived -> the worker read the answer"),
 ];
 
+/// Each stage's p50 as a figure of its own in the `RESULT` line (for
+/// `--pairs`), in the order of [`STAGES`].
+pub const P50_FIGURES: [&str; 7] = [
+    "stage_to_handler_p50_ms",
+    "stage_confirm_write_p50_ms",
+    "stage_queue_and_head_p50_ms",
+    "stage_host_room_p50_ms",
+    "stage_claim_write_p50_ms",
+    "stage_post_to_arrival_p50_ms",
+    "stage_arrival_to_answer_p50_ms",
+];
+
 /// Each stage's durations, over the delivered webhooks whose times are
 /// all known. A stage that ends before it begins counts zero (a worker
 /// can take the job and HEAD the object before the Confirm's answer
@@ -202,6 +214,15 @@ impl Breakdown {
                 ms(l.pct(90.0)),
                 ms(l.pct(99.0))
             );
+        }
+    }
+
+    /// Puts `stages` (see [`Breakdown::json`]) and each stage's p50 (see
+    /// [`P50_FIGURES`]) in `result`.
+    pub fn report_into(&self, result: &mut serde_json::Value) {
+        result["stages"] = self.json();
+        for (key, l) in P50_FIGURES.iter().zip(&self.stages) {
+            result[*key] = l.pct_ms(50.0).into();
         }
     }
 
@@ -293,6 +314,29 @@ mod tests {
         assert_eq!(us, [100, 3_900, 0, 100, 1_900, 500, 400]);
         let missing = breakdown([(ours, None), (ours, Some(&Stored::default()))].into_iter());
         assert_eq!((missing.webhooks, missing.incomplete), (0, 2));
+    }
+
+    #[test]
+    fn each_stage_has_its_p50_figure() {
+        for ((key, _), figure) in STAGES.iter().zip(P50_FIGURES) {
+            assert_eq!(figure, format!("stage_{key}_p50_ms"));
+        }
+        let stored = Stored {
+            confirmed: Some(1_100),
+            verified: Some(4_000),
+            claim: Some(4_100),
+            post: Some(6_000),
+            answered: Some(6_900),
+        };
+        let ours = Ours {
+            sent: 1_000,
+            confirm_answered: 2_000,
+            arrived: 6_500,
+        };
+        let mut result = serde_json::json!({});
+        breakdown([(ours, Some(&stored))].into_iter()).report_into(&mut result);
+        assert_eq!(result["stage_queue_and_head_p50_ms"], 2.0);
+        assert_eq!(result["stages"]["claim_write"]["p99_ms"], 1.9);
     }
 
     #[test]
