@@ -127,7 +127,7 @@ pub fn summarize(
 ) -> Vec<Result<Summary, &'static str>> {
     // Then where the latency went, stage by stage (a run that read its
     // stages reports them).
-    let stages = crate::stages::P50_FIGURES.map(|f| (f, Some(false)));
+    let stages = crate::stages::STAGES.map(|(_, figure, _)| (figure, Some(false)));
     FIGURES
         .iter()
         .chain(&stages)
@@ -433,6 +433,23 @@ mod tests {
         assert_eq!(s[1].figure, "cpu_ms_per_webhook_service");
         assert_eq!(s[1].median, 0.5);
         assert_eq!(s[1].b_better, Some(2), "less CPU is better");
+    }
+
+    #[test]
+    fn stage_figures_are_compared_after_the_others() {
+        let a = [run(&[
+            ("delivered_per_s", 100.0),
+            ("stage_claim_write_p50_ms", 4.0),
+        ])];
+        let b = [run(&[
+            ("delivered_per_s", 100.0),
+            ("stage_claim_write_p50_ms", 3.0),
+        ])];
+        let s: Vec<Summary> = summarize(&a, &b).into_iter().map(Result::unwrap).collect();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[1].figure, "stage_claim_write_p50_ms");
+        assert_eq!(s[1].median, 0.75);
+        assert_eq!(s[1].b_better, Some(1), "a shorter stage is better");
     }
 
     #[test]

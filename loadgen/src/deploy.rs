@@ -152,16 +152,22 @@ fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
     })
 }
 
+/// Runs `cmd` to completion and returns what it printed; an error, with
+/// what it printed on stderr, if it failed. `what` names it in errors.
+async fn capture(cmd: Command, what: &str) -> anyhow::Result<String> {
+    let out = output(cmd)
+        .await
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 async fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
     let mut cmd = Command::new("psql");
     cmd.args([url, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql]);
-    let out = output(cmd)
-        .await
-        .context("running psql (PostgreSQL client)")?;
-    if !out.status.success() {
-        bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    capture(cmd, "psql (PostgreSQL client)").await
 }
 
 async fn run_cli(bin: &Path, config: &Path, args: &[&str]) -> anyhow::Result<String> {
@@ -170,17 +176,7 @@ async fn run_cli(bin: &Path, config: &Path, args: &[&str]) -> anyhow::Result<Str
         .arg(config)
         .args(args)
         .env("NO_COLOR", "1");
-    let out = output(cmd)
-        .await
-        .with_context(|| format!("running {}", bin.display()))?;
-    if !out.status.success() {
-        bail!(
-            "uploadhook {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    capture(cmd, &format!("uploadhook {}", args.join(" "))).await
 }
 
 /// The master key of a throwaway benchmark deployment (its database is
@@ -536,7 +532,8 @@ impl Deployment {
             url,
             &format!(
                 "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s \
-                 JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{db}'"
+                 JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{db}' \
+                 AND a.application_name <> 'psql'"
             ),
         )
         .await
@@ -548,30 +545,25 @@ impl Deployment {
 
     /// What the service stored of each webhook's way: see
     /// [`stages::Stored`]. PostgreSQL through `psql`; SQLite (embedded)
-    /// through the `sqlite3` shell, read-only, when it is installed.
+    /// through the `sqlite3` shell, read-only and without its rc file, when
+    /// it is installed.
     pub async fn stage_times(&self) -> Option<HashMap<String, stages::Stored>> {
         let read = match &self.pg {
-            Some((url, db)) => {
-                let url = with_database(url, db).ok()?;
-                psql(&url, stages::QUERY)
+            Some((url, db)) => match with_database(url, db) {
+                Ok(url) => psql(&url, stages::QUERY)
                     .await
-                    .map(|out| stages::parse(&out, stages::micros))
-            }
+                    .map(|out| stages::parse(&out, stages::micros)),
+                Err(e) => Err(e),
+            },
             None => {
                 let mut cmd = Command::new("sqlite3");
-                cmd.arg("-readonly")
+                cmd.args(["-readonly", "-batch", "-init", "/dev/null", "-list"])
+                    .args(["-separator", "|", "-noheader", "-cmd", ".timeout 2000"])
                     .arg(self.dir.join("uploadhook.db"))
                     .arg(stages::SQLITE_QUERY);
-                output(cmd)
+                capture(cmd, "sqlite3 (the SQLite shell)")
                     .await
-                    .context("running sqlite3 (the SQLite shell)")
-                    .and_then(|out| {
-                        if !out.status.success() {
-                            bail!("sqlite3: {}", String::from_utf8_lossy(&out.stderr));
-                        }
-                        let text = String::from_utf8_lossy(&out.stdout);
-                        Ok(stages::parse(&text, stages::rfc3339_micros))
-                    })
+                    .map(|out| stages::parse(&out, stages::rfc3339_micros))
             }
         };
         read.map_err(|e| eprintln!("the service's stage times not read: {e:#}"))

@@ -781,7 +781,7 @@ async fn run(
     if !args.floor
         && !args.retry
         && let Some(d) = deployment
-        && let Some(stored) = d.stage_times().await
+        && let Some(stored) = stage_times(d, &arrivals).await
     {
         let answered_at = std::mem::take(&mut *answered_at.lock().unwrap());
         let rows = arrivals.iter().filter_map(|(id, a)| {
@@ -883,6 +883,35 @@ async fn run(
     println!("RESULT {result}");
     let bad = receiver.state.bad_signatures.load(Ordering::Relaxed);
     check(missing, bad, &errors, created.len(), n)
+}
+
+/// The service's stage times of the run's webhooks. A worker stores the
+/// answer (`completed_at`) just after the receiver saw the request: read
+/// again, for up to 2 s, until every delivered webhook has all its times.
+async fn stage_times(
+    d: &Deployment,
+    arrivals: &HashMap<String, receiver::Arrival>,
+) -> Option<HashMap<String, stages::Stored>> {
+    let complete = |s: &stages::Stored| {
+        s.confirmed.is_some()
+            && s.verified.is_some()
+            && s.claim.is_some()
+            && s.post.is_some()
+            && s.answered.is_some()
+    };
+    let mut tries = 0;
+    loop {
+        let stored = d.stage_times().await?;
+        let all = arrivals
+            .iter()
+            .filter(|(_, a)| a.ok_at.is_some())
+            .all(|(id, _)| stored.get(id).is_some_and(complete));
+        tries += 1;
+        if all || tries == 20 {
+            return Some(stored);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// PostgreSQL's write-ahead log position, when this tool started a

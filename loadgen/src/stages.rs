@@ -23,39 +23,44 @@ pub struct Stored {
     /// A worker had room at the receiver's host and asked to claim the
     /// delivery (the `delivery.started` event's time).
     pub claim: Option<i64>,
-    /// The claim was written and the first POST began (the first
-    /// attempt's `started_at`).
+    /// The claim was written, a request slot at the host taken, and the
+    /// first POST began (the first attempt's `started_at`).
     pub post: Option<i64>,
     /// The receiver's answer was read (`completed_at`).
     pub answered: Option<i64>,
 }
 
-/// The SELECT that [`parse`] reads, one row per webhook: one pass over
-/// each table (a subquery per webhook made PostgreSQL plan, and JIT
-/// compile, a query of millions).
-pub const QUERY: &str = "SELECT w.id, \
+/// Where both queries read from: one pass over each table (a subquery per
+/// webhook made PostgreSQL plan, and JIT compile, a query of millions).
+macro_rules! from_tables {
+    () => {
+        " FROM webhooks w \
+         LEFT JOIN (SELECT webhook_id, \
+           min(occurred_at) FILTER (WHERE \"type\" = 'upload.confirmed') AS confirmed, \
+           min(occurred_at) FILTER (WHERE \"type\" = 'delivery.started') AS claim \
+           FROM events GROUP BY webhook_id) e ON e.webhook_id = w.id \
+         LEFT JOIN attempts a ON a.webhook_id = w.id AND a.number = 1"
+    };
+}
+
+/// The SELECT that [`parse`] reads on PostgreSQL, one row per webhook,
+/// its times in Unix microseconds.
+pub const QUERY: &str = concat!(
+    "SELECT w.id, \
      (extract(epoch FROM e.confirmed) * 1e6)::bigint, \
      (extract(epoch FROM w.verified_at) * 1e6)::bigint, \
      (extract(epoch FROM e.claim) * 1e6)::bigint, \
      (extract(epoch FROM a.started_at) * 1e6)::bigint, \
-     (extract(epoch FROM w.completed_at) * 1e6)::bigint \
-     FROM webhooks w \
-     LEFT JOIN (SELECT webhook_id, \
-       min(occurred_at) FILTER (WHERE \"type\" = 'upload.confirmed') AS confirmed, \
-       min(occurred_at) FILTER (WHERE \"type\" = 'delivery.started') AS claim \
-       FROM events GROUP BY webhook_id) e ON e.webhook_id = w.id \
-     LEFT JOIN attempts a ON a.webhook_id = w.id AND a.number = 1";
+     (extract(epoch FROM w.completed_at) * 1e6)::bigint",
+    from_tables!()
+);
 
 /// [`QUERY`] on SQLite, which stores times as RFC 3339 text: the times
 /// come back as stored, for [`rfc3339_micros`].
-pub const SQLITE_QUERY: &str = "SELECT w.id, e.confirmed, w.verified_at, e.claim, \
-     a.started_at, w.completed_at \
-     FROM webhooks w \
-     LEFT JOIN (SELECT webhook_id, \
-       min(occurred_at) FILTER (WHERE \"type\" = 'upload.confirmed') AS confirmed, \
-       min(occurred_at) FILTER (WHERE \"type\" = 'delivery.started') AS claim \
-       FROM events GROUP BY webhook_id) e ON e.webhook_id = w.id \
-     LEFT JOIN attempts a ON a.webhook_id = w.id AND a.number = 1";
+pub const SQLITE_QUERY: &str = concat!(
+    "SELECT w.id, e.confirmed, w.verified_at, e.claim, a.started_at, w.completed_at",
+    from_tables!()
+);
 
 /// A field of [`QUERY`]'s output: Unix microseconds.
 pub fn micros(v: &str) -> Option<i64> {
@@ -124,33 +129,44 @@ pub struct Ours {
 }
 
 /// The stages, in the order a webhook goes through them: the key in the
-/// `RESULT` line, and what the report calls it.
-pub const STAGES: [(&str, &str); 7] = [
-    ("to_handler", "Confirm sent -> its handler"),
+/// `RESULT` line's `stages`, the stage's p50 as a figure of its own (for
+/// `--pairs`), and what the report calls it.
+pub const STAGES: [(&str, &str, &str); 7] = [
+    (
+        "to_handler",
+        "stage_to_handler_p50_ms",
+        "Confirm sent -> its handler",
+    ),
     (
         "confirm_write",
+        "stage_confirm_write_p50_ms",
         "handler -> Confirm answered (its write, the enqueue)",
     ),
     (
         "queue_and_head",
-        "Confirm answered -> HEAD answered (the queue, the row read, the HEAD)",
+        "stage_queue_and_head_p50_ms",
+        "Confirm answered -> HEAD answered (queue, row read, HEAD budget, HEAD)",
     ),
-    ("host_room", "HEAD answered -> room at the receiver's host"),
-    ("claim_write", "the claim's write"),
-    ("post_to_arrival", "POST begun -> arrived at the receiver"),
-    ("arrival_to_answer", "arrived -> the worker read the answer"),
-];
-
-/// Each stage's p50 as a figure of its own in the `RESULT` line (for
-/// `--pairs`), in the order of [`STAGES`].
-pub const P50_FIGURES: [&str; 7] = [
-    "stage_to_handler_p50_ms",
-    "stage_confirm_write_p50_ms",
-    "stage_queue_and_head_p50_ms",
-    "stage_host_room_p50_ms",
-    "stage_claim_write_p50_ms",
-    "stage_post_to_arrival_p50_ms",
-    "stage_arrival_to_answer_p50_ms",
+    (
+        "host_room",
+        "stage_host_room_p50_ms",
+        "HEAD answered -> room at the receiver's host",
+    ),
+    (
+        "claim_write",
+        "stage_claim_write_p50_ms",
+        "the claim's write, then a request slot at the host",
+    ),
+    (
+        "post_to_arrival",
+        "stage_post_to_arrival_p50_ms",
+        "POST begun -> arrived at the receiver",
+    ),
+    (
+        "arrival_to_answer",
+        "stage_arrival_to_answer_p50_ms",
+        "arrived -> the worker read the answer",
+    ),
 ];
 
 /// Each stage's durations, over the delivered webhooks whose times are
@@ -207,7 +223,7 @@ impl Breakdown {
                 String::new()
             }
         );
-        for ((_, name), l) in STAGES.iter().zip(&self.stages) {
+        for ((_, _, name), l) in STAGES.iter().zip(&self.stages) {
             println!(
                 "  {name:<72} {} · {} · {}",
                 ms(l.pct(50.0)),
@@ -217,12 +233,16 @@ impl Breakdown {
         }
     }
 
-    /// Puts `stages` (see [`Breakdown::json`]) and each stage's p50 (see
-    /// [`P50_FIGURES`]) in `result`.
+    /// Puts `stages` (see [`Breakdown::json`]) and each stage's p50 (the
+    /// figures of [`STAGES`]) in `result`; nothing when no webhook had
+    /// every time (a 0 would read as a figure).
     pub fn report_into(&self, result: &mut serde_json::Value) {
+        if self.webhooks == 0 {
+            return;
+        }
         result["stages"] = self.json();
-        for (key, l) in P50_FIGURES.iter().zip(&self.stages) {
-            result[*key] = l.pct_ms(50.0).into();
+        for ((_, figure, _), l) in STAGES.iter().zip(&self.stages) {
+            result[*figure] = l.pct_ms(50.0).into();
         }
     }
 
@@ -231,7 +251,7 @@ impl Breakdown {
         STAGES
             .iter()
             .zip(&self.stages)
-            .map(|((key, _), l)| {
+            .map(|((key, _, _), l)| {
                 (
                     key.to_string(),
                     json!({
@@ -274,20 +294,29 @@ mod tests {
 
     #[test]
     fn reads_sqlites_times() {
-        let rows = parse(
-            "wh_a|2026-12-07T03:06:10.000123+00:00|2026-12-07T03:06:10.5+00:00||\
-             2026-12-07T03:06:11+00:00|garbage\n",
-            rfc3339_micros,
+        // As sqlx writes a `DateTime<Utc>` to SQLite.
+        let stored = |t: chrono::DateTime<chrono::Utc>| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+        };
+        let base = chrono::DateTime::from_timestamp(1_796_612_770, 0).unwrap();
+        let at = |us: i64| base + chrono::Duration::microseconds(us);
+        let nanos = base + chrono::Duration::nanoseconds(1_500);
+        let line = format!(
+            "wh_a|{}|{}||{}|garbage\n",
+            stored(at(123)),
+            stored(at(500_000)),
+            stored(nanos)
         );
-        let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp();
-        let base = at("2026-12-07T03:06:10Z") * 1_000_000;
+        assert!(line.contains("+00:00"), "{line}");
+        let rows = parse(&line, rfc3339_micros);
+        let us = base.timestamp() * 1_000_000;
         assert_eq!(
             rows["wh_a"],
             Stored {
-                confirmed: Some(base + 123),
-                verified: Some(base + 500_000),
+                confirmed: Some(us + 123),
+                verified: Some(us + 500_000),
                 claim: None,
-                post: Some(base + 1_000_000),
+                post: Some(us + 1),
                 answered: None,
             }
         );
@@ -318,7 +347,7 @@ mod tests {
 
     #[test]
     fn each_stage_has_its_p50_figure() {
-        for ((key, _), figure) in STAGES.iter().zip(P50_FIGURES) {
+        for (key, figure, _) in STAGES {
             assert_eq!(figure, format!("stage_{key}_p50_ms"));
         }
         let stored = Stored {
@@ -337,11 +366,18 @@ mod tests {
         breakdown([(ours, Some(&stored))].into_iter()).report_into(&mut result);
         assert_eq!(result["stage_queue_and_head_p50_ms"], 2.0);
         assert_eq!(result["stages"]["claim_write"]["p99_ms"], 1.9);
+        // No webhook with every time: no figures, rather than zeros.
+        let mut empty = serde_json::json!({});
+        breakdown([(ours, None)].into_iter()).report_into(&mut empty);
+        assert_eq!(empty, serde_json::json!({}));
     }
 
     #[test]
     fn converts_instants_to_unix_time_both_ways() {
         let clock = WallClock::now();
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let off = clock.unix_us(Instant::now()) - wall.as_micros() as i64;
+        assert!(off.abs() < 1_000_000, "{off} µs from the wall clock");
         let later = clock.at + Duration::from_millis(3);
         assert_eq!(clock.unix_us(later) - clock.unix_us(clock.at), 3_000);
         if let Some(earlier) = clock.at.checked_sub(Duration::from_millis(2)) {
