@@ -322,15 +322,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn splits_a_webhooks_way_into_stages() {
-        let stored = Stored {
+    /// One webhook's stored times, every one known.
+    fn a_way() -> Stored {
+        Stored {
             confirmed: Some(1_100),
             verified: Some(4_000),
             claim: Some(4_100),
             post: Some(6_000),
             answered: Some(6_900),
-        };
+        }
+    }
+
+    #[test]
+    fn splits_a_webhooks_way_into_stages() {
+        let stored = a_way();
         let ours = Ours {
             sent: 1_000,
             // Answered after the HEAD: that stage counts zero.
@@ -350,13 +355,7 @@ mod tests {
         for (key, figure, _) in STAGES {
             assert_eq!(figure, format!("stage_{key}_p50_ms"));
         }
-        let stored = Stored {
-            confirmed: Some(1_100),
-            verified: Some(4_000),
-            claim: Some(4_100),
-            post: Some(6_000),
-            answered: Some(6_900),
-        };
+        let stored = a_way();
         let ours = Ours {
             sent: 1_000,
             confirm_answered: 2_000,
