@@ -549,12 +549,13 @@ impl Deployment {
     /// it is installed.
     pub async fn stage_times(&self) -> Option<HashMap<String, stages::Stored>> {
         let read = match &self.pg {
-            Some((url, db)) => match with_database(url, db) {
-                Ok(url) => psql(&url, stages::QUERY)
-                    .await
-                    .map(|out| stages::parse(&out, stages::micros)),
-                Err(e) => Err(e),
-            },
+            Some((url, db)) => {
+                async {
+                    let out = psql(&with_database(url, db)?, stages::QUERY).await?;
+                    Ok(stages::parse(&out, stages::micros))
+                }
+                .await
+            }
             None => {
                 let mut cmd = Command::new("sqlite3");
                 cmd.args(["-readonly", "-batch", "-init", "/dev/null", "-list"])

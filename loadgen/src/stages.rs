@@ -213,6 +213,13 @@ pub fn breakdown<'a>(rows: impl Iterator<Item = (Ours, Option<&'a Stored>)>) -> 
 
 impl Breakdown {
     pub fn print(&self) {
+        if self.webhooks == 0 {
+            println!(
+                "where the time went: not known, none of the {} delivered webhooks has every time stored",
+                self.incomplete
+            );
+            return;
+        }
         println!(
             "where the time went, stage by stage (p50 · p90 · p99 of {} webhooks{}; \
              the percentiles of the stages do not add up to the whole):",
