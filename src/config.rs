@@ -229,7 +229,7 @@ impl DatabaseConfig {
     /// own: with one connection the statements run back to back on one
     /// thread with a warm page cache, where ten connections contended for
     /// locks and woke threads, and writers waited in SQLite's busy
-    /// handler. Measured (BENCHMARKS.md, session 16): embedded 4,000-8,000
+    /// handler. Measured (docs/benchmarks-history.md, session 16): embedded 4,000-8,000
     /// webhooks at 64 in flight delivered about twice as many per second
     /// with one connection as with ten, at half the CPU per webhook.
     pub fn pool_size(&self) -> u32 {
@@ -242,8 +242,8 @@ impl DatabaseConfig {
     /// the first half second of a burst (PostgreSQL + Redis at 500/s: its
     /// max from Confirm to arrival 37-142 ms against 130-310 ms), but in
     /// four of five pairs its p50 was higher (likely the work spread over
-    /// ten backends on two cores), so it is an option (BENCHMARKS.md, session
-    /// 21).
+    /// ten backends on two cores), so it is an option (docs/benchmarks-history.md,
+    /// session 21).
     pub fn pool_min(&self) -> u32 {
         self.min_connections.unwrap_or(0)
     }

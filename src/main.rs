@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use uploadhook::{clock::Clock, config::Config};
 
 /// mimalloc instead of the system allocator: glibc's malloc and free were
-/// about a fifth of the service's own CPU under load (BENCHMARKS.md).
+/// about a fifth of the service's own CPU under load (docs/benchmarks-history.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

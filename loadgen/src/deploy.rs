@@ -523,7 +523,7 @@ impl Deployment {
     /// How many of the service's connections to its PostgreSQL database
     /// use TLS, and how many there are (`pg_stat_ssl`). A URL without
     /// `sslmode` uses TLS whenever the server offers it, which changes the
-    /// figures (BENCHMARKS.md, "Session 23").
+    /// figures (docs/benchmarks-history.md, "Session 23").
     pub async fn postgres_tls(&self) -> Option<(u64, u64)> {
         let (url, db) = self.pg.as_ref()?;
         // Quoted as a literal below: a name of this tool's own making.

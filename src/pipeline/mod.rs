@@ -169,7 +169,7 @@ fn longest_attempt(delivery_timeout: Duration) -> Duration {
 /// back costs a queue round trip, its row read again and, for a verify
 /// job, a write of its own. With as many places as slots, a burst for one
 /// busy host put about every second job back; four per slot measured 10 to
-/// 16 % more deliveries per second (see BENCHMARKS.md), sixteen no more.
+/// 16 % more deliveries per second (docs/benchmarks-history.md), sixteen no more.
 const WAITING_PER_WORKER_SLOT: usize = 4;
 
 /// A delivery waits this long at most for its host, then goes back to the

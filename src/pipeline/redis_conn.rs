@@ -215,7 +215,7 @@ impl RedisTarget {
 /// ones await their answers; without it the kernel holds such a write
 /// back until the earlier one is acknowledged (Nagle); a command of more
 /// than one TLS record can then wait for the server's delayed ACK, up to
-/// 40 ms, as PostgreSQL statements did with sqlx 0.9.0 (BENCHMARKS.md,
+/// 40 ms, as PostgreSQL statements did with sqlx 0.9.0 (docs/benchmarks-history.md,
 /// session 23).
 fn tcp_settings() -> TcpSettings {
     TcpSettings::default().set_nodelay(true)

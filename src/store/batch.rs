@@ -148,7 +148,7 @@ pub(crate) struct Applied {
 /// A connection a writer of the [`WriteBatcher`] keeps between its groups
 /// on PostgreSQL. Taken from the pool for each group, a connection costs
 /// a round trip more: sqlx pings every connection its pool takes back
-/// (BENCHMARKS, "Session 22"). Empty until the writer's first group, and
+/// (docs/benchmarks-history.md, "Session 22"). Empty until the writer's first group, and
 /// again once its connection failed or outlived the pool's
 /// `max_lifetime`; pinged first when it sat idle for
 /// [`super::PING_IF_IDLE_FOR`], as the pool's own connections are.
@@ -1458,7 +1458,7 @@ mod tests {
     /// The store's PostgreSQL connections send without delay
     /// (`TCP_NODELAY`, which sqlx sets from 0.9.1 on). Without it a
     /// statement of more than one TLS record, such as a large write
-    /// group's, waited 40 ms for the server's delayed ACK (BENCHMARKS.md,
+    /// group's, waited 40 ms for the server's delayed ACK (docs/benchmarks-history.md,
     /// session 23).
     #[tokio::test]
     async fn postgres_connections_send_without_delay() {
