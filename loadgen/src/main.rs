@@ -528,7 +528,9 @@ async fn run(
             d.callgrind_zero().await?;
         }
     }
+    let service_pids: Vec<u32> = procs.iter().map(|(_, pid)| *pid).collect();
     let cpu2 = measure::snapshot(&groups);
+    let threads2 = measure::threads(&service_pids);
     let t2 = Instant::now();
     let clock = stages::WallClock::now();
     let items = Arc::new(created.clone());
@@ -679,6 +681,7 @@ async fn run(
         pg_groups(&mut groups, d.postgres_pids().await?);
     }
     let cpu3 = measure::snapshot(&groups);
+    let threads3 = measure::threads(&service_pids);
     let instructions = match deployment {
         Some(d) if args.callgrind => Some(d.callgrind_instructions().await?),
         _ => None,
@@ -810,6 +813,11 @@ async fn run(
     let cpu = measure::cpu_delta(&cpu2, &cpu3);
     let wakeups = measure::wakeup_delta(&cpu2, &cpu3);
     let (service_cpu, service_wakeups) = print_cpu(&cpu, &wakeups, delivered);
+    result["threads"] = print_threads(
+        &measure::thread_delta(&threads2, &threads3),
+        procs,
+        delivered,
+    );
     result["delivered"] = delivered.into();
     result["duplicates"] = duplicates.into();
     result["missing"] = missing.into();
@@ -1059,6 +1067,42 @@ fn print_cpu(cpu: &[(String, f64)], wakeups: &[(String, u64)], webhooks: usize) 
         per(service_wakeups as f64)
     );
     (service_cpu, service_wakeups)
+}
+
+/// The service processes' CPU and wake-ups by thread name (which threads
+/// a webhook wakes, and which of them work), printed and as `RESULT`'s
+/// `threads`: `{process: {thread name: {threads, cpu_ms_per_webhook,
+/// wakeups_per_webhook}}}`.
+fn print_threads(
+    used: &[measure::ThreadUse],
+    procs: &[(String, u32)],
+    webhooks: usize,
+) -> serde_json::Value {
+    let per = |x: f64| x / webhooks.max(1) as f64;
+    println!("  by thread (threads that ended during the phase are not counted):");
+    let mut out = serde_json::Map::new();
+    for u in used {
+        let Some((process, _)) = procs.iter().find(|(_, pid)| *pid == u.pid) else {
+            continue;
+        };
+        let process = format!("uploadhook {process}");
+        let label = format!("{process} · {} ×{}", u.name, u.threads);
+        println!(
+            "    {label:<46} {:>8.2} s  {:>8.3} ms/webhook  {:>6.1} wake-ups/webhook",
+            u.cpu,
+            per(u.cpu * 1e3),
+            per(u.wakeups as f64)
+        );
+        let entry = out
+            .entry(process)
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        entry[u.name.as_str()] = serde_json::json!({
+            "threads": u.threads,
+            "cpu_ms_per_webhook": per(u.cpu * 1e3),
+            "wakeups_per_webhook": per(u.wakeups as f64),
+        });
+    }
+    out.into()
 }
 
 fn print_memory(procs: &[(String, u32)], result: &mut serde_json::Value, label: &str, key: &str) {

@@ -109,7 +109,12 @@ fn clk_tck() -> f64 {
 
 /// utime + stime of one process in seconds; None when it is gone.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime in seconds from the text of a `stat` file (a process's
+/// or a thread's).
+fn stat_cpu(stat: &str) -> Option<f64> {
     // The command name may hold spaces: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -117,6 +122,15 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / clk_tck_cached())
+}
+
+/// `voluntary_ctxt_switches` from the text of a `status` file.
+fn voluntary_switches(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 fn clk_tck_cached() -> f64 {
@@ -149,13 +163,103 @@ pub fn wakeups(pid: u32) -> Option<u64> {
     let mut total = 0;
     for task in tasks.flatten() {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        total += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        total += voluntary_switches(&status);
     }
     Some(total)
+}
+
+/// One thread at one moment: its process, id, name (`comm`, at most 15
+/// bytes: `tokio-rt-worker`, `sqlx-sqlite-wor`) and what it had used.
+#[derive(Clone)]
+pub struct Thread {
+    pid: u32,
+    tid: u32,
+    name: String,
+    used: Used,
+}
+
+/// The threads of `pids` at one moment (a process that is gone has none).
+pub fn threads(pids: &[u32]) -> Vec<Thread> {
+    let mut out = Vec::new();
+    for &pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let dir = task.path();
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+            let (Some(name), Some(cpu)) =
+                (read("comm"), read("stat").as_deref().and_then(stat_cpu))
+            else {
+                continue; // the thread ended meanwhile
+            };
+            out.push(Thread {
+                pid,
+                tid,
+                name: name.trim_end().to_string(),
+                used: Used {
+                    cpu,
+                    wakeups: voluntary_switches(&read("status").unwrap_or_default()),
+                },
+            });
+        }
+    }
+    out
+}
+
+/// What the threads of one name in one process used between two
+/// snapshots.
+#[derive(Debug, PartialEq)]
+pub struct ThreadUse {
+    pub pid: u32,
+    pub name: String,
+    /// Threads of that name seen in `after`.
+    pub threads: usize,
+    pub cpu: f64,
+    pub wakeups: u64,
+}
+
+/// What the threads used between two snapshots, summed by process and
+/// thread name, in the order of `after` (by process, then the most CPU
+/// first). A thread only in `after` counts from zero; one that ended
+/// meanwhile is not counted, so short-lived threads (tokio's blocking
+/// pool) can be missed.
+pub fn thread_delta(before: &[Thread], after: &[Thread]) -> Vec<ThreadUse> {
+    let mut out: Vec<ThreadUse> = Vec::new();
+    for t in after {
+        // The same thread: the same process, id and name (an id can be
+        // taken again by a new thread once the old one ended).
+        let was = before
+            .iter()
+            .find(|b| b.pid == t.pid && b.tid == t.tid && b.name == t.name)
+            .map(|b| b.used);
+        let cpu = (t.used.cpu - was.map_or(0.0, |u| u.cpu)).max(0.0);
+        let wakeups = t.used.wakeups.saturating_sub(was.map_or(0, |u| u.wakeups));
+        match out.iter_mut().find(|u| u.pid == t.pid && u.name == t.name) {
+            Some(u) => {
+                u.threads += 1;
+                u.cpu += cpu;
+                u.wakeups += wakeups;
+            }
+            None => out.push(ThreadUse {
+                pid: t.pid,
+                name: t.name.clone(),
+                threads: 1,
+                cpu,
+                wakeups,
+            }),
+        }
+    }
+    let first_seen = |pid: u32| after.iter().position(|t| t.pid == pid);
+    out.sort_by(|a, b| {
+        first_seen(a.pid)
+            .cmp(&first_seen(b.pid))
+            .then(b.cpu.total_cmp(&a.cpu))
+    });
+    out
 }
 
 /// What one process had used at one moment.
@@ -264,5 +368,71 @@ mod tests {
         assert!(cpu_seconds(u32::MAX).is_none());
         assert!(wakeups(me).is_some());
         assert!(wakeups(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn reads_own_threads_by_name() {
+        let (started, stop) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let worker = std::thread::Builder::new()
+            .name("uh-measure-test".into())
+            .spawn(move || {
+                started.0.send(()).unwrap();
+                let _ = stop.1.recv();
+            })
+            .unwrap();
+        started.1.recv().unwrap();
+        let me = std::process::id();
+        let now = threads(&[me]);
+        let named: Vec<&Thread> = now.iter().filter(|t| t.name == "uh-measure-test").collect();
+        assert_eq!(
+            named.len(),
+            1,
+            "{:?}",
+            now.iter().map(|t| &t.name).collect::<Vec<_>>()
+        );
+        assert!(named[0].pid == me && named[0].tid != me);
+        assert!(threads(&[u32::MAX]).is_empty());
+        stop.0.send(()).unwrap();
+        worker.join().unwrap();
+    }
+
+    #[test]
+    fn thread_use_is_summed_by_process_and_name_from_what_each_thread_had() {
+        let t = |pid, tid, name: &str, cpu, wakeups| Thread {
+            pid,
+            tid,
+            name: name.into(),
+            used: Used { cpu, wakeups },
+        };
+        let before = vec![
+            t(1, 10, "tokio-rt-worker", 1.0, 100),
+            t(1, 11, "tokio-rt-worker", 2.0, 200),
+            t(1, 12, "sqlx-sqlite-wor", 0.5, 50),
+            t(1, 13, "blocking", 9.0, 900),      // ends before `after`
+            t(2, 10, "tokio-rt-worker", 0.0, 0), // another process, same tid
+        ];
+        let after = vec![
+            t(1, 10, "tokio-rt-worker", 1.5, 130),
+            t(1, 11, "tokio-rt-worker", 2.25, 210),
+            t(1, 12, "sqlx-sqlite-wor", 1.5, 90),
+            t(1, 14, "tokio-rt-worker", 0.5, 5), // started meanwhile
+            t(2, 10, "tokio-rt-worker", 0.25, 7),
+        ];
+        let used = thread_delta(&before, &after);
+        let row = |pid, name: &str, threads, cpu, wakeups| ThreadUse {
+            pid,
+            name: name.into(),
+            threads,
+            cpu,
+            wakeups,
+        };
+        assert_eq!(
+            used,
+            vec![
+                row(1, "tokio-rt-worker", 3, 1.25, 45),
+                row(1, "sqlx-sqlite-wor", 1, 1.0, 40),
+                row(2, "tokio-rt-worker", 1, 0.25, 7),
+            ]
+        );
     }
 }
