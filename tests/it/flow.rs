@@ -720,9 +720,26 @@ async fn deliveries_to_one_host_stay_within_its_limit(db: &TestDb) {
     let mut app = TestApp::start(db, "[worker]\nconcurrency = 8\nper_host_concurrency = 2\n").await;
     let rx = Receiver::start().await;
     rx.hold_every(std::time::Duration::from_millis(100));
+    // Every upload first, then every Confirm at once, so that the backlog
+    // is there however slow the machine: confirmed one by one, more than
+    // 100 ms apart, the deliveries would never overlap.
+    let mut client = app.client().await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        ids.push(create_confirmed(&app, &rx.url, &format!("f{i}.txt")).await);
+        let created = client
+            .create_upload_webhook(authed(
+                &app.key_a,
+                create_request(&rx.url, &format!("f{i}.txt")),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        upload(&created, b"hello").await;
+        ids.push(created.webhook.unwrap().id);
+    }
+    let confirms = ids.iter().map(|id| confirm(&app, id, ""));
+    for confirmed in futures_util::future::join_all(confirms).await {
+        confirmed.unwrap();
     }
     assert_each_delivered_once(&app, &rx, &mut ids).await;
     assert_eq!(rx.max_in_flight(), 2);
