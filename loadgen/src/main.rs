@@ -288,6 +288,11 @@ async fn serve_s3(addr: std::net::SocketAddr, root: &std::path::Path) -> anyhow:
 
 /// Whether a CPU group counts as the service (with PostgreSQL and Redis),
 /// rather than this tool or the S3 server.
+/// The report's name for a service process (`api`, `worker-0`, …).
+fn service_group(process: &str) -> String {
+    format!("uploadhook {process}")
+}
+
 fn is_service(group: &str) -> bool {
     !group.starts_with("loadgen") && group != S3_GROUP
 }
@@ -318,7 +323,7 @@ async fn run(
     let mut groups: Vec<Group> = procs
         .iter()
         .map(|(name, pid)| Group {
-            name: format!("uploadhook {name}"),
+            name: service_group(name),
             pids: vec![*pid],
         })
         .collect();
@@ -813,11 +818,14 @@ async fn run(
     let cpu = measure::cpu_delta(&cpu2, &cpu3);
     let wakeups = measure::wakeup_delta(&cpu2, &cpu3);
     let (service_cpu, service_wakeups) = print_cpu(&cpu, &wakeups, delivered);
-    result["threads"] = print_threads(
-        &measure::thread_delta(&threads2, &threads3),
-        procs,
-        delivered,
-    );
+    // Under valgrind the threads are valgrind's to schedule: not shown.
+    if !args.callgrind {
+        result["threads"] = print_threads(
+            &measure::thread_delta(&threads2, &threads3),
+            procs,
+            delivered,
+        );
+    }
     result["delivered"] = delivered.into();
     result["duplicates"] = duplicates.into();
     result["missing"] = missing.into();
@@ -1047,26 +1055,33 @@ fn print_cpu(cpu: &[(String, f64)], wakeups: &[(String, u64)], webhooks: usize) 
     println!(
         "CPU seconds (from /proc/<pid>/stat) and wake-ups (voluntary context switches), per webhook:"
     );
-    let per = |x: f64| x / webhooks.max(1) as f64;
     let (mut service_cpu, mut service_wakeups) = (0.0, 0);
     for ((name, secs), (_, woke)) in cpu.iter().zip(wakeups) {
-        println!(
-            "  {name:<48} {secs:>8.2} s  {:>8.3} ms/webhook  {:>6.1} wake-ups/webhook",
-            per(secs * 1e3),
-            per(*woke as f64)
-        );
+        print_usage("  ", name, *secs, *woke, webhooks);
         if is_service(name) {
             service_cpu += secs;
             service_wakeups += woke;
         }
     }
-    println!(
-        "  {:<48} {service_cpu:>8.2} s  {:>8.3} ms/webhook  {:>6.1} wake-ups/webhook",
+    print_usage(
+        "  ",
         "service + PostgreSQL + Redis",
-        per(service_cpu * 1e3),
-        per(service_wakeups as f64)
+        service_cpu,
+        service_wakeups,
+        webhooks,
     );
     (service_cpu, service_wakeups)
+}
+
+/// One line of the CPU report: seconds, then per webhook.
+fn print_usage(indent: &str, label: &str, secs: f64, woke: u64, webhooks: usize) {
+    let per = |x: f64| x / webhooks.max(1) as f64;
+    let width = 50 - indent.len();
+    println!(
+        "{indent}{label:<width$} {secs:>8.2} s  {:>8.3} ms/webhook  {:>6.1} wake-ups/webhook",
+        per(secs * 1e3),
+        per(woke as f64)
+    );
 }
 
 /// The service processes' CPU and wake-ups by thread name (which threads
@@ -1079,20 +1094,17 @@ fn print_threads(
     webhooks: usize,
 ) -> serde_json::Value {
     let per = |x: f64| x / webhooks.max(1) as f64;
-    println!("  by thread (threads that ended during the phase are not counted):");
+    println!(
+        "  the service processes above, by thread (threads that ended during the phase are not counted):"
+    );
     let mut out = serde_json::Map::new();
     for u in used {
         let Some((process, _)) = procs.iter().find(|(_, pid)| *pid == u.pid) else {
             continue;
         };
-        let process = format!("uploadhook {process}");
+        let process = service_group(process);
         let label = format!("{process} · {} ×{}", u.name, u.threads);
-        println!(
-            "    {label:<46} {:>8.2} s  {:>8.3} ms/webhook  {:>6.1} wake-ups/webhook",
-            u.cpu,
-            per(u.cpu * 1e3),
-            per(u.wakeups as f64)
-        );
+        print_usage("    ", &label, u.cpu, u.wakeups, webhooks);
         let entry = out
             .entry(process)
             .or_insert_with(|| serde_json::Value::Object(Default::default()));

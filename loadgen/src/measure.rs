@@ -109,19 +109,23 @@ fn clk_tck() -> f64 {
 
 /// utime + stime of one process in seconds; None when it is gone.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    let (ticks, _) = stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    Some(ticks / clk_tck_cached())
 }
 
-/// utime + stime in seconds from the text of a `stat` file (a process's
-/// or a thread's).
-fn stat_cpu(stat: &str) -> Option<f64> {
-    // The command name may hold spaces: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+/// From the text of a `stat` file (a process's or a thread's): utime +
+/// stime and the start time, both in clock ticks.
+fn stat_ticks(stat: &str) -> Option<(f64, u64)> {
+    // The command name may hold spaces and parentheses: fields start
+    // after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After ')': state is field 3, utime 14, stime 15 (1-based).
+    // After ')': state is field 3, utime 14, stime 15, starttime 22
+    // (1-based).
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clk_tck_cached())
+    let start: u64 = fields.get(19)?.parse().ok()?;
+    Some((utime + stime, start))
 }
 
 /// `voluntary_ctxt_switches` from the text of a `status` file.
@@ -159,29 +163,30 @@ pub struct Group {
 /// was woken again. On a VM where a wake-up across CPUs is costly, this
 /// counts the round trips a run paid for. None when the process is gone.
 pub fn wakeups(pid: u32) -> Option<u64> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let mut total = 0;
-    for task in tasks.flatten() {
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        total += voluntary_switches(&status);
-    }
-    Some(total)
+    std::fs::metadata(format!("/proc/{pid}/task")).ok()?;
+    Some(threads(&[pid]).iter().map(|t| t.used.wakeups).sum())
 }
 
-/// One thread at one moment: its process, id, name (`comm`, at most 15
+/// One thread at one moment: its process, id, start time (to tell a
+/// thread from a later one that took its id), name (`comm`, at most 15
 /// bytes: `tokio-rt-worker`, `sqlx-sqlite-wor`) and what it had used.
 #[derive(Clone)]
 pub struct Thread {
     pid: u32,
     tid: u32,
+    start: u64,
     name: String,
     used: Used,
 }
 
-/// The threads of `pids` at one moment (a process that is gone has none).
+/// The threads of `pids` at one moment (a process that is gone has none;
+/// a pid given twice counts once).
 pub fn threads(pids: &[u32]) -> Vec<Thread> {
     let mut out = Vec::new();
-    for &pid in pids {
+    for (i, &pid) in pids.iter().enumerate() {
+        if pids[..i].contains(&pid) {
+            continue;
+        }
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
@@ -190,18 +195,24 @@ pub fn threads(pids: &[u32]) -> Vec<Thread> {
                 continue;
             };
             let dir = task.path();
-            let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
-            let (Some(name), Some(cpu)) =
-                (read("comm"), read("stat").as_deref().and_then(stat_cpu))
+            // A name is bytes, cut at 15 (possibly inside a character).
+            let read = |f: &str| {
+                std::fs::read(dir.join(f))
+                    .ok()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+            };
+            let (Some(name), Some((ticks, start))) =
+                (read("comm"), read("stat").as_deref().and_then(stat_ticks))
             else {
                 continue; // the thread ended meanwhile
             };
             out.push(Thread {
                 pid,
                 tid,
-                name: name.trim_end().to_string(),
+                start,
+                name: name.strip_suffix('\n').unwrap_or(&name).to_string(),
                 used: Used {
-                    cpu,
+                    cpu: ticks / clk_tck_cached(),
                     wakeups: voluntary_switches(&read("status").unwrap_or_default()),
                 },
             });
@@ -230,11 +241,11 @@ pub struct ThreadUse {
 pub fn thread_delta(before: &[Thread], after: &[Thread]) -> Vec<ThreadUse> {
     let mut out: Vec<ThreadUse> = Vec::new();
     for t in after {
-        // The same thread: the same process, id and name (an id can be
-        // taken again by a new thread once the old one ended).
+        // The same thread: the same process, id and start time (an id
+        // can be taken again by a new thread once the old one ended).
         let was = before
             .iter()
-            .find(|b| b.pid == t.pid && b.tid == t.tid && b.name == t.name)
+            .find(|b| b.pid == t.pid && b.tid == t.tid && b.start == t.start)
             .map(|b| b.used);
         let cpu = (t.used.cpu - was.map_or(0.0, |u| u.cpu)).max(0.0);
         let wakeups = t.used.wakeups.saturating_sub(was.map_or(0, |u| u.wakeups));
@@ -398,25 +409,30 @@ mod tests {
 
     #[test]
     fn thread_use_is_summed_by_process_and_name_from_what_each_thread_had() {
-        let t = |pid, tid, name: &str, cpu, wakeups| Thread {
+        let t = |pid, tid, start, name: &str, cpu, wakeups| Thread {
             pid,
             tid,
+            start,
             name: name.into(),
             used: Used { cpu, wakeups },
         };
         let before = vec![
-            t(1, 10, "tokio-rt-worker", 1.0, 100),
-            t(1, 11, "tokio-rt-worker", 2.0, 200),
-            t(1, 12, "sqlx-sqlite-wor", 0.5, 50),
-            t(1, 13, "blocking", 9.0, 900),      // ends before `after`
-            t(2, 10, "tokio-rt-worker", 0.0, 0), // another process, same tid
+            t(1, 10, 5, "tokio-rt-worker", 1.0, 100),
+            t(1, 11, 5, "tokio-rt-worker", 2.0, 200),
+            t(1, 12, 5, "sqlx-sqlite-wor", 0.5, 50),
+            // Ends during the phase; a new thread takes its id.
+            t(1, 13, 5, "tokio-rt-worker", 9.0, 900),
+            // Another process, the same thread id.
+            t(2, 10, 6, "tokio-rt-worker", 0.0, 0),
         ];
+        // Not in the result's order: a process's rows come by CPU.
         let after = vec![
-            t(1, 10, "tokio-rt-worker", 1.5, 130),
-            t(1, 11, "tokio-rt-worker", 2.25, 210),
-            t(1, 12, "sqlx-sqlite-wor", 1.5, 90),
-            t(1, 14, "tokio-rt-worker", 0.5, 5), // started meanwhile
-            t(2, 10, "tokio-rt-worker", 0.25, 7),
+            t(2, 10, 6, "tokio-rt-worker", 0.25, 7),
+            t(1, 12, 5, "sqlx-sqlite-wor", 1.5, 90),
+            t(1, 10, 5, "tokio-rt-worker", 1.5, 130),
+            t(1, 11, 5, "tokio-rt-worker", 2.25, 210),
+            // The new thread with the old id: counted from zero.
+            t(1, 13, 9, "tokio-rt-worker", 0.5, 5),
         ];
         let used = thread_delta(&before, &after);
         let row = |pid, name: &str, threads, cpu, wakeups| ThreadUse {
@@ -429,10 +445,19 @@ mod tests {
         assert_eq!(
             used,
             vec![
+                row(2, "tokio-rt-worker", 1, 0.25, 7),
                 row(1, "tokio-rt-worker", 3, 1.25, 45),
                 row(1, "sqlx-sqlite-wor", 1, 1.0, 40),
-                row(2, "tokio-rt-worker", 1, 0.25, 7),
             ]
         );
+    }
+
+    #[test]
+    fn stat_fields_are_counted_after_the_last_parenthesis() {
+        // A name with spaces and parentheses; utime 11, stime 4, starttime 777.
+        let stat = "42 (a) (b c) S 1 42 42 0 -1 4194560 100 0 0 0 11 4 0 0 20 0 3 0 777 1000 50";
+        assert_eq!(stat_ticks(stat), Some((15.0, 777)));
+        assert_eq!(stat_ticks("42 (cut"), None);
+        assert_eq!(stat_ticks("42 (x) S 1"), None);
     }
 }
