@@ -286,13 +286,13 @@ async fn serve_s3(addr: std::net::SocketAddr, root: &std::path::Path) -> anyhow:
     Ok(())
 }
 
-/// Whether a CPU group counts as the service (with PostgreSQL and Redis),
-/// rather than this tool or the S3 server.
 /// The report's name for a service process (`api`, `worker-0`, …).
 fn service_group(process: &str) -> String {
     format!("uploadhook {process}")
 }
 
+/// Whether a CPU group counts as the service (with PostgreSQL and Redis),
+/// rather than this tool or the S3 server.
 fn is_service(group: &str) -> bool {
     !group.starts_with("loadgen") && group != S3_GROUP
 }
