@@ -12,8 +12,8 @@ use uploadhook::{
 use crate::{
     backend_tests,
     helpers::{
-        Receiver, TestApp, TestDb, authed, confirm_request, create_confirmed, create_request, get,
-        upload, wait_for,
+        Receiver, TestApp, TestDb, authed, confirm_request, create_confirmed, create_request,
+        create_uploaded, get, upload, wait_for,
     },
 };
 
@@ -723,19 +723,9 @@ async fn deliveries_to_one_host_stay_within_its_limit(db: &TestDb) {
     // Every upload first, then every Confirm at once, so that the backlog
     // is there however slow the machine: confirmed one by one, more than
     // 100 ms apart, the deliveries would never overlap.
-    let mut client = app.client().await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        let created = client
-            .create_upload_webhook(authed(
-                &app.key_a,
-                create_request(&rx.url, &format!("f{i}.txt")),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        upload(&created, b"hello").await;
-        ids.push(created.webhook.unwrap().id);
+        ids.push(create_uploaded(&app, &rx.url, &format!("f{i}.txt")).await);
     }
     let confirms = ids.iter().map(|id| confirm(&app, id, ""));
     for confirmed in futures_util::future::join_all(confirms).await {

@@ -334,16 +334,23 @@ pub async fn upload(resp: &proto::CreateUploadWebhookResponse, body: &[u8]) -> r
 
 /// Creates a webhook of tenant A for `url`, uploads the object and
 /// confirms it; its id.
-pub async fn create_confirmed(app: &TestApp, url: &str, filename: &str) -> String {
-    let mut client = app.client().await;
-    let created = client
+/// Creates a webhook and uploads its object; its id.
+pub async fn create_uploaded(app: &TestApp, url: &str, filename: &str) -> String {
+    let created = app
+        .client()
+        .await
         .create_upload_webhook(authed(&app.key_a, create_request(url, filename)))
         .await
         .unwrap()
         .into_inner();
     upload(&created, b"hello").await;
-    let id = created.webhook.unwrap().id;
-    client
+    created.webhook.unwrap().id
+}
+
+pub async fn create_confirmed(app: &TestApp, url: &str, filename: &str) -> String {
+    let id = create_uploaded(app, url, filename).await;
+    app.client()
+        .await
         .confirm(authed(&app.key_a, confirm_request(&id)))
         .await
         .unwrap();
