@@ -12,7 +12,9 @@
 //! a single statement too (`multirow::write_whole`), and one with touches
 //! makes one `UPDATE` for its compare-and-sets (see `multirow`). On SQLite
 //! a group of distinct webhooks makes one `UPDATE` for its compare-and-sets
-//! too, inside the group's transaction.
+//! too, and, without touches, goes to SQLite's connection thread as at
+//! most two commands, its transaction's `BEGIN` and `COMMIT` in them (see
+//! `sqlite`).
 //!
 //! A group may also insert new webhooks (`Write::Insert`, one multi-row
 //! `INSERT` before the compare-and-sets); on SQLite the API's Creates
@@ -53,6 +55,7 @@ use tokio::{
 };
 
 mod multirow;
+mod sqlite;
 use tracing::warn;
 
 use super::{
@@ -80,6 +83,52 @@ pub(crate) struct OwnedTransition {
     redriven_by: Option<RedriveSource>,
     unexpired_at: Option<DateTime<Utc>>,
     through: Option<(Status, &'static str)>,
+}
+
+/// An event row to insert: the index of the write it comes from, its
+/// type, the status it records, when.
+type NewEvent = (usize, &'static str, Status, DateTime<Utc>);
+
+impl OwnedTransition {
+    /// The rows that record this transition (write `i` of its group), once
+    /// its compare-and-set moved `row`: its events (the `through` event
+    /// first), its attempt, the dead letter it opens.
+    fn rows_of_move(
+        &self,
+        i: usize,
+        row: &Webhook,
+        events: &mut Vec<NewEvent>,
+        attempts: &mut Vec<attempts::ActiveModel>,
+        dead_letters: &mut Vec<dead_letters::ActiveModel>,
+    ) {
+        if let Some((status, event)) = self.through {
+            events.push((i, event, status, self.now));
+        }
+        events.push((i, self.event, self.to, self.now));
+        if let Some(a) = &self.attempt {
+            attempts.push(attempts::ActiveModel {
+                id: NotSet,
+                webhook_id: Set(row.id.clone()),
+                number: Set(a.number),
+                started_at: Set(a.started_at),
+                duration_ms: Set(a.duration_ms),
+                response_status: Set(a.response_status),
+                response_body: Set(a.response_body.clone()),
+                error: Set(a.error.clone()),
+            });
+        }
+        if let Some(reason) = &self.dead_letter {
+            dead_letters.push(dead_letters::ActiveModel {
+                id: NotSet,
+                tenant_id: Set(row.tenant_id.clone()),
+                webhook_id: Set(row.id.clone()),
+                reason: Set(reason.clone()),
+                created_at: Set(self.now),
+                redriven_at: Set(None),
+                redriven_by: Set(None),
+            });
+        }
+    }
 }
 
 impl From<Transition<'_>> for Box<OwnedTransition> {
@@ -351,6 +400,15 @@ impl Store {
                 return Ok(applied);
             }
         }
+        // SQLite, a group of distinct webhooks without touches: in one or
+        // two commands to the connection's thread, its transaction
+        // included (see `sqlite`).
+        if distinct
+            && self.db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite
+            && let Some(applied) = sqlite::write(&self.db, writes, &order).await?
+        {
+            return Ok(applied);
+        }
         let txn = self.db.begin().await?;
         let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
         // The compare-and-sets in one statement, when the group allows
@@ -373,9 +431,8 @@ impl Store {
                 premoved = multirow::apply(&txn, &ts, writes.len()).await?;
             }
         }
-        // (write index, event type, status it records, time), in the order
-        // they happened.
-        let mut new_events: Vec<(usize, &'static str, Status, DateTime<Utc>)> = Vec::new();
+        // In the order they happened.
+        let mut new_events: Vec<NewEvent> = Vec::new();
         let mut new_attempts: Vec<attempts::ActiveModel> = Vec::new();
         let mut new_dead_letters: Vec<dead_letters::ActiveModel> = Vec::new();
         // The group's new webhooks first, with one multi-row INSERT; their
@@ -428,29 +485,13 @@ impl Store {
                     }
                 }
             };
-            if let Some(a) = &t.attempt {
-                new_attempts.push(attempts::ActiveModel {
-                    id: NotSet,
-                    webhook_id: Set(row.id.clone()),
-                    number: Set(a.number),
-                    started_at: Set(a.started_at),
-                    duration_ms: Set(a.duration_ms),
-                    response_status: Set(a.response_status),
-                    response_body: Set(a.response_body.clone()),
-                    error: Set(a.error.clone()),
-                });
-            }
-            if let Some(reason) = &t.dead_letter {
-                new_dead_letters.push(dead_letters::ActiveModel {
-                    id: NotSet,
-                    tenant_id: Set(row.tenant_id.clone()),
-                    webhook_id: Set(row.id.clone()),
-                    reason: Set(reason.clone()),
-                    created_at: Set(t.now),
-                    redriven_at: Set(None),
-                    redriven_by: Set(None),
-                });
-            }
+            t.rows_of_move(
+                i,
+                &row,
+                &mut new_events,
+                &mut new_attempts,
+                &mut new_dead_letters,
+            );
             if t.from.contains(&Status::DeadLetter) && t.to != Status::DeadLetter {
                 // Leaving DEAD_LETTER (a redrive, or a cancel): close the
                 // open dead-letter rows, saying who redrove them. Rows an
@@ -467,10 +508,6 @@ impl Store {
                     .exec(&txn)
                     .await?;
             }
-            if let Some((status, event)) = t.through {
-                new_events.push((i, event, status, t.now));
-            }
-            new_events.push((i, t.event, t.to, t.now));
             rows[i] = Some(row);
         }
         if !new_attempts.is_empty() {
@@ -679,6 +716,16 @@ pub(super) async fn insert_events<C: ConnectionTrait>(
     if items.is_empty() {
         return Ok(Vec::new());
     }
+    let (insert, out) = events_insert(items)?;
+    number_events(&conn.query_all(&insert).await?, out)
+}
+
+/// The `INSERT … RETURNING id, webhook_id` of the event rows of `items`
+/// (see [`insert_events`]; at least one), and the events it stores, their
+/// ids not yet known (see [`number_events`]).
+fn events_insert(
+    items: &[(&Webhook, &'static str, Status, DateTime<Utc>)],
+) -> Result<(sea_orm::sea_query::InsertStatement, Vec<Event>)> {
     let mut insert = Query::insert();
     insert.into_table(events::Entity).columns([
         events::Column::TenantId,
@@ -702,9 +749,13 @@ pub(super) async fn insert_events<C: ConnectionTrait>(
         out.push(event_on(w, 0, kind, *status, *at));
     }
     insert.returning(Query::returning().columns([events::Column::Id, events::Column::WebhookId]));
-    let mut ids = conn
-        .query_all(&insert)
-        .await?
+    Ok((insert, out))
+}
+
+/// `out` (from [`events_insert`]) with the ids its insert returned
+/// (`found`).
+fn number_events(found: &[sea_orm::QueryResult], mut out: Vec<Event>) -> Result<Vec<Event>> {
+    let mut ids = found
         .iter()
         .map(|r| {
             Ok((
@@ -1485,6 +1536,178 @@ mod tests {
             ),
             None => eprintln!("skipping: the test database is reached over a Unix socket"),
         }
+        db.cleanup().await;
+    }
+
+    /// Whether the one connection of `pool` is inside a transaction
+    /// (SQLite's autocommit is off).
+    async fn in_transaction(pool: &sea_orm::sqlx::SqlitePool) -> bool {
+        let mut conn = pool.acquire().await.unwrap();
+        let mut handle = conn.lock_handle().await.unwrap();
+        // SAFETY: the handle is locked for us; this only reads a flag.
+        unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) == 0 }
+    }
+
+    fn delivered(tenant: &TenantId, id: &WebhookId) -> Write {
+        let now = Utc::now();
+        Write::Transition(
+            Transition::new(
+                tenant,
+                id,
+                &[Status::Delivering],
+                Status::Completed,
+                event_type::DELIVERED,
+                now,
+            )
+            .attempt(NewAttempt {
+                number: 1,
+                started_at: now,
+                duration_ms: 3,
+                response_status: Some(200),
+                response_body: None,
+                error: None,
+            })
+            .into(),
+        )
+    }
+
+    /// On SQLite a group's `BEGIN` and `COMMIT` travel in its commands (see
+    /// `sqlite`): they are prepared statements there, run once per group,
+    /// where sqlx's own transactions run them unprepared.
+    #[tokio::test]
+    async fn a_group_on_sqlite_carries_its_transaction_in_its_commands() {
+        let db = TestDb::sqlite();
+        let store = db.store_on(bus(), 1).await;
+        let t = tenant(&store, "a").await;
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(webhook(&store, &t, Status::Delivering).await);
+        }
+        let creates: Vec<Write> = (0..2)
+            .map(|_| Write::Insert {
+                row: Box::new(new_row(&t, Status::Pending)),
+                event: event_type::CREATED,
+            })
+            .collect();
+        let groups = [
+            creates,
+            vec![delivered(&t, &ids[0])],
+            vec![delivered(&t, &ids[1]), delivered(&t, &ids[2])],
+        ];
+        for writes in &groups {
+            let applied = store.write_group(writes).await.unwrap();
+            assert!(applied.rows.iter().all(Option::is_some));
+            assert_eq!(applied.events.len(), writes.len());
+        }
+        let pool = store.db.get_sqlite_connection_pool().clone();
+        let stmts = crate::store::test_statements::statements(&pool).await;
+        let runs =
+            |sql: &str| -> i32 { stmts.iter().filter(|s| s.sql == sql).map(|s| s.runs).sum() };
+        assert_eq!((runs("BEGIN"), runs("COMMIT")), (3, 3), "{stmts:#?}");
+        assert!(!in_transaction(&pool).await);
+        for id in &ids {
+            assert_eq!(store.attempts(&t, id).await.unwrap().len(), 1);
+            assert_eq!(
+                stored_events(&store, &t, id).await.last().unwrap().1,
+                Status::Completed
+            );
+        }
+        db.cleanup().await;
+    }
+
+    /// A SQLite group whose first or second command fails leaves nothing
+    /// stored and no transaction open on the connection.
+    #[tokio::test]
+    async fn a_failed_group_on_sqlite_is_rolled_back() {
+        let db = TestDb::sqlite();
+        let store = db.store_on(bus(), 1).await;
+        let pool = store.db.get_sqlite_connection_pool().clone();
+        let t = tenant(&store, "a").await;
+        let verifying = webhook(&store, &t, Status::Verifying).await;
+        let mut delivering = vec![
+            webhook(&store, &t, Status::Delivering).await,
+            webhook(&store, &t, Status::Delivering).await,
+        ];
+        delivering.sort();
+        let new = new_row(&t, Status::Pending);
+        let new_id = WebhookId::from_trusted(new.id.clone());
+        // The first command's `UPDATE` fails after its `INSERT` ran.
+        let first = || {
+            vec![
+                Write::Insert {
+                    row: Box::new(new.clone()),
+                    event: event_type::CREATED,
+                },
+                verified(&t, &verifying, 5),
+            ]
+        };
+        // The second command's attempts fail after the first command moved
+        // both webhooks.
+        let second = || vec![delivered(&t, &delivering[0]), delivered(&t, &delivering[1])];
+        for (trigger, writes) in [
+            ("BEFORE UPDATE ON webhooks", first()),
+            ("BEFORE INSERT ON attempts", second()),
+        ] {
+            store
+                .db
+                .execute_unprepared(&format!(
+                    "CREATE TRIGGER refuse {trigger} BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                ))
+                .await
+                .unwrap();
+            let err = store.write_group(&writes).await.err().unwrap();
+            assert!(err.to_string().contains("refused"), "{err}");
+            assert!(!in_transaction(&pool).await, "{trigger}");
+            store
+                .db
+                .execute_unprepared("DROP TRIGGER refuse")
+                .await
+                .unwrap();
+        }
+        assert!(store.find_webhook(&t, &new_id).await.unwrap().is_none());
+        let status = |id| {
+            let store = &store;
+            let t = &t;
+            async move { store.find_webhook(t, id).await.unwrap().unwrap().status }
+        };
+        assert_eq!(status(&verifying).await, Status::Verifying.as_str());
+        for id in &delivering {
+            assert_eq!(status(id).await, Status::Delivering.as_str());
+            assert!(store.attempts(&t, id).await.unwrap().is_empty());
+            assert_eq!(stored_events(&store, &t, id).await.len(), 1);
+        }
+        // The connection works on: the same groups, now allowed.
+        for writes in [first(), second()] {
+            let applied = store.write_group(&writes).await.unwrap();
+            assert!(applied.rows.iter().all(Option::is_some));
+        }
+        assert_eq!(status(&new_id).await, Status::Pending.as_str());
+        assert_eq!(status(&verifying).await, Status::Verified.as_str());
+        for id in &delivering {
+            assert_eq!(status(id).await, Status::Completed.as_str());
+        }
+        db.cleanup().await;
+    }
+
+    /// A SQLite group dropped between its commands (its task cancelled) is
+    /// rolled back before its connection is used again.
+    #[tokio::test]
+    async fn a_group_on_sqlite_dropped_between_its_commands_is_rolled_back() {
+        let db = TestDb::sqlite();
+        let store = db.store_on(bus(), 1).await;
+        let pool = store.db.get_sqlite_connection_pool().clone();
+        let t = tenant(&store, "a").await;
+        let id = webhook(&store, &t, Status::Verifying).await;
+        let mut open = super::sqlite::Open::new(pool.acquire().await.unwrap());
+        let mut first = super::sqlite::Command::default();
+        first.push_sql("BEGIN", []);
+        first.push_sql("UPDATE webhooks SET status = 'VERIFIED'", []);
+        open.run(first).await.unwrap();
+        drop(open);
+        // The pool's one connection: back once rolled back.
+        let row = store.find_webhook(&t, &id).await.unwrap().unwrap();
+        assert_eq!(row.status, Status::Verifying.as_str());
+        assert!(!in_transaction(&pool).await);
         db.cleanup().await;
     }
 

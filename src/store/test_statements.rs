@@ -28,9 +28,13 @@ pub async fn statements(pool: &SqlitePool) -> Vec<Prepared> {
     unsafe {
         let mut stmt = libsqlite3_sys::sqlite3_next_stmt(db, std::ptr::null_mut());
         while !stmt.is_null() {
+            // Without the space and `;` that part it from the other
+            // statements of a command of several.
             let sql = CStr::from_ptr(libsqlite3_sys::sqlite3_sql(stmt))
                 .to_string_lossy()
-                .into_owned();
+                .trim()
+                .trim_end_matches(';')
+                .to_string();
             let count = |op| libsqlite3_sys::sqlite3_stmt_status(stmt, op, 0);
             out.push(Prepared {
                 sql,

@@ -304,7 +304,7 @@ pub(super) fn update(
 /// records). Each row moves only where its own id, tenant, `from` statuses
 /// and conditions match, as on PostgreSQL; SQLite looks each record's row
 /// up in the primary key. `None` when some value cannot be encoded.
-fn update_sqlite(
+pub(super) fn update_sqlite(
     ts: &[(usize, &OwnedTransition)],
     out: &mut [Option<Option<Webhook>>],
 ) -> Option<(String, Value)> {
@@ -358,6 +358,30 @@ fn slot<'a>(
     }
 }
 
+/// The rows SQLite's `UPDATE` from [`update_sqlite`] returned (`found`),
+/// each put in `out` at its write's index (each write of `ts` at most once).
+pub(super) fn place_sqlite(
+    found: &[QueryResult],
+    ts: &[(usize, &OwnedTransition)],
+    out: &mut [Option<Option<Webhook>>],
+) -> Result<()> {
+    for r in found {
+        let row = decode::webhook(r)?;
+        let at = ts
+            .binary_search_by(|(_, t)| t.id.as_str().cmp(row.id.as_str()))
+            .ok();
+        match at.and_then(|at| out.get_mut(ts[at].0)) {
+            Some(slot @ Some(None)) => *slot = Some(Some(row)),
+            _ => {
+                return Err(StoreError::Corrupt(
+                    "a multi-row update returned a webhook it was not given, or twice".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies the compare-and-sets of `ts` (write index below `writes`,
 /// transition; webhook ids all different, in id order as `write_group`
 /// lists them) in one statement. Returns, by
@@ -381,20 +405,7 @@ pub(super) async fn apply(
                 [param],
             ))
             .await?;
-        for r in &found {
-            let row = decode::webhook(r)?;
-            let at = ts
-                .binary_search_by(|(_, t)| t.id.as_str().cmp(row.id.as_str()))
-                .ok();
-            match at.and_then(|at| out.get_mut(ts[at].0)) {
-                Some(slot @ Some(None)) => *slot = Some(Some(row)),
-                _ => {
-                    return Err(StoreError::Corrupt(
-                        "a multi-row update returned a webhook it was not given, or twice".into(),
-                    ));
-                }
-            }
-        }
+        place_sqlite(&found, ts, &mut out)?;
         return Ok(Some(out));
     }
     let Some((sql, params)) = update(ts, false, &mut out) else {

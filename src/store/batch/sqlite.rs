@@ -1,0 +1,270 @@
+//! SQLite: a write group in at most two commands to the connection's
+//! thread instead of one per statement.
+//!
+//! sqlx runs a SQLite connection on a thread of its own; every command it
+//! sends there (a statement, a `BEGIN`, a `COMMIT`) is a hand-off: that
+//! thread wakes, runs it and wakes the task that waits for the answer.
+//! Through sea-orm's transaction a group of transitions was five commands
+//! (`BEGIN`, the compare-and-sets' `UPDATE`, the attempts' and the events'
+//! `INSERT`s, `COMMIT`) and a group of Creates four. Here the group's
+//! transaction travels inside its statements, one command carrying
+//! several statements (sqlx runs them in order, binding the parameters in
+//! order):
+//!
+//! 1. `BEGIN; [INSERT INTO webhooks …;] UPDATE webhooks … RETURNING *`:
+//!    the new webhooks, then the compare-and-sets (one `UPDATE` for the
+//!    group, see [`super::multirow`], or the plain one for a lone
+//!    transition), whose rows say which writes moved;
+//! 2. `[INSERT INTO attempts …;] [INSERT INTO dead_letters …;] INSERT INTO
+//!    events … RETURNING id, webhook_id; COMMIT`: the rows that record the
+//!    writes that moved.
+//!
+//! A group of Creates only is one command (its events are known
+//! beforehand). The statements are those of the general path, built by
+//! the same code; a group with a touch, two writes to one webhook, or a
+//! transition out of DEAD_LETTER (which closes dead letters between its
+//! writes) takes the general path.
+//!
+//! sqlx does not know of this transaction, so it is ended here: a command
+//! that fails leaves it open, and it is rolled back before the connection
+//! goes back to the pool; so is a group dropped between its commands (a
+//! cancelled task), by a task spawned for it ([`Open`]).
+
+use sea_orm::{
+    DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryResult, QueryTrait, Statement, Value,
+    sea_query::SqliteQueryBuilder,
+    sqlx::{self, Sqlite, pool::PoolConnection},
+};
+use tracing::warn;
+
+use super::{
+    Applied, NewEvent, OwnedTransition, Write, events_insert, multirow, number_events, sqlx_error,
+    update_query,
+};
+use crate::{
+    domain::Status,
+    store::{Result, StoreError, Webhook, attempts, dead_letters, decode, webhooks},
+};
+
+/// The statements of one command, and their parameters in order.
+#[derive(Default)]
+pub(super) struct Command {
+    sql: String,
+    values: Vec<Value>,
+}
+
+impl Command {
+    pub(super) fn push_sql(&mut self, sql: &str, values: impl IntoIterator<Item = Value>) {
+        if !self.sql.is_empty() {
+            self.sql.push_str("; ");
+        }
+        self.sql.push_str(sql);
+        self.values.extend(values);
+    }
+
+    fn push(&mut self, s: Statement) {
+        self.push_sql(&s.sql, s.values.into_iter().flat_map(|v| v.0));
+    }
+}
+
+/// Writes the group `writes` (`order`: their indexes in webhook id order,
+/// no webhook twice) as described in the module's documentation. `None`
+/// when the group needs the general path: nothing was sent then.
+pub(super) async fn write(
+    db: &DatabaseConnection,
+    writes: &[Write],
+    order: &[usize],
+) -> Result<Option<Applied>> {
+    let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
+    let mut new_events: Vec<NewEvent> = Vec::new();
+    let mut inserts: Vec<webhooks::ActiveModel> = Vec::new();
+    let mut ts: Vec<(usize, &OwnedTransition)> = Vec::new();
+    for &i in order {
+        match &writes[i] {
+            Write::Insert { row, event } => {
+                new_events.push((i, *event, Status::Pending, row.created_at));
+                rows[i] = Some((**row).clone());
+                inserts.push((**row).clone().into());
+            }
+            Write::Transition(t) if !t.from.contains(&Status::DeadLetter) => ts.push((i, &**t)),
+            Write::Transition(_) | Write::Touch { .. } => return Ok(None),
+        }
+    }
+    let mut first = Command::default();
+    first.push_sql("BEGIN", []);
+    if !inserts.is_empty() {
+        first.push(webhooks::Entity::insert_many(inserts).build(DbBackend::Sqlite));
+    }
+    // By write index: `Some(row)` for each transition once its `UPDATE`
+    // ran (`row` `None`: its compare-and-set did not match).
+    let mut moved: Vec<Option<Option<Webhook>>> = vec![None; writes.len()];
+    match ts.as_slice() {
+        [] => {}
+        [(i, t)] => {
+            moved[*i] = Some(None);
+            let (sql, values) = update_query(t).build(SqliteQueryBuilder);
+            first.push_sql(&sql, values.0);
+        }
+        _ => {
+            let Some((sql, param)) = multirow::update_sqlite(&ts, &mut moved) else {
+                return Ok(None);
+            };
+            first.push_sql(&sql, [param]);
+        }
+    }
+    let conn = db
+        .get_sqlite_connection_pool()
+        .acquire()
+        .await
+        .map_err(|e| DbErr::Conn(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e))))?;
+    let mut open = Open::new(conn);
+    let mut last = Command::default();
+    if !ts.is_empty() {
+        let found = match open.run(first).await {
+            Ok(found) => found,
+            Err(e) => return Err(open.rollback(e).await),
+        };
+        if let Err(e) = place(&found, &ts, &mut moved) {
+            return Err(open.rollback(e).await);
+        }
+        let mut new_attempts: Vec<attempts::ActiveModel> = Vec::new();
+        let mut new_dead_letters: Vec<dead_letters::ActiveModel> = Vec::new();
+        for &(i, t) in &ts {
+            if let Some(Some(row)) = moved[i].take() {
+                t.rows_of_move(
+                    i,
+                    &row,
+                    &mut new_events,
+                    &mut new_attempts,
+                    &mut new_dead_letters,
+                );
+                rows[i] = Some(row);
+            }
+        }
+        if !new_attempts.is_empty() {
+            last.push(attempts::Entity::insert_many(new_attempts).build(DbBackend::Sqlite));
+        }
+        if !new_dead_letters.is_empty() {
+            last.push(dead_letters::Entity::insert_many(new_dead_letters).build(DbBackend::Sqlite));
+        }
+    } else {
+        // Creates only: everything goes in one command.
+        last = first;
+    }
+    let items: Vec<(&Webhook, &'static str, Status, _)> = new_events
+        .iter()
+        .filter_map(|(i, kind, status, at)| rows[*i].as_ref().map(|w| (w, *kind, *status, *at)))
+        .collect();
+    let mut events = Vec::new();
+    if !items.is_empty() {
+        let (insert, out) = match events_insert(&items) {
+            Ok(built) => built,
+            Err(e) => return Err(open.rollback(e).await),
+        };
+        last.push(DbBackend::Sqlite.build(&insert));
+        events = out;
+    }
+    last.push_sql("COMMIT", []);
+    let found = match open.run(last).await {
+        Ok(found) => found,
+        Err(e) => return Err(open.rollback(e).await),
+    };
+    // Committed: the connection goes back to the pool.
+    open.0 = None;
+    if !events.is_empty() {
+        events = number_events(&found, events)?;
+    }
+    Ok(Some(Applied { rows, events }))
+}
+
+/// The rows the compare-and-sets returned, put in `moved` at their writes'
+/// indexes.
+fn place(
+    found: &[QueryResult],
+    ts: &[(usize, &OwnedTransition)],
+    moved: &mut [Option<Option<Webhook>>],
+) -> Result<()> {
+    if let [(i, t)] = ts {
+        return match found {
+            [] => Ok(()),
+            [r] => {
+                moved[*i] = Some(Some(decode::webhook(r)?));
+                Ok(())
+            }
+            _ => Err(StoreError::Corrupt(format!(
+                "webhook id {} matched {} rows",
+                t.id,
+                found.len()
+            ))),
+        };
+    }
+    multirow::place_sqlite(found, ts, moved)
+}
+
+/// A connection whose transaction this module began and has not ended.
+/// Dropped so (the group's task cancelled between its commands), it is
+/// rolled back by a task of its own before it goes back to the pool.
+pub(super) struct Open(Option<PoolConnection<Sqlite>>);
+
+impl Open {
+    /// `conn`, on which a command of the caller will begin a transaction.
+    pub(super) fn new(conn: PoolConnection<Sqlite>) -> Self {
+        Self(Some(conn))
+    }
+
+    pub(super) async fn run(&mut self, command: Command) -> Result<Vec<QueryResult>> {
+        let conn = self
+            .0
+            .as_mut()
+            .expect("the connection is held until the end");
+        // Prepared and cached on the connection, as sea-orm's own queries
+        // are: a group's commands come in a few shapes.
+        let found = sqlx::query_with(
+            sqlx::AssertSqlSafe(command.sql),
+            sea_query_sqlx::SqlxValues(sea_orm::sea_query::Values(command.values)),
+        )
+        .fetch_all(&mut **conn)
+        .await
+        .map_err(sqlx_error)?;
+        Ok(found.into_iter().map(QueryResult::from).collect())
+    }
+
+    /// Ends the transaction after `e`, and returns `e`.
+    async fn rollback(mut self, e: StoreError) -> StoreError {
+        if let Some(conn) = self.0.take() {
+            rollback(conn).await;
+        }
+        e
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let Some(conn) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(rollback(conn));
+            }
+            // No runtime to roll back on: the connection closes, which
+            // rolls the transaction back, and the pool opens another.
+            Err(_) => drop(conn.detach()),
+        }
+    }
+}
+
+/// Rolls back the transaction open on `conn` (if a failed statement has
+/// not ended it already); a connection that cannot is closed instead, so
+/// that no later user finds the transaction open.
+async fn rollback(mut conn: PoolConnection<Sqlite>) {
+    match sqlx::raw_sql(sqlx::AssertSqlSafe("ROLLBACK"))
+        .execute(&mut *conn)
+        .await
+    {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.message().contains("no transaction is active") => {}
+        Err(e) => {
+            warn!(error = %e, "rolling back a SQLite write group failed; closing its connection");
+            let _ = conn.close().await;
+        }
+    }
+}
