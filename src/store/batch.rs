@@ -12,9 +12,9 @@
 //! a single statement too (`multirow::write_whole`), and one with touches
 //! makes one `UPDATE` for its compare-and-sets (see `multirow`). On SQLite
 //! a group of distinct webhooks makes one `UPDATE` for its compare-and-sets
-//! too, and, without touches, goes to SQLite's connection thread as at
-//! most two commands, its transaction's `BEGIN` and `COMMIT` in them (see
-//! `sqlite`).
+//! too, and, without touches or a move out of DEAD_LETTER, goes to
+//! SQLite's connection thread as at most two commands, its transaction's
+//! `BEGIN` and `COMMIT` in them (see `sqlite`).
 //!
 //! A group may also insert new webhooks (`Write::Insert`, one multi-row
 //! `INSERT` before the compare-and-sets); on SQLite the API's Creates
@@ -766,7 +766,9 @@ fn number_events(found: &[sea_orm::QueryResult], mut out: Vec<Event>) -> Result<
         .collect::<Result<Vec<_>, DbErr>>()?;
     // RETURNING does not promise an order; ids are given in insertion
     // order, which the webhook ids confirm. A group whose ids do not line
-    // up is not committed (and its writes are retried one by one).
+    // up is not committed (and its writes are retried one by one), except
+    // on SQLite's two-command path, where this runs after the COMMIT (see
+    // `sqlite`).
     ids.sort_unstable_by_key(|(id, _)| *id);
     if ids.len() != out.len()
         || ids
@@ -1686,6 +1688,55 @@ mod tests {
         for id in &delivering {
             assert_eq!(status(id).await, Status::Completed.as_str());
         }
+        // All four groups took the two-command path (its `BEGIN` is a
+        // prepared statement; sqlx's own is not).
+        let stmts = crate::store::test_statements::statements(&pool).await;
+        let begun: i32 = stmts
+            .iter()
+            .filter(|s| s.sql == "BEGIN")
+            .map(|s| s.runs)
+            .sum();
+        assert_eq!(begun, 4, "{stmts:#?}");
+        db.cleanup().await;
+    }
+
+    /// A SQLite group whose task is aborted during its second command
+    /// leaves nothing stored and no transaction open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_on_sqlite_aborted_during_its_second_command_is_rolled_back() {
+        let db = TestDb::sqlite();
+        let store = db.store_on(bus(), 1).await;
+        let pool = store.db.get_sqlite_connection_pool().clone();
+        let t = tenant(&store, "a").await;
+        let id = webhook(&store, &t, Status::Delivering).await;
+        // The second command's attempt takes a second or so: a trigger
+        // counts a cross join of 400 rows three times over.
+        for sql in [
+            "CREATE TABLE slow (n INTEGER)",
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 400) \
+             INSERT INTO slow SELECT x FROM c",
+            "CREATE TRIGGER slow BEFORE INSERT ON attempts \
+             BEGIN SELECT count(*) FROM slow a, slow b, slow c; END",
+        ] {
+            store.db.execute_unprepared(sql).await.unwrap();
+        }
+        let writer = {
+            let store = store.clone();
+            let write = delivered(&t, &id);
+            tokio::spawn(async move { store.write_group(&[write]).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        writer.abort();
+        let ended = writer.await;
+        assert!(
+            ended.as_ref().is_err_and(|e| e.is_cancelled()),
+            "the group ended before it was aborted: {ended:?}"
+        );
+        // The pool's one connection: back once rolled back.
+        let row = store.find_webhook(&t, &id).await.unwrap().unwrap();
+        assert_eq!(row.status, Status::Delivering.as_str());
+        assert!(store.attempts(&t, &id).await.unwrap().is_empty());
+        assert!(!in_transaction(&pool).await);
         db.cleanup().await;
     }
 

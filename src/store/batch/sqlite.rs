@@ -35,7 +35,7 @@ use sea_orm::{
     sea_query::SqliteQueryBuilder,
     sqlx::{self, Sqlite, pool::PoolConnection},
 };
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::{
     Applied, NewEvent, OwnedTransition, Write, events_insert, multirow, number_events, sqlx_error,
@@ -169,10 +169,19 @@ pub(super) async fn write(
         Ok(found) => found,
         Err(e) => return Err(open.rollback(e).await),
     };
-    // Committed: the connection goes back to the pool.
+    // Committed: the connection goes back to the pool, and the group
+    // stands whatever follows. (An error from here on would have each of
+    // its writes tried again and found already moved.)
     open.0 = None;
     if !events.is_empty() {
-        events = number_events(&found, events)?;
+        events = number_events(&found, events).unwrap_or_else(|e| {
+            error!(
+                error = %e,
+                "a committed SQLite write group's event ids did not line up; \
+                 its events are stored but not published to live streams"
+            );
+            Vec::new()
+        });
     }
     Ok(Some(Applied { rows, events }))
 }
@@ -218,7 +227,11 @@ impl Open {
             .as_mut()
             .expect("the connection is held until the end");
         // Prepared and cached on the connection, as sea-orm's own queries
-        // are: a group's commands come in a few shapes.
+        // are. A command's text varies with the number of rows of each of
+        // its `INSERT`s, as those statements' texts did alone, and with
+        // their combination: more texts share sqlx's cache of 100 (a cache
+        // of 1,000 measured no different, BENCHMARKS.md, "What limits",
+        // item 1).
         let found = sqlx::query_with(
             sqlx::AssertSqlSafe(command.sql),
             sea_query_sqlx::SqlxValues(sea_orm::sea_query::Values(command.values)),
@@ -229,42 +242,55 @@ impl Open {
         Ok(found.into_iter().map(QueryResult::from).collect())
     }
 
-    /// Ends the transaction after `e`, and returns `e`.
+    /// Ends the transaction after `e`, and returns `e`. (Dropped while it
+    /// waits, the guard still holds the connection and rolls back again.)
     async fn rollback(mut self, e: StoreError) -> StoreError {
-        if let Some(conn) = self.0.take() {
-            rollback(conn).await;
+        if let Some(conn) = self.0.as_mut()
+            && !rollback(conn).await
+            && let Some(conn) = self.0.take()
+        {
+            let _ = conn.close().await;
         }
+        self.0 = None;
         e
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        let Some(conn) = self.0.take() else { return };
+        let Some(mut conn) = self.0.take() else {
+            return;
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(rollback(conn));
+                rt.spawn(async move {
+                    if !rollback(&mut conn).await {
+                        let _ = conn.close().await;
+                    }
+                });
             }
-            // No runtime to roll back on: the connection closes, which
-            // rolls the transaction back, and the pool opens another.
-            Err(_) => drop(conn.detach()),
+            // No runtime (the process is ending): nothing can run the
+            // rollback, and sqlx's pool needs a runtime even to take a
+            // connection back. The connection is left as it is; SQLite
+            // discards the uncommitted transaction when the process exits.
+            Err(_) => std::mem::forget(conn),
         }
     }
 }
 
 /// Rolls back the transaction open on `conn` (if a failed statement has
-/// not ended it already); a connection that cannot is closed instead, so
-/// that no later user finds the transaction open.
-async fn rollback(mut conn: PoolConnection<Sqlite>) {
+/// not ended it already). `false`: it could not, and the caller closes
+/// the connection, so that no later user finds the transaction open.
+async fn rollback(conn: &mut PoolConnection<Sqlite>) -> bool {
     match sqlx::raw_sql(sqlx::AssertSqlSafe("ROLLBACK"))
-        .execute(&mut *conn)
+        .execute(&mut **conn)
         .await
     {
-        Ok(_) => {}
-        Err(sqlx::Error::Database(e)) if e.message().contains("no transaction is active") => {}
+        Ok(_) => true,
+        Err(sqlx::Error::Database(e)) if e.message().contains("no transaction is active") => true,
         Err(e) => {
             warn!(error = %e, "rolling back a SQLite write group failed; closing its connection");
-            let _ = conn.close().await;
+            false
         }
     }
 }
