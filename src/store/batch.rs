@@ -1541,6 +1541,17 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// A store on a fresh SQLite file with one connection (so that the
+    /// statements and the transaction seen on it are all the store's),
+    /// that connection's pool, and a tenant.
+    async fn one_sqlite_connection() -> (TestDb, Store, sea_orm::sqlx::SqlitePool, TenantId) {
+        let db = TestDb::sqlite();
+        let store = db.store_on(bus(), 1).await;
+        let pool = store.db.get_sqlite_connection_pool().clone();
+        let t = tenant(&store, "a").await;
+        (db, store, pool, t)
+    }
+
     /// Whether the one connection of `pool` is inside a transaction
     /// (SQLite's autocommit is off).
     async fn in_transaction(pool: &sea_orm::sqlx::SqlitePool) -> bool {
@@ -1578,9 +1589,7 @@ mod tests {
     /// where sqlx's own transactions run them unprepared.
     #[tokio::test]
     async fn a_group_on_sqlite_carries_its_transaction_in_its_commands() {
-        let db = TestDb::sqlite();
-        let store = db.store_on(bus(), 1).await;
-        let t = tenant(&store, "a").await;
+        let (db, store, pool, t) = one_sqlite_connection().await;
         let mut ids = Vec::new();
         for _ in 0..3 {
             ids.push(webhook(&store, &t, Status::Delivering).await);
@@ -1601,7 +1610,6 @@ mod tests {
             assert!(applied.rows.iter().all(Option::is_some));
             assert_eq!(applied.events.len(), writes.len());
         }
-        let pool = store.db.get_sqlite_connection_pool().clone();
         let stmts = crate::store::test_statements::statements(&pool).await;
         let runs =
             |sql: &str| -> i32 { stmts.iter().filter(|s| s.sql == sql).map(|s| s.runs).sum() };
@@ -1621,10 +1629,7 @@ mod tests {
     /// stored and no transaction open on the connection.
     #[tokio::test]
     async fn a_failed_group_on_sqlite_is_rolled_back() {
-        let db = TestDb::sqlite();
-        let store = db.store_on(bus(), 1).await;
-        let pool = store.db.get_sqlite_connection_pool().clone();
-        let t = tenant(&store, "a").await;
+        let (db, store, pool, t) = one_sqlite_connection().await;
         let verifying = webhook(&store, &t, Status::Verifying).await;
         let mut delivering = vec![
             webhook(&store, &t, Status::Delivering).await,
@@ -1704,10 +1709,7 @@ mod tests {
     /// leaves nothing stored and no transaction open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_group_on_sqlite_aborted_during_its_second_command_is_rolled_back() {
-        let db = TestDb::sqlite();
-        let store = db.store_on(bus(), 1).await;
-        let pool = store.db.get_sqlite_connection_pool().clone();
-        let t = tenant(&store, "a").await;
+        let (db, store, pool, t) = one_sqlite_connection().await;
         let id = webhook(&store, &t, Status::Delivering).await;
         // The second command's attempt takes a second or so: a trigger
         // counts a cross join of 400 rows three times over.
@@ -1744,10 +1746,7 @@ mod tests {
     /// rolled back before its connection is used again.
     #[tokio::test]
     async fn a_group_on_sqlite_dropped_between_its_commands_is_rolled_back() {
-        let db = TestDb::sqlite();
-        let store = db.store_on(bus(), 1).await;
-        let pool = store.db.get_sqlite_connection_pool().clone();
-        let t = tenant(&store, "a").await;
+        let (db, store, pool, t) = one_sqlite_connection().await;
         let id = webhook(&store, &t, Status::Verifying).await;
         let mut open = super::sqlite::Open::new(pool.acquire().await.unwrap());
         let mut first = super::sqlite::Command::default();
