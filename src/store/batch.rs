@@ -1625,8 +1625,123 @@ mod tests {
         db.cleanup().await;
     }
 
-    /// A SQLite group whose first or second command fails leaves nothing
-    /// stored and no transaction open on the connection.
+    /// On SQLite a lone transition is one command, its inserts made only
+    /// when its compare-and-set moved the row (see `sqlite::lone`): what it
+    /// stores and answers is what the general path would.
+    #[tokio::test]
+    async fn a_lone_transition_on_sqlite_is_one_command() {
+        let (db, store, pool, t) = one_sqlite_connection().await;
+        let verifying = webhook(&store, &t, Status::Verifying).await;
+        let delivering = webhook(&store, &t, Status::Delivering).await;
+        let now = Utc::now();
+        // Through VERIFIED to DELIVERING: two events.
+        let claim = Write::Transition(
+            Transition::new(
+                &t,
+                &verifying,
+                &[Status::Verifying],
+                Status::Delivering,
+                event_type::DELIVERING,
+                now,
+            )
+            .through(Status::Verified, event_type::VERIFIED)
+            .into(),
+        );
+        // Dead-lettered with its attempt.
+        let dead = Write::Transition(
+            Transition::new(
+                &t,
+                &delivering,
+                &[Status::Delivering],
+                Status::DeadLetter,
+                event_type::DEAD_LETTERED,
+                now,
+            )
+            .attempt(NewAttempt {
+                number: 1,
+                started_at: now,
+                duration_ms: 4,
+                response_status: Some(500),
+                response_body: Some("no".into()),
+                error: Some("receiver answered 500".into()),
+            })
+            .dead_letter_opt(Some("gave up".into()))
+            .into(),
+        );
+        let applied = store.write_group(&[claim]).await.unwrap();
+        assert_eq!(
+            applied.rows[0].as_ref().map(|w| w.status.as_str()),
+            Some(Status::Delivering.as_str())
+        );
+        let kinds: Vec<(&str, Status)> = applied
+            .events
+            .iter()
+            .map(|e| (e.kind.as_str(), e.status))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (event_type::VERIFIED, Status::Verified),
+                (event_type::DELIVERING, Status::Delivering)
+            ]
+        );
+        let stored: Vec<i64> = store
+            .events_after(&t, Some(&verifying), 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .skip(1) // created
+            .map(|e| e.id)
+            .collect();
+        let answered: Vec<i64> = applied.events.iter().map(|e| e.id).collect();
+        assert_eq!(stored, answered);
+        let applied = store.write_group(&[dead]).await.unwrap();
+        assert_eq!(
+            applied.rows[0].as_ref().map(|w| w.status.as_str()),
+            Some(Status::DeadLetter.as_str())
+        );
+        assert_eq!(applied.events.len(), 1);
+        let attempts = store.attempts(&t, &delivering).await.unwrap();
+        assert_eq!(
+            attempts
+                .iter()
+                .map(|a| (a.number, a.response_status, a.error.as_deref()))
+                .collect::<Vec<_>>(),
+            [(1, Some(500), Some("receiver answered 500"))]
+        );
+        let letters = store.dead_letters(&t, &delivering).await.unwrap();
+        assert_eq!(
+            letters
+                .iter()
+                .map(|l| l.reason.as_str())
+                .collect::<Vec<_>>(),
+            ["gave up"]
+        );
+        // No longer DELIVERING: nothing moves, nothing is stored.
+        let again = delivered(&t, &delivering);
+        let applied = store.write_group(&[again]).await.unwrap();
+        assert!(applied.rows[0].is_none() && applied.events.is_empty());
+        assert_eq!(store.attempts(&t, &delivering).await.unwrap().len(), 1);
+        assert_eq!(store.dead_letters(&t, &delivering).await.unwrap().len(), 1);
+        assert_eq!(stored_events(&store, &t, &delivering).await.len(), 2);
+
+        let stmts = crate::store::test_statements::statements(&pool).await;
+        let runs = |f: &dyn Fn(&str) -> bool| -> i32 {
+            stmts.iter().filter(|s| f(&s.sql)).map(|s| s.runs).sum()
+        };
+        assert_eq!(runs(&|sql| sql == "BEGIN"), 3, "{stmts:#?}");
+        assert_eq!(
+            runs(&|sql| sql.starts_with("INSERT INTO \"events\"") && sql.contains("changes()")),
+            3,
+            "{stmts:#?}"
+        );
+        assert!(!in_transaction(&pool).await);
+        db.cleanup().await;
+    }
+
+    /// A SQLite group whose command fails (either of a group's two, or a
+    /// lone write's one) leaves nothing stored and no transaction open on
+    /// the connection.
     #[tokio::test]
     async fn a_failed_group_on_sqlite_is_rolled_back() {
         let (db, store, pool, t) = one_sqlite_connection().await;
@@ -1651,9 +1766,12 @@ mod tests {
         // The second command's attempts fail after the first command moved
         // both webhooks.
         let second = || vec![delivered(&t, &delivering[0]), delivered(&t, &delivering[1])];
+        // A lone write's one command fails after its `UPDATE` and events.
+        let lone = || vec![delivered(&t, &delivering[0])];
         for (trigger, writes) in [
             ("BEFORE UPDATE ON webhooks", first()),
             ("BEFORE INSERT ON attempts", second()),
+            ("BEFORE INSERT ON attempts", lone()),
         ] {
             store
                 .db
@@ -1693,15 +1811,15 @@ mod tests {
         for id in &delivering {
             assert_eq!(status(id).await, Status::Completed.as_str());
         }
-        // All four groups took the two-command path (its `BEGIN` is a
-        // prepared statement; sqlx's own is not).
+        // All five groups took this path (its `BEGIN` is a prepared
+        // statement; sqlx's own is not).
         let stmts = crate::store::test_statements::statements(&pool).await;
         let begun: i32 = stmts
             .iter()
             .filter(|s| s.sql == "BEGIN")
             .map(|s| s.runs)
             .sum();
-        assert_eq!(begun, 4, "{stmts:#?}");
+        assert_eq!(begun, 5, "{stmts:#?}");
         db.cleanup().await;
     }
 
@@ -1710,8 +1828,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_group_on_sqlite_aborted_during_its_second_command_is_rolled_back() {
         let (db, store, pool, t) = one_sqlite_connection().await;
-        let id = webhook(&store, &t, Status::Delivering).await;
-        // The second command's attempt takes a second or so: a trigger
+        let mut ids = vec![
+            webhook(&store, &t, Status::Delivering).await,
+            webhook(&store, &t, Status::Delivering).await,
+        ];
+        ids.sort();
+        // The second command's attempts take a second or so: a trigger
         // counts a cross join of 400 rows three times over.
         for sql in [
             "CREATE TABLE slow (n INTEGER)",
@@ -1724,8 +1846,8 @@ mod tests {
         }
         let writer = {
             let store = store.clone();
-            let write = delivered(&t, &id);
-            tokio::spawn(async move { store.write_group(&[write]).await.map(|_| ()) })
+            let writes = [delivered(&t, &ids[0]), delivered(&t, &ids[1])];
+            tokio::spawn(async move { store.write_group(&writes).await.map(|_| ()) })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
         writer.abort();
@@ -1735,9 +1857,11 @@ mod tests {
             "the group ended before it was aborted: {ended:?}"
         );
         // The pool's one connection: back once rolled back.
-        let row = store.find_webhook(&t, &id).await.unwrap().unwrap();
-        assert_eq!(row.status, Status::Delivering.as_str());
-        assert!(store.attempts(&t, &id).await.unwrap().is_empty());
+        for id in &ids {
+            let row = store.find_webhook(&t, id).await.unwrap().unwrap();
+            assert_eq!(row.status, Status::Delivering.as_str());
+            assert!(store.attempts(&t, id).await.unwrap().is_empty());
+        }
         assert!(!in_transaction(&pool).await);
         db.cleanup().await;
     }

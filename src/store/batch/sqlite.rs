@@ -20,10 +20,12 @@
 //!    writes that moved.
 //!
 //! A group of Creates only is one command (its events are known
-//! beforehand). The statements are those of the general path, built by
-//! the same code; a group with a touch, two writes to one webhook, or a
-//! transition out of DEAD_LETTER (which closes dead letters between its
-//! writes) takes the general path.
+//! beforehand), and so is a lone transition, the usual group below
+//! saturation ([`lone`]: its inserts are conditional on its `UPDATE`
+//! having moved the row). Other groups' statements are the general
+//! path's, built by the same code. A group with a touch, two writes to
+//! one webhook, or a transition out of DEAD_LETTER (which closes dead
+//! letters between its writes) takes the general path.
 //!
 //! sqlx does not know of this transaction, so it is ended here: a command
 //! that fails leaves it open, and it is rolled back before the connection
@@ -33,7 +35,7 @@
 use sea_orm::{
     DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryResult, QueryTrait, Statement, Value,
     sea_query::SqliteQueryBuilder,
-    sqlx::{self, Sqlite, pool::PoolConnection},
+    sqlx::{self, Row, Sqlite, pool::PoolConnection, sqlite::SqliteRow},
 };
 use tracing::{error, warn};
 
@@ -43,7 +45,8 @@ use super::{
 };
 use crate::{
     domain::Status,
-    store::{Result, StoreError, Webhook, attempts, dead_letters, decode, webhooks},
+    events::Event,
+    store::{Result, StoreError, Webhook, attempts, dead_letters, decode, event_on, webhooks},
 };
 
 /// The statements of one command, and their parameters in order.
@@ -118,10 +121,13 @@ pub(super) async fn write(
         .await
         .map_err(|e| DbErr::Conn(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e))))?;
     let mut open = Open::new(conn);
+    if let ([(i, t)], true) = (ts.as_slice(), new_events.is_empty()) {
+        return lone(open, *i, t, rows).await.map(Some);
+    }
     let mut last = Command::default();
     if !ts.is_empty() {
         let found = match open.run(first).await {
-            Ok(found) => found,
+            Ok(found) => rows_of(found),
             Err(e) => return Err(open.rollback(e).await),
         };
         if let Err(e) = place(&found, &ts, &mut moved) {
@@ -166,24 +172,145 @@ pub(super) async fn write(
     }
     last.push_sql("COMMIT", []);
     let found = match open.run(last).await {
+        Ok(found) => rows_of(found),
+        Err(e) => return Err(open.rollback(e).await),
+    };
+    // Committed: the connection goes back to the pool.
+    open.0 = None;
+    let events = numbered(found, events);
+    Ok(Some(Applied { rows, events }))
+}
+
+/// A lone transition (no new webhook beside it) as ONE command: its
+/// compare-and-set, then the rows that record it, each inserted only if
+/// the row moved, then `COMMIT`:
+///
+/// ```sql
+/// BEGIN; UPDATE webhooks … RETURNING *;
+/// INSERT INTO events … SELECT ?, … WHERE changes() = 1
+///     [UNION ALL SELECT ?, … WHERE changes() = 1] RETURNING id, webhook_id;
+/// [INSERT INTO attempts … SELECT ?, … WHERE changes() > 0;]
+/// [INSERT INTO dead_letters … SELECT ?, … WHERE changes() > 0;]
+/// COMMIT
+/// ```
+///
+/// SQLite's `changes()` is the number of rows the last statement that
+/// ended changed: the `UPDATE`'s for the events (whose rows are all
+/// known beforehand), then each insert's for the next, which is one or
+/// more exactly when the row moved. Below saturation most groups are a
+/// lone write (a Confirm, a job's verified or outcome write), so this is
+/// most groups' one hand-off. Everything after the command ends is read
+/// from rows already committed.
+async fn lone(
+    mut open: Open,
+    i: usize,
+    t: &OwnedTransition,
+    mut rows: Vec<Option<Webhook>>,
+) -> Result<Applied> {
+    let mut command = Command::default();
+    command.push_sql("BEGIN", []);
+    let (sql, values) = update_query(t).build(SqliteQueryBuilder);
+    command.push_sql(&sql, values.0);
+    let kinds: Vec<(&'static str, Status)> = t
+        .through
+        .iter()
+        .map(|&(status, kind)| (kind, status))
+        .chain([(t.event, t.to)])
+        .collect();
+    let mut values: Vec<Value> = Vec::with_capacity(kinds.len() * 5);
+    for (kind, status) in &kinds {
+        values.extend([
+            t.tenant.as_str().into(),
+            t.id.as_str().into(),
+            (*kind).into(),
+            status.as_str().into(),
+            t.now.into(),
+        ]);
+    }
+    command.push_sql(
+        &format!(
+            "INSERT INTO \"events\" (\"tenant_id\", \"webhook_id\", \"type\", \"status\", \
+             \"occurred_at\") {} RETURNING \"id\", \"webhook_id\"",
+            vec!["SELECT ?, ?, ?, ?, ? WHERE changes() = 1"; kinds.len()].join(" UNION ALL ")
+        ),
+        values,
+    );
+    if let Some(a) = &t.attempt {
+        command.push_sql(
+            "INSERT INTO \"attempts\" (\"webhook_id\", \"number\", \"started_at\", \
+             \"duration_ms\", \"response_status\", \"response_body\", \"error\") \
+             SELECT ?, ?, ?, ?, ?, ?, ? WHERE changes() > 0",
+            [
+                t.id.as_str().into(),
+                a.number.into(),
+                a.started_at.into(),
+                a.duration_ms.into(),
+                a.response_status.into(),
+                a.response_body.clone().into(),
+                a.error.clone().into(),
+            ],
+        );
+    }
+    if let Some(reason) = &t.dead_letter {
+        command.push_sql(
+            "INSERT INTO \"dead_letters\" (\"tenant_id\", \"webhook_id\", \"reason\", \
+             \"created_at\") SELECT ?, ?, ?, ? WHERE changes() > 0",
+            [
+                t.tenant.as_str().into(),
+                t.id.as_str().into(),
+                reason.clone().into(),
+                t.now.into(),
+            ],
+        );
+    }
+    command.push_sql("COMMIT", []);
+    let found = match open.run(command).await {
         Ok(found) => found,
         Err(e) => return Err(open.rollback(e).await),
     };
-    // Committed: the connection goes back to the pool, and the group
-    // stands whatever follows. (An error from here on would have each of
-    // its writes tried again and found already moved.)
+    // Committed: the connection goes back to the pool.
     open.0 = None;
-    if !events.is_empty() {
-        events = number_events(&found, events).unwrap_or_else(|e| {
-            error!(
-                error = %e,
-                "a committed SQLite write group's event ids did not line up; \
-                 its events are stored but not published to live streams"
-            );
-            Vec::new()
+    // The moved row first (all of the webhook's columns), then the
+    // events' ids (two columns).
+    let mut found = found.into_iter().peekable();
+    let Some(moved) = found.next_if(|r| r.columns().len() > 2) else {
+        if found.peek().is_some() {
+            error!(webhook = %t.id, "a lone SQLite write stored events without moving its row");
+        }
+        return Ok(Applied {
+            rows,
+            events: Vec::new(),
         });
+    };
+    let row = decode::webhook(&QueryResult::from(moved))?;
+    let events = kinds
+        .iter()
+        .map(|(kind, status)| event_on(&row, 0, kind, *status, t.now))
+        .collect();
+    let events = numbered(rows_of(found.collect()), events);
+    rows[i] = Some(row);
+    Ok(Applied { rows, events })
+}
+
+fn rows_of(found: Vec<SqliteRow>) -> Vec<QueryResult> {
+    found.into_iter().map(QueryResult::from).collect()
+}
+
+/// `events` with the ids a committed group's insert returned (`found`;
+/// see [`number_events`]). The group stands whatever this finds: an error
+/// now would have each of its writes tried again and found already moved.
+fn numbered(found: Vec<QueryResult>, events: Vec<Event>) -> Vec<Event> {
+    if events.is_empty() {
+        return events;
     }
-    Ok(Some(Applied { rows, events }))
+    number_events(&found, events).unwrap_or_else(|e| {
+        error!(
+            error = %e,
+            "a committed SQLite write group's event ids did not line up; \
+             its events are stored but not published to live streams"
+        );
+        Vec::new()
+    })
 }
 
 /// The rows the compare-and-sets returned, put in `moved` at their writes'
@@ -221,7 +348,7 @@ impl Open {
         Self(Some(conn))
     }
 
-    pub(super) async fn run(&mut self, command: Command) -> Result<Vec<QueryResult>> {
+    pub(super) async fn run(&mut self, command: Command) -> Result<Vec<SqliteRow>> {
         let conn = self
             .0
             .as_mut()
@@ -239,7 +366,7 @@ impl Open {
         .fetch_all(&mut **conn)
         .await
         .map_err(sqlx_error)?;
-        Ok(found.into_iter().map(QueryResult::from).collect())
+        Ok(found)
     }
 
     /// Ends the transaction after `e`, and returns `e`. (Dropped while it
