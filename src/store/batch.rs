@@ -1685,15 +1685,16 @@ mod tests {
                 (event_type::DELIVERING, Status::Delivering)
             ]
         );
-        let stored: Vec<i64> = store
+        let key = |e: &Event| (e.id, e.kind.clone(), e.status, e.occurred_at);
+        let stored: Vec<_> = store
             .events_after(&t, Some(&verifying), 0, 10)
             .await
             .unwrap()
             .iter()
             .skip(1) // created
-            .map(|e| e.id)
+            .map(key)
             .collect();
-        let answered: Vec<i64> = applied.events.iter().map(|e| e.id).collect();
+        let answered: Vec<_> = applied.events.iter().map(key).collect();
         assert_eq!(stored, answered);
         let applied = store.write_group(&[dead]).await.unwrap();
         assert_eq!(
@@ -1823,18 +1824,14 @@ mod tests {
         db.cleanup().await;
     }
 
-    /// A SQLite group whose task is aborted during its second command
-    /// leaves nothing stored and no transaction open.
+    /// A SQLite group whose task is aborted during its last command (a
+    /// lone write's only one, a larger group's second) leaves nothing
+    /// stored and no transaction open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_group_on_sqlite_aborted_during_its_second_command_is_rolled_back() {
+    async fn a_group_on_sqlite_aborted_during_its_last_command_is_rolled_back() {
         let (db, store, pool, t) = one_sqlite_connection().await;
-        let mut ids = vec![
-            webhook(&store, &t, Status::Delivering).await,
-            webhook(&store, &t, Status::Delivering).await,
-        ];
-        ids.sort();
-        // The second command's attempts take a second or so: a trigger
-        // counts a cross join of 400 rows three times over.
+        // Each attempt takes a second or so: a trigger counts a cross join
+        // of 400 rows three times over.
         for sql in [
             "CREATE TABLE slow (n INTEGER)",
             "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 400) \
@@ -1844,25 +1841,32 @@ mod tests {
         ] {
             store.db.execute_unprepared(sql).await.unwrap();
         }
-        let writer = {
-            let store = store.clone();
-            let writes = [delivered(&t, &ids[0]), delivered(&t, &ids[1])];
-            tokio::spawn(async move { store.write_group(&writes).await.map(|_| ()) })
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        writer.abort();
-        let ended = writer.await;
-        assert!(
-            ended.as_ref().is_err_and(|e| e.is_cancelled()),
-            "the group ended before it was aborted: {ended:?}"
-        );
-        // The pool's one connection: back once rolled back.
-        for id in &ids {
-            let row = store.find_webhook(&t, id).await.unwrap().unwrap();
-            assert_eq!(row.status, Status::Delivering.as_str());
-            assert!(store.attempts(&t, id).await.unwrap().is_empty());
+        for size in [1, 2] {
+            let mut ids = Vec::new();
+            for _ in 0..size {
+                ids.push(webhook(&store, &t, Status::Delivering).await);
+            }
+            ids.sort();
+            let writer = {
+                let store = store.clone();
+                let writes: Vec<Write> = ids.iter().map(|id| delivered(&t, id)).collect();
+                tokio::spawn(async move { store.write_group(&writes).await.map(|_| ()) })
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            writer.abort();
+            let ended = writer.await;
+            assert!(
+                ended.as_ref().is_err_and(|e| e.is_cancelled()),
+                "the group of {size} ended before it was aborted: {ended:?}"
+            );
+            // The pool's one connection: back once rolled back.
+            for id in &ids {
+                let row = store.find_webhook(&t, id).await.unwrap().unwrap();
+                assert_eq!(row.status, Status::Delivering.as_str());
+                assert!(store.attempts(&t, id).await.unwrap().is_empty());
+            }
+            assert!(!in_transaction(&pool).await, "a group of {size}");
         }
-        assert!(!in_transaction(&pool).await);
         db.cleanup().await;
     }
 

@@ -62,7 +62,15 @@ impl Command {
             self.sql.push_str("; ");
         }
         self.sql.push_str(sql);
+        let before = self.values.len();
         self.values.extend(values);
+        // sqlx binds the parameters of all the statements in order, and
+        // NULL to a `?` left without a value.
+        debug_assert_eq!(
+            sql.matches('?').count(),
+            self.values.len() - before,
+            "{sql}"
+        );
     }
 
     fn push(&mut self, s: Statement) {
@@ -93,6 +101,10 @@ pub(super) async fn write(
             Write::Transition(_) | Write::Touch { .. } => return Ok(None),
         }
     }
+    if let ([(i, t)], true) = (ts.as_slice(), inserts.is_empty()) {
+        let open = Open::new(acquire(db).await?);
+        return lone(open, *i, t, rows).await.map(Some);
+    }
     let mut first = Command::default();
     first.push_sql("BEGIN", []);
     if !inserts.is_empty() {
@@ -115,15 +127,7 @@ pub(super) async fn write(
             first.push_sql(&sql, [param]);
         }
     }
-    let conn = db
-        .get_sqlite_connection_pool()
-        .acquire()
-        .await
-        .map_err(|e| DbErr::Conn(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e))))?;
-    let mut open = Open::new(conn);
-    if let ([(i, t)], true) = (ts.as_slice(), new_events.is_empty()) {
-        return lone(open, *i, t, rows).await.map(Some);
-    }
+    let mut open = Open::new(acquire(db).await?);
     let mut last = Command::default();
     if !ts.is_empty() {
         let found = match open.run(first).await {
@@ -179,6 +183,15 @@ pub(super) async fn write(
     open.0 = None;
     let events = numbered(found, events);
     Ok(Some(Applied { rows, events }))
+}
+
+/// The pool's one connection.
+async fn acquire(db: &DatabaseConnection) -> Result<PoolConnection<Sqlite>> {
+    Ok(db
+        .get_sqlite_connection_pool()
+        .acquire()
+        .await
+        .map_err(|e| DbErr::Conn(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e))))?)
 }
 
 /// A lone transition (no new webhook beside it) as ONE command: its
@@ -282,6 +295,9 @@ async fn lone(
             events: Vec::new(),
         });
     };
+    // A row that does not decode is stored but cannot be answered: the
+    // caller gets the error (and a retry finds the row moved), as when
+    // the answer to a committed statement is lost.
     let row = decode::webhook(&QueryResult::from(moved))?;
     let events = kinds
         .iter()
