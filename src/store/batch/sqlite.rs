@@ -13,8 +13,8 @@
 //!
 //! 1. `BEGIN; [INSERT INTO webhooks …;] UPDATE webhooks … RETURNING *`:
 //!    the new webhooks, then the compare-and-sets (one `UPDATE` for the
-//!    group, see [`super::multirow`], or the plain one for a lone
-//!    transition), whose rows say which writes moved;
+//!    group, see [`super::multirow`], or the plain one for a transition
+//!    beside new webhooks), whose rows say which writes moved;
 //! 2. `[INSERT INTO attempts …;] [INSERT INTO dead_letters …;] INSERT INTO
 //!    events … RETURNING id, webhook_id; COMMIT`: the rows that record the
 //!    writes that moved.
@@ -22,15 +22,15 @@
 //! A group of Creates only is one command (its events are known
 //! beforehand), and so is a lone transition, the usual group below
 //! saturation ([`lone`]: its inserts are conditional on its `UPDATE`
-//! having moved the row). Other groups' statements are the general
+//! having moved the row). The two commands' statements are the general
 //! path's, built by the same code. A group with a touch, two writes to
 //! one webhook, or a transition out of DEAD_LETTER (which closes dead
 //! letters between its writes) takes the general path.
 //!
 //! sqlx does not know of this transaction, so it is ended here: a command
 //! that fails leaves it open, and it is rolled back before the connection
-//! goes back to the pool; so is a group dropped between its commands (a
-//! cancelled task), by a task spawned for it ([`Open`]).
+//! goes back to the pool; so is a group dropped during or between its
+//! commands (a cancelled task), by a task spawned for it ([`Open`]).
 
 use sea_orm::{
     DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryResult, QueryTrait, Statement, Value,
@@ -354,8 +354,9 @@ fn place(
 }
 
 /// A connection whose transaction this module began and has not ended.
-/// Dropped so (the group's task cancelled between its commands), it is
-/// rolled back by a task of its own before it goes back to the pool.
+/// Dropped so (the group's task cancelled during or between its
+/// commands), it is rolled back by a task of its own before it goes back
+/// to the pool.
 pub(super) struct Open(Option<PoolConnection<Sqlite>>);
 
 impl Open {
