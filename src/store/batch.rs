@@ -46,7 +46,6 @@ use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::NotSet,
     ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryTrait, RuntimeErr, Set,
-    TransactionTrait,
     sea_query::{Expr, Query},
 };
 use tokio::{
@@ -366,7 +365,10 @@ impl Store {
         writes: &[Write],
         held: Option<&mut Held>,
     ) -> Result<Applied> {
-        let mut pg = Pg { db: &self.db, held };
+        let mut pg = Pg {
+            db: self.db.pool(),
+            held,
+        };
         if let [Write::Transition(t)] = writes
             && let Some(applied) = self.transition_in_one_statement(&mut pg, t).await?
         {
@@ -991,6 +993,7 @@ async fn run(
     let keep = store.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres
         && store
             .db
+            .pool()
             .get_postgres_connection_pool()
             .options()
             .get_max_connections() as usize
@@ -1121,7 +1124,7 @@ mod tests {
 
     use std::sync::Mutex;
 
-    use sea_orm::{Database, DatabaseConnection, PaginatorTrait, QueryOrder};
+    use sea_orm::{Database, DatabaseConnection, PaginatorTrait, QueryOrder, TransactionTrait};
     use tokio::sync::broadcast;
 
     use super::*;
@@ -1542,23 +1545,44 @@ mod tests {
     }
 
     /// A store on a fresh SQLite file with one connection (so that the
-    /// statements and the transaction seen on it are all the store's),
-    /// that connection's pool, and a tenant.
-    async fn one_sqlite_connection() -> (TestDb, Store, sea_orm::sqlx::SqlitePool, TenantId) {
+    /// statements and the transaction seen on it are all the store's), and
+    /// a tenant.
+    async fn one_sqlite_connection() -> (TestDb, Store, TenantId) {
         let db = TestDb::sqlite();
         let store = db.store_on(bus(), 1).await;
-        let pool = store.db.get_sqlite_connection_pool().clone();
+        assert!(matches!(store.db, crate::store::Db::Kept(_)));
         let t = tenant(&store, "a").await;
-        (db, store, pool, t)
+        (db, store, t)
     }
 
-    /// Whether the one connection of `pool` is inside a transaction
+    /// Whether the store's one SQLite connection is inside a transaction
     /// (SQLite's autocommit is off).
-    async fn in_transaction(pool: &sea_orm::sqlx::SqlitePool) -> bool {
-        let mut conn = pool.acquire().await.unwrap();
-        let mut handle = conn.lock_handle().await.unwrap();
-        // SAFETY: the handle is locked for us; this only reads a flag.
-        unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) == 0 }
+    async fn in_transaction(store: &Store) -> bool {
+        store
+            .db
+            .on_sqlite(|conn| {
+                Box::pin(async move {
+                    let mut handle = conn.lock_handle().await.unwrap();
+                    // SAFETY: the handle is locked for us; this only reads
+                    // a flag.
+                    unsafe {
+                        libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) == 0
+                    }
+                })
+            })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The prepared statements of the store's SQLite connection.
+    async fn statements(store: &Store) -> Vec<crate::store::test_statements::Prepared> {
+        store
+            .db
+            .on_sqlite(|conn| Box::pin(crate::store::test_statements::statements(conn)))
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     fn delivered(tenant: &TenantId, id: &WebhookId) -> Write {
@@ -1589,7 +1613,7 @@ mod tests {
     /// where sqlx's own transactions run them unprepared.
     #[tokio::test]
     async fn a_group_on_sqlite_carries_its_transaction_in_its_commands() {
-        let (db, store, pool, t) = one_sqlite_connection().await;
+        let (db, store, t) = one_sqlite_connection().await;
         let mut ids = Vec::new();
         for _ in 0..3 {
             ids.push(webhook(&store, &t, Status::Delivering).await);
@@ -1610,11 +1634,11 @@ mod tests {
             assert!(applied.rows.iter().all(Option::is_some));
             assert_eq!(applied.events.len(), writes.len());
         }
-        let stmts = crate::store::test_statements::statements(&pool).await;
+        let stmts = statements(&store).await;
         let runs =
             |sql: &str| -> i32 { stmts.iter().filter(|s| s.sql == sql).map(|s| s.runs).sum() };
         assert_eq!((runs("BEGIN"), runs("COMMIT")), (3, 3), "{stmts:#?}");
-        assert!(!in_transaction(&pool).await);
+        assert!(!in_transaction(&store).await);
         for id in &ids {
             assert_eq!(store.attempts(&t, id).await.unwrap().len(), 1);
             assert_eq!(
@@ -1630,7 +1654,7 @@ mod tests {
     /// stores and answers is what the general path would.
     #[tokio::test]
     async fn a_lone_transition_on_sqlite_is_one_command() {
-        let (db, store, pool, t) = one_sqlite_connection().await;
+        let (db, store, t) = one_sqlite_connection().await;
         let verifying = webhook(&store, &t, Status::Verifying).await;
         let delivering = webhook(&store, &t, Status::Delivering).await;
         let now = Utc::now();
@@ -1726,7 +1750,7 @@ mod tests {
         assert_eq!(store.dead_letters(&t, &delivering).await.unwrap().len(), 1);
         assert_eq!(stored_events(&store, &t, &delivering).await.len(), 2);
 
-        let stmts = crate::store::test_statements::statements(&pool).await;
+        let stmts = statements(&store).await;
         let runs = |f: &dyn Fn(&str) -> bool| -> i32 {
             stmts.iter().filter(|s| f(&s.sql)).map(|s| s.runs).sum()
         };
@@ -1736,7 +1760,7 @@ mod tests {
             3,
             "{stmts:#?}"
         );
-        assert!(!in_transaction(&pool).await);
+        assert!(!in_transaction(&store).await);
         db.cleanup().await;
     }
 
@@ -1745,7 +1769,7 @@ mod tests {
     /// the connection.
     #[tokio::test]
     async fn a_failed_group_on_sqlite_is_rolled_back() {
-        let (db, store, pool, t) = one_sqlite_connection().await;
+        let (db, store, t) = one_sqlite_connection().await;
         let verifying = webhook(&store, &t, Status::Verifying).await;
         let mut delivering = vec![
             webhook(&store, &t, Status::Delivering).await,
@@ -1783,7 +1807,7 @@ mod tests {
                 .unwrap();
             let err = store.write_group(&writes).await.err().unwrap();
             assert!(err.to_string().contains("refused"), "{err}");
-            assert!(!in_transaction(&pool).await, "{trigger}");
+            assert!(!in_transaction(&store).await, "{trigger}");
             store
                 .db
                 .execute_unprepared("DROP TRIGGER refuse")
@@ -1814,7 +1838,7 @@ mod tests {
         }
         // All five groups took this path (its `BEGIN` is a prepared
         // statement; sqlx's own is not).
-        let stmts = crate::store::test_statements::statements(&pool).await;
+        let stmts = statements(&store).await;
         let begun: i32 = stmts
             .iter()
             .filter(|s| s.sql == "BEGIN")
@@ -1829,7 +1853,7 @@ mod tests {
     /// stored and no transaction open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_group_on_sqlite_aborted_during_its_last_command_is_rolled_back() {
-        let (db, store, pool, t) = one_sqlite_connection().await;
+        let (db, store, t) = one_sqlite_connection().await;
         // Each attempt takes a second or so: a trigger counts a cross join
         // of 400 rows three times over.
         for sql in [
@@ -1859,13 +1883,13 @@ mod tests {
                 ended.as_ref().is_err_and(|e| e.is_cancelled()),
                 "the group of {size} ended before it was aborted: {ended:?}"
             );
-            // The pool's one connection: back once rolled back.
+            // The store's one connection: back once rolled back.
             for id in &ids {
                 let row = store.find_webhook(&t, id).await.unwrap().unwrap();
                 assert_eq!(row.status, Status::Delivering.as_str());
                 assert!(store.attempts(&t, id).await.unwrap().is_empty());
             }
-            assert!(!in_transaction(&pool).await, "a group of {size}");
+            assert!(!in_transaction(&store).await, "a group of {size}");
         }
         db.cleanup().await;
     }
@@ -1874,18 +1898,19 @@ mod tests {
     /// rolled back before its connection is used again.
     #[tokio::test]
     async fn a_group_on_sqlite_dropped_between_its_commands_is_rolled_back() {
-        let (db, store, pool, t) = one_sqlite_connection().await;
+        let (db, store, t) = one_sqlite_connection().await;
         let id = webhook(&store, &t, Status::Verifying).await;
-        let mut open = super::sqlite::Open::new(pool.acquire().await.unwrap());
+        let lease = store.db.sqlite().await.unwrap().unwrap();
+        let mut open = crate::store::kept::Open::new(lease);
         let mut first = super::sqlite::Command::default();
         first.push_sql("BEGIN", []);
         first.push_sql("UPDATE webhooks SET status = 'VERIFIED'", []);
-        open.run(first).await.unwrap();
+        super::sqlite::run(&mut open, first).await.unwrap();
         drop(open);
-        // The pool's one connection: back once rolled back.
+        // The store's one connection: back once rolled back.
         let row = store.find_webhook(&t, &id).await.unwrap().unwrap();
         assert_eq!(row.status, Status::Verifying.as_str());
-        assert!(!in_transaction(&pool).await);
+        assert!(!in_transaction(&store).await);
         db.cleanup().await;
     }
 
@@ -1930,8 +1955,7 @@ mod tests {
         assert!(applied.rows.iter().all(Option::is_some));
         assert_eq!(applied.events.len(), 4);
 
-        let pool = store.db.get_sqlite_connection_pool().clone();
-        let stmts = crate::store::test_statements::statements(&pool).await;
+        let stmts = statements(&store).await;
         let runs = |f: &dyn Fn(&str) -> bool| -> i32 {
             stmts.iter().filter(|s| f(&s.sql)).map(|s| s.runs).sum()
         };

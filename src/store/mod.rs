@@ -13,10 +13,12 @@ mod batch;
 mod decode;
 mod detect;
 pub mod entities;
+mod kept;
 #[cfg(test)]
 pub(crate) mod test_statements;
 
 pub use batch::WriteBatcher;
+pub use kept::{Db, Txn};
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -24,7 +26,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
     DatabaseConnection, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    QueryTrait, Set, Statement, TransactionTrait,
+    QueryTrait, Set, Statement,
     sea_query::{Expr, Query},
 };
 use sha2::{Digest, Sha256};
@@ -392,14 +394,18 @@ pub struct RotateReport {
 
 #[derive(Clone)]
 pub struct Store {
-    db: DatabaseConnection,
+    db: Db,
     bus: Arc<dyn EventBus>,
     keyring: Arc<Keyring>,
 }
 
 impl Store {
     pub fn new(db: DatabaseConnection, bus: Arc<dyn EventBus>, keyring: Arc<Keyring>) -> Self {
-        Self { db, bus, keyring }
+        Self {
+            db: Db::new(db),
+            bus,
+            keyring,
+        }
     }
 
     /// The master keys that seal signing secrets.
@@ -535,7 +541,7 @@ impl Store {
         Ok(report)
     }
 
-    pub fn db(&self) -> &DatabaseConnection {
+    pub fn db(&self) -> &Db {
         &self.db
     }
 

@@ -3,7 +3,7 @@
 
 use std::ffi::CStr;
 
-use sea_orm::sqlx::sqlite::SqlitePool;
+use sea_orm::sqlx::SqliteConnection;
 
 /// One prepared statement on the connection.
 #[derive(Debug)]
@@ -15,10 +15,9 @@ pub struct Prepared {
     pub recompiled: i32,
 }
 
-/// Each prepared statement on one connection of `pool` (a pool of one
-/// connection, to see them all).
-pub async fn statements(pool: &SqlitePool) -> Vec<Prepared> {
-    let mut conn = pool.acquire().await.unwrap();
+/// Each prepared statement on `conn` (a store's one connection, to see
+/// them all: see `Db::on_sqlite`).
+pub async fn statements(conn: &mut SqliteConnection) -> Vec<Prepared> {
     let mut handle = conn.lock_handle().await.unwrap();
     let db = handle.as_raw_handle().as_ptr();
     let mut out = Vec::new();

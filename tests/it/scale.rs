@@ -359,7 +359,7 @@ async fn each_process_opens_its_pool_at_start() {
         ("api", d.api.as_ref().unwrap(), 5, true),
         ("worker", &worker, 2, false),
     ] {
-        let pool = running.store.db().get_postgres_connection_pool();
+        let pool = running.store.db().pool().get_postgres_connection_pool();
         let options = pool.options();
         assert_eq!(options.get_min_connections(), min, "{process}");
         assert_eq!(options.get_max_connections(), 5, "{process}");

@@ -22,8 +22,13 @@ async fn hot_statements_are_not_compiled_again() {
         let id = create_confirmed(&app, &rx.url, &format!("f{i}.txt")).await;
         wait_for(&app, &app.key_a, &id, Status::Completed).await;
     }
-    let pool = app.store().db().get_sqlite_connection_pool().clone();
-    let stmts = statements(&pool).await;
+    let stmts = app
+        .store()
+        .db()
+        .on_sqlite(|conn| Box::pin(statements(conn)))
+        .await
+        .unwrap()
+        .unwrap();
     app.stop().await;
     let by_id = stmts
         .iter()

@@ -56,7 +56,7 @@
 //! know.
 
 use chrono::SecondsFormat;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, IdenStatic, QueryResult, Statement, Value};
+use sea_orm::{ConnectionTrait, IdenStatic, QueryResult, Statement, Value};
 use serde_json::{Map, Value as Json};
 
 use super::{Applied, OwnedTransition};
@@ -389,7 +389,7 @@ pub(super) fn place_sqlite(
 /// compare-and-set did not match) and `None` for the others. `None` when
 /// some value cannot be encoded: nothing was written then.
 pub(super) async fn apply(
-    txn: &DatabaseTransaction,
+    txn: &impl ConnectionTrait,
     ts: &[(usize, &OwnedTransition)],
     writes: usize,
 ) -> Result<Option<Vec<Option<Option<Webhook>>>>> {

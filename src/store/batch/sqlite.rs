@@ -29,24 +29,28 @@
 //!
 //! sqlx does not know of this transaction, so it is ended here: a command
 //! that fails leaves it open, and it is rolled back before the connection
-//! goes back to the pool; so is a group dropped during or between its
-//! commands (a cancelled task), by a task spawned for it ([`Open`]).
+//! is used again; so is a group dropped during or between its commands (a
+//! cancelled task), by a task spawned for it ([`Open`], in
+//! [`crate::store::kept`], which also keeps the connection between uses).
 
 use sea_orm::{
-    DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryResult, QueryTrait, Statement, Value,
+    DbBackend, EntityTrait, QueryResult, QueryTrait, Statement, Value,
     sea_query::SqliteQueryBuilder,
-    sqlx::{self, Row, Sqlite, pool::PoolConnection, sqlite::SqliteRow},
+    sqlx::{Row, sqlite::SqliteRow},
 };
-use tracing::{error, warn};
+use tracing::error;
 
 use super::{
-    Applied, NewEvent, OwnedTransition, Write, events_insert, multirow, number_events, sqlx_error,
-    update_query,
+    Applied, NewEvent, OwnedTransition, Write, events_insert, multirow, number_events, update_query,
 };
 use crate::{
     domain::Status,
     events::Event,
-    store::{Result, StoreError, Webhook, attempts, dead_letters, decode, event_on, webhooks},
+    store::{
+        Result, StoreError, Webhook, attempts, dead_letters, decode, event_on,
+        kept::{Db, Lease, Open},
+        webhooks,
+    },
 };
 
 /// The statements of one command, and their parameters in order.
@@ -81,11 +85,7 @@ impl Command {
 /// Writes the group `writes` (`order`: their indexes in webhook id order,
 /// no webhook twice) as described in the module's documentation. `None`
 /// when the group needs the general path: nothing was sent then.
-pub(super) async fn write(
-    db: &DatabaseConnection,
-    writes: &[Write],
-    order: &[usize],
-) -> Result<Option<Applied>> {
+pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<Option<Applied>> {
     let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
     let mut new_events: Vec<NewEvent> = Vec::new();
     let mut inserts: Vec<webhooks::ActiveModel> = Vec::new();
@@ -130,7 +130,7 @@ pub(super) async fn write(
     let mut open = Open::new(acquire(db).await?);
     let mut last = Command::default();
     if !ts.is_empty() {
-        let found = match open.run(first).await {
+        let found = match run(&mut open, first).await {
             Ok(found) => rows_of(found),
             Err(e) => return Err(open.rollback(e).await),
         };
@@ -175,23 +175,24 @@ pub(super) async fn write(
         events = out;
     }
     last.push_sql("COMMIT", []);
-    let found = match open.run(last).await {
+    let found = match run(&mut open, last).await {
         Ok(found) => rows_of(found),
         Err(e) => return Err(open.rollback(e).await),
     };
-    // Committed: the connection goes back to the pool.
-    open.0 = None;
+    // Committed: the connection goes back.
+    open.committed();
     let events = numbered(found, events);
     Ok(Some(Applied { rows, events }))
 }
 
-/// The pool's one connection.
-async fn acquire(db: &DatabaseConnection) -> Result<PoolConnection<Sqlite>> {
-    Ok(db
-        .get_sqlite_connection_pool()
-        .acquire()
-        .await
-        .map_err(|e| DbErr::Conn(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e))))?)
+/// The store's SQLite connection (see [`crate::store::kept`]).
+async fn acquire(db: &Db) -> Result<Lease> {
+    match db.sqlite().await {
+        Some(lease) => Ok(lease?),
+        None => Err(StoreError::Corrupt(
+            "a SQLite write group on another database".into(),
+        )),
+    }
 }
 
 /// A lone transition (no new webhook beside it) as ONE command: its
@@ -277,12 +278,12 @@ async fn lone(
         );
     }
     command.push_sql("COMMIT", []);
-    let found = match open.run(command).await {
+    let found = match run(&mut open, command).await {
         Ok(found) => found,
         Err(e) => return Err(open.rollback(e).await),
     };
-    // Committed: the connection goes back to the pool.
-    open.0 = None;
+    // Committed: the connection goes back.
+    open.committed();
     // The moved row first (all of the webhook's columns), then the
     // events' ids (two columns).
     let mut found = found.into_iter().peekable();
@@ -353,88 +354,12 @@ fn place(
     multirow::place_sqlite(found, ts, moved)
 }
 
-/// A connection whose transaction this module began and has not ended.
-/// Dropped so (the group's task cancelled during or between its
-/// commands), it is rolled back by a task of its own before it goes back
-/// to the pool.
-pub(super) struct Open(Option<PoolConnection<Sqlite>>);
-
-impl Open {
-    /// `conn`, on which a command of the caller will begin a transaction.
-    pub(super) fn new(conn: PoolConnection<Sqlite>) -> Self {
-        Self(Some(conn))
-    }
-
-    pub(super) async fn run(&mut self, command: Command) -> Result<Vec<SqliteRow>> {
-        let conn = self
-            .0
-            .as_mut()
-            .expect("the connection is held until the end");
-        // Prepared and cached on the connection, as sea-orm's own queries
-        // are. A command's text varies with the number of rows of each of
-        // its `INSERT`s, as those statements' texts did alone, and with
-        // their combination: more texts share sqlx's cache of 100 (a cache
-        // of 1,000 measured no different, BENCHMARKS.md, "What limits",
-        // item 1).
-        let found = sqlx::query_with(
-            sqlx::AssertSqlSafe(command.sql),
-            sea_query_sqlx::SqlxValues(sea_orm::sea_query::Values(command.values)),
-        )
-        .fetch_all(&mut **conn)
-        .await
-        .map_err(sqlx_error)?;
-        Ok(found)
-    }
-
-    /// Ends the transaction after `e`, and returns `e`. (Dropped while it
-    /// waits, the guard still holds the connection and rolls back again.)
-    async fn rollback(mut self, e: StoreError) -> StoreError {
-        if let Some(conn) = self.0.as_mut()
-            && !rollback(conn).await
-            && let Some(conn) = self.0.take()
-        {
-            let _ = conn.close().await;
-        }
-        self.0 = None;
-        e
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.0.take() else {
-            return;
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move {
-                    if !rollback(&mut conn).await {
-                        let _ = conn.close().await;
-                    }
-                });
-            }
-            // No runtime (the process is ending): nothing can run the
-            // rollback, and sqlx's pool needs a runtime even to take a
-            // connection back. The connection is left as it is; SQLite
-            // discards the uncommitted transaction when the process exits.
-            Err(_) => std::mem::forget(conn),
-        }
-    }
-}
-
-/// Rolls back the transaction open on `conn` (if a failed statement has
-/// not ended it already). `false`: it could not, and the caller closes
-/// the connection, so that no later user finds the transaction open.
-async fn rollback(conn: &mut PoolConnection<Sqlite>) -> bool {
-    match sqlx::raw_sql(sqlx::AssertSqlSafe("ROLLBACK"))
-        .execute(&mut **conn)
-        .await
-    {
-        Ok(_) => true,
-        Err(sqlx::Error::Database(e)) if e.message().contains("no transaction is active") => true,
-        Err(e) => {
-            warn!(error = %e, "rolling back a SQLite write group failed; closing its connection");
-            false
-        }
-    }
+/// Runs `command` on `open`'s connection.
+pub(super) async fn run(open: &mut Open, command: Command) -> Result<Vec<SqliteRow>> {
+    // A command's text varies with the number of rows of each of its
+    // `INSERT`s, as those statements' texts did alone, and with their
+    // combination: more texts share sqlx's statement cache of 100 (a cache
+    // of 1,000 measured no different, BENCHMARKS.md, "What limits", item
+    // 1).
+    Ok(open.run(command.sql, command.values).await?)
 }
