@@ -99,9 +99,12 @@ impl Db {
         }
     }
 
-    /// The pool itself, for its options. When the connection is kept, a
+    /// The pool itself, for its options (and PostgreSQL's writers, which
+    /// keep connections of their own). When the connection is kept, a
     /// statement sent through the pool waits for it (sqlx's acquire
-    /// timeout) and fails: statements go through the [`Db`].
+    /// timeout) and fails: statements go through the [`Db`]. For the same
+    /// reason one pool of one SQLite connection serves one [`Db`] (one
+    /// `Store` and its clones).
     pub fn pool(&self) -> &DatabaseConnection {
         match self {
             Self::Pool(db) => db,
@@ -131,8 +134,11 @@ impl Db {
                 let mut lease = k.lease().await?;
                 let r = SqliteTransactionManager::begin(lease.conn(), None).await;
                 lease.settle(&r);
-                r.map_err(exec_error)?;
-                Ok(Txn(Tx::Kept(Mutex::new(KeptTxn(Some(lease))))))
+                r.map_err(query_error)?;
+                Ok(Txn(Tx::Kept(Mutex::new(KeptTxn {
+                    lease: Some(lease),
+                    broken: false,
+                }))))
             }
         }
     }
@@ -178,12 +184,16 @@ impl Kept {
     /// most the pool's acquire timeout, as a pool of one would).
     async fn lease(&self) -> Result<Lease, DbErr> {
         let pool = self.pool.get_sqlite_connection_pool();
-        let timeout = pool.options().get_acquire_timeout();
-        let mut slot = tokio::time::timeout(timeout, self.slot.clone().lock_owned())
+        let deadline = tokio::time::Instant::now() + pool.options().get_acquire_timeout();
+        let timed_out = |_| DbErr::ConnectionAcquire(ConnAcquireErr::Timeout);
+        let mut slot = tokio::time::timeout_at(deadline, self.slot.clone().lock_owned())
             .await
-            .map_err(|_| DbErr::ConnectionAcquire(ConnAcquireErr::Timeout))?;
+            .map_err(timed_out)?;
         if slot.0.is_none() {
-            slot.0 = Some(pool.acquire().await.map_err(acquire_error)?);
+            let conn = tokio::time::timeout_at(deadline, pool.acquire())
+                .await
+                .map_err(timed_out)?;
+            slot.0 = Some(conn.map_err(acquire_error)?);
         }
         Ok(Lease(Leased::Kept { slot, fine: false }))
     }
@@ -295,9 +305,8 @@ impl ConnectionTrait for Db {
             return self.pool().execute_unprepared(sql).await;
         };
         let mut lease = k.lease().await?;
-        let r = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-            .execute(lease.conn())
-            .await;
+        // As sea-orm's SQLite driver runs it.
+        let r = sqlx::Executor::execute(lease.conn(), sqlx::AssertSqlSafe(sql.to_owned())).await;
         lease.settle(&r);
         r.map(ExecResult::from).map_err(exec_error)
     }
@@ -341,28 +350,43 @@ enum Tx {
 /// A transaction on the kept connection, through sqlx's own transaction
 /// commands (as sea-orm's transactions are): dropped before it ended, it
 /// queues its rollback on the connection, ahead of any later use, as
-/// sqlx's `Transaction` does. `None` once ended.
-struct KeptTxn(Option<Lease>);
+/// sqlx's `Transaction` does. `lease` is `None` once ended; `broken`, once
+/// a use failed for other than the database's refusal (the connection then
+/// goes back to the pool, see [`Lease`]).
+struct KeptTxn {
+    lease: Option<Lease>,
+    broken: bool,
+}
 
 impl KeptTxn {
     fn conn(&mut self) -> &mut SqliteConnection {
-        self.0
+        self.lease
             .as_mut()
             .expect("a transaction holds its connection until it ends")
             .conn()
+    }
+
+    /// Notes how a use ended.
+    fn settle<T>(&mut self, r: &Result<T, sqlx::Error>) {
+        if matches!(r, Err(e) if !matches!(e, sqlx::Error::Database(_))) {
+            self.broken = true;
+        }
     }
 
     /// Ends the transaction: commits it, or rolls it back. On failure it
     /// is rolled back when dropped.
     async fn end(mut self, commit: bool) -> Result<(), DbErr> {
         let conn = self.conn();
-        if commit {
+        let r = if commit {
             SqliteTransactionManager::commit(conn).await
         } else {
             SqliteTransactionManager::rollback(conn).await
-        }
-        .map_err(exec_error)?;
-        if let Some(mut lease) = self.0.take() {
+        };
+        self.settle(&r);
+        r.map_err(query_error)?;
+        if let Some(mut lease) = self.lease.take()
+            && !self.broken
+        {
             lease.settle(&Ok(()));
         }
         Ok(())
@@ -371,9 +395,11 @@ impl KeptTxn {
 
 impl Drop for KeptTxn {
     fn drop(&mut self) {
-        if let Some(mut lease) = self.0.take() {
+        if let Some(mut lease) = self.lease.take() {
             SqliteTransactionManager::start_rollback(lease.conn());
-            lease.settle(&Ok(()));
+            if !self.broken {
+                lease.settle(&Ok(()));
+            }
         }
     }
 }
@@ -410,6 +436,7 @@ impl ConnectionTrait for Txn {
                 let (sql, values) = statement_parts(stmt);
                 let mut t = t.lock().await;
                 let r = query_with(&sql, values).execute(t.conn()).await;
+                t.settle(&r);
                 r.map(ExecResult::from).map_err(exec_error)
             }
         }
@@ -420,9 +447,9 @@ impl ConnectionTrait for Txn {
             Tx::Pool(txn) => txn.execute_unprepared(sql).await,
             Tx::Kept(t) => {
                 let mut t = t.lock().await;
-                let r = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-                    .execute(t.conn())
-                    .await;
+                let r =
+                    sqlx::Executor::execute(t.conn(), sqlx::AssertSqlSafe(sql.to_owned())).await;
+                t.settle(&r);
                 r.map(ExecResult::from).map_err(exec_error)
             }
         }
@@ -435,6 +462,7 @@ impl ConnectionTrait for Txn {
                 let (sql, values) = statement_parts(stmt);
                 let mut t = t.lock().await;
                 let r = query_with(&sql, values).fetch_optional(t.conn()).await;
+                t.settle(&r);
                 r.map(|row| row.map(QueryResult::from)).map_err(query_error)
             }
         }
@@ -447,6 +475,7 @@ impl ConnectionTrait for Txn {
                 let (sql, values) = statement_parts(stmt);
                 let mut t = t.lock().await;
                 let r = query_with(&sql, values).fetch_all(t.conn()).await;
+                t.settle(&r);
                 r.map(|rows| rows.into_iter().map(QueryResult::from).collect())
                     .map_err(query_error)
             }
@@ -606,6 +635,15 @@ mod tests {
         .collect()
     }
 
+    /// A second or so of counting.
+    fn slow() -> Statement {
+        Statement::from_string(
+            DbBackend::Sqlite,
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000) \
+             SELECT count(*) FROM c",
+        )
+    }
+
     /// Between uses the connection stays with the store, not in the pool,
     /// also after a statement the database refused.
     #[tokio::test]
@@ -614,6 +652,7 @@ mod tests {
         db.execute_raw(insert(1)).await.unwrap();
         let refused = db.execute_raw(insert(1)).await.unwrap_err();
         assert!(refused.to_string().contains("UNIQUE"), "{refused}");
+        assert_eq!(in_pool(&db).await, (1, 0));
         assert_eq!(rows(&db).await, [1]);
         db.ping().await.unwrap();
         assert_eq!(in_pool(&db).await, (1, 0));
@@ -636,13 +675,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_use_dropped_unfinished_gives_the_connection_back() {
         let (_dir, db) = kept().await;
-        // A second or so of counting.
-        let slow = Statement::from_string(
-            DbBackend::Sqlite,
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000) \
-             SELECT count(*) FROM c",
-        );
-        let cut = tokio::time::timeout(Duration::from_millis(50), db.query_all_raw(slow)).await;
+        let cut = tokio::time::timeout(Duration::from_millis(50), db.query_all_raw(slow())).await;
         assert!(cut.is_err(), "the statement ended within 50 ms");
         let mut waited = 0;
         while in_pool(&db).await != (1, 1) {
@@ -675,6 +708,7 @@ mod tests {
             2
         );
         drop(txn);
+        assert_eq!(in_pool(&db).await, (1, 0));
         assert_eq!(rows(&db).await, [1]);
         // None is left open: another begins, and the connection stays.
         let txn = db.begin().await.unwrap();
@@ -682,5 +716,21 @@ mod tests {
         txn.commit().await.unwrap();
         assert_eq!(rows(&db).await, [1, 4]);
         assert_eq!(in_pool(&db).await, (1, 0));
+    }
+
+    /// A transaction dropped during one of its statements (its task
+    /// cancelled) is rolled back once that statement is over, before the
+    /// connection's next use.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_dropped_during_a_statement_is_rolled_back() {
+        let (_dir, db) = kept().await;
+        let txn = db.begin().await.unwrap();
+        txn.execute_raw(insert(1)).await.unwrap();
+        let cut = tokio::time::timeout(Duration::from_millis(50), txn.query_all_raw(slow())).await;
+        assert!(cut.is_err(), "the statement ended within 50 ms");
+        drop(txn);
+        assert!(rows(&db).await.is_empty());
+        db.execute_raw(insert(2)).await.unwrap();
+        assert_eq!(rows(&db).await, [2]);
     }
 }

@@ -72,7 +72,8 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
 /// A pool opened whole (`min_connections` = `max_connections`) closes no
 /// connection for being idle, so that it stays warm (its prepared
 /// statements cached) through quiet spells; sqlx still replaces each
-/// connection after 30 minutes. Otherwise idle connections are closed
+/// connection after 30 minutes (except SQLite's one connection, which the
+/// store keeps: see `kept`). Otherwise idle connections are closed
 /// after 10 minutes (sqlx's defaults).
 pub async fn connect_pool(
     url: &str,
@@ -400,6 +401,9 @@ pub struct Store {
 }
 
 impl Store {
+    /// The store on `db`. On a SQLite pool of one connection the store
+    /// keeps that connection (see `kept`): nothing else may use the pool,
+    /// and one store (with its clones) serves it.
     pub fn new(db: DatabaseConnection, bus: Arc<dyn EventBus>, keyring: Arc<Keyring>) -> Self {
         Self {
             db: Db::new(db),
