@@ -158,6 +158,7 @@ impl Db {
             Self::Pool(_) => None,
         }
     }
+
     /// Runs `f` as one use of a SQLite connection of the store (the kept
     /// one, or one of the pool's), for tests and diagnostics that read
     /// what the connection holds. `None` on PostgreSQL.
@@ -280,6 +281,65 @@ fn statement_parts(stmt: Statement) -> (String, Vec<Value>) {
     (stmt.sql, stmt.values.map(|v| v.0).unwrap_or_default())
 }
 
+/// One use of the kept connection: a [`Lease`] of its own, or a
+/// [`KeptTxn`]'s, which each decide from how it ended what becomes of the
+/// connection.
+trait Use: Send {
+    fn conn(&mut self) -> &mut SqliteConnection;
+    fn settle<T>(&mut self, r: &Result<T, sqlx::Error>);
+}
+
+impl Use for Lease {
+    fn conn(&mut self) -> &mut SqliteConnection {
+        Lease::conn(self)
+    }
+
+    fn settle<T>(&mut self, r: &Result<T, sqlx::Error>) {
+        Lease::settle(self, r)
+    }
+}
+
+impl Use for KeptTxn {
+    fn conn(&mut self) -> &mut SqliteConnection {
+        KeptTxn::conn(self)
+    }
+
+    fn settle<T>(&mut self, r: &Result<T, sqlx::Error>) {
+        KeptTxn::settle(self, r)
+    }
+}
+
+// sea-orm's statements on the kept connection, as its SQLite driver runs
+// them on a pooled one (the same sqlx calls and error kinds).
+
+async fn execute(u: &mut impl Use, stmt: Statement) -> Result<ExecResult, DbErr> {
+    let (sql, values) = statement_parts(stmt);
+    let r = query_with(&sql, values).execute(u.conn()).await;
+    u.settle(&r);
+    r.map(ExecResult::from).map_err(exec_error)
+}
+
+async fn execute_unprepared(u: &mut impl Use, sql: &str) -> Result<ExecResult, DbErr> {
+    let r = sqlx::Executor::execute(u.conn(), sqlx::AssertSqlSafe(sql.to_owned())).await;
+    u.settle(&r);
+    r.map(ExecResult::from).map_err(exec_error)
+}
+
+async fn query_one(u: &mut impl Use, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
+    let (sql, values) = statement_parts(stmt);
+    let r = query_with(&sql, values).fetch_optional(u.conn()).await;
+    u.settle(&r);
+    r.map(|row| row.map(QueryResult::from)).map_err(query_error)
+}
+
+async fn query_all(u: &mut impl Use, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+    let (sql, values) = statement_parts(stmt);
+    let r = query_with(&sql, values).fetch_all(u.conn()).await;
+    u.settle(&r);
+    r.map(|rows| rows.into_iter().map(QueryResult::from).collect())
+        .map_err(query_error)
+}
+
 #[async_trait::async_trait]
 impl ConnectionTrait for Db {
     fn get_database_backend(&self) -> DbBackend {
@@ -290,48 +350,31 @@ impl ConnectionTrait for Db {
     }
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
-        let Self::Kept(k) = self else {
-            return self.pool().execute_raw(stmt).await;
-        };
-        let (sql, values) = statement_parts(stmt);
-        let mut lease = k.lease().await?;
-        let r = query_with(&sql, values).execute(lease.conn()).await;
-        lease.settle(&r);
-        r.map(ExecResult::from).map_err(exec_error)
+        match self {
+            Self::Pool(db) => db.execute_raw(stmt).await,
+            Self::Kept(k) => execute(&mut k.lease().await?, stmt).await,
+        }
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
-        let Self::Kept(k) = self else {
-            return self.pool().execute_unprepared(sql).await;
-        };
-        let mut lease = k.lease().await?;
-        // As sea-orm's SQLite driver runs it.
-        let r = sqlx::Executor::execute(lease.conn(), sqlx::AssertSqlSafe(sql.to_owned())).await;
-        lease.settle(&r);
-        r.map(ExecResult::from).map_err(exec_error)
+        match self {
+            Self::Pool(db) => db.execute_unprepared(sql).await,
+            Self::Kept(k) => execute_unprepared(&mut k.lease().await?, sql).await,
+        }
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
-        let Self::Kept(k) = self else {
-            return self.pool().query_one_raw(stmt).await;
-        };
-        let (sql, values) = statement_parts(stmt);
-        let mut lease = k.lease().await?;
-        let r = query_with(&sql, values).fetch_optional(lease.conn()).await;
-        lease.settle(&r);
-        r.map(|row| row.map(QueryResult::from)).map_err(query_error)
+        match self {
+            Self::Pool(db) => db.query_one_raw(stmt).await,
+            Self::Kept(k) => query_one(&mut k.lease().await?, stmt).await,
+        }
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
-        let Self::Kept(k) = self else {
-            return self.pool().query_all_raw(stmt).await;
-        };
-        let (sql, values) = statement_parts(stmt);
-        let mut lease = k.lease().await?;
-        let r = query_with(&sql, values).fetch_all(lease.conn()).await;
-        lease.settle(&r);
-        r.map(|rows| rows.into_iter().map(QueryResult::from).collect())
-            .map_err(query_error)
+        match self {
+            Self::Pool(db) => db.query_all_raw(stmt).await,
+            Self::Kept(k) => query_all(&mut k.lease().await?, stmt).await,
+        }
     }
 
     fn support_returning(&self) -> bool {
@@ -432,53 +475,28 @@ impl ConnectionTrait for Txn {
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
         match &self.0 {
             Tx::Pool(txn) => txn.execute_raw(stmt).await,
-            Tx::Kept(t) => {
-                let (sql, values) = statement_parts(stmt);
-                let mut t = t.lock().await;
-                let r = query_with(&sql, values).execute(t.conn()).await;
-                t.settle(&r);
-                r.map(ExecResult::from).map_err(exec_error)
-            }
+            Tx::Kept(t) => execute(&mut *t.lock().await, stmt).await,
         }
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
         match &self.0 {
             Tx::Pool(txn) => txn.execute_unprepared(sql).await,
-            Tx::Kept(t) => {
-                let mut t = t.lock().await;
-                let r =
-                    sqlx::Executor::execute(t.conn(), sqlx::AssertSqlSafe(sql.to_owned())).await;
-                t.settle(&r);
-                r.map(ExecResult::from).map_err(exec_error)
-            }
+            Tx::Kept(t) => execute_unprepared(&mut *t.lock().await, sql).await,
         }
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
         match &self.0 {
             Tx::Pool(txn) => txn.query_one_raw(stmt).await,
-            Tx::Kept(t) => {
-                let (sql, values) = statement_parts(stmt);
-                let mut t = t.lock().await;
-                let r = query_with(&sql, values).fetch_optional(t.conn()).await;
-                t.settle(&r);
-                r.map(|row| row.map(QueryResult::from)).map_err(query_error)
-            }
+            Tx::Kept(t) => query_one(&mut *t.lock().await, stmt).await,
         }
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
         match &self.0 {
             Tx::Pool(txn) => txn.query_all_raw(stmt).await,
-            Tx::Kept(t) => {
-                let (sql, values) = statement_parts(stmt);
-                let mut t = t.lock().await;
-                let r = query_with(&sql, values).fetch_all(t.conn()).await;
-                t.settle(&r);
-                r.map(|rows| rows.into_iter().map(QueryResult::from).collect())
-                    .map_err(query_error)
-            }
+            Tx::Kept(t) => query_all(&mut *t.lock().await, stmt).await,
         }
     }
 
