@@ -16,7 +16,10 @@
 //! back to the pool instead: sqlx's return (its ping) waits for whatever
 //! the connection's thread still runs, and closes a connection that does
 //! not answer. The next use takes it from the pool again. A transaction
-//! ([`Open`], [`Txn`]) is ended before its connection is used again.
+//! ([`Open`], [`Txn`]) is ended before its connection is used again: a
+//! transaction's connection stays kept once its rollback is queued or
+//! done, even after a cancelled statement (sqlx runs the rollback after
+//! it), unless one of its statements failed for other than a refusal.
 //!
 //! Every other deployment (PostgreSQL, or SQLite configured with more
 //! than one connection) uses the pool as sea-orm does.
@@ -100,9 +103,9 @@ impl Db {
     }
 
     /// The pool itself, for its options (and PostgreSQL's writers, which
-    /// keep connections of their own). When the connection is kept, a
-    /// statement sent through the pool waits for it (sqlx's acquire
-    /// timeout) and fails: statements go through the [`Db`]. For the same
+    /// keep connections of their own). While the store keeps the
+    /// connection, a statement sent through the pool waits for it (sqlx's
+    /// acquire timeout) and fails: statements go through the [`Db`]. For the same
     /// reason one pool of one SQLite connection serves one [`Db`] (one
     /// `Store` and its clones).
     pub fn pool(&self) -> &DatabaseConnection {
@@ -309,8 +312,11 @@ impl Use for KeptTxn {
     }
 }
 
-// sea-orm's statements on the kept connection, as its SQLite driver runs
-// them on a pooled one (the same sqlx calls and error kinds).
+// sea-orm's statements on the kept connection, with the results and error
+// kinds its SQLite driver gives on a pooled one. (A row that may be absent
+// is fetched as optional, where sea-orm fetches one and turns sqlx's
+// `RowNotFound` into `None`: that error is not the database's, and would
+// give the connection back.)
 
 async fn execute(u: &mut impl Use, stmt: Statement) -> Result<ExecResult, DbErr> {
     let (sql, values) = statement_parts(stmt);
