@@ -20,7 +20,10 @@ pub(crate) mod test_statements;
 pub use batch::WriteBatcher;
 pub use kept::{Db, Txn};
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock},
+};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
@@ -139,6 +142,27 @@ async fn webhook_rows(
         .iter()
         .map(decode::webhook)
         .collect::<std::result::Result<_, _>>()?)
+}
+
+/// The text of [`Store::find_webhook`]'s query, built by sea-query once
+/// per backend instead of on every call (a select of 41 columns took more
+/// instructions to build than SQLite took to run it; BENCHMARKS.md,
+/// session 28). Its parameters: the webhook id, then the tenant.
+fn find_webhook_sql(backend: DatabaseBackend) -> String {
+    static POSTGRES: OnceLock<String> = OnceLock::new();
+    static SQLITE: OnceLock<String> = OnceLock::new();
+    let cell = match backend {
+        DatabaseBackend::Postgres => &POSTGRES,
+        DatabaseBackend::Sqlite => &SQLITE,
+        _ => return find_webhook_select("", "").build(backend).sql,
+    };
+    cell.get_or_init(|| find_webhook_select("", "").build(backend).sql)
+        .clone()
+}
+
+/// The select of one webhook by id, scoped by its tenant.
+fn find_webhook_select(id: &str, tenant: &str) -> sea_orm::Select<webhooks::Entity> {
+    webhooks::Entity::find_by_id(id).filter(webhooks::Column::TenantId.eq(tenant))
 }
 
 /// Applies pending migrations.
@@ -887,9 +911,20 @@ impl Store {
     }
 
     pub async fn find_webhook(&self, tenant: &TenantId, id: &WebhookId) -> Result<Option<Webhook>> {
-        let select = webhooks::Entity::find_by_id(id.as_str())
-            .filter(webhooks::Column::TenantId.eq(tenant.as_str()));
-        at_most_one(webhook_rows(select, &self.db).await?, "webhooks")
+        let backend = self.db.get_database_backend();
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                find_webhook_sql(backend),
+                [id.as_str().into(), tenant.as_str().into()],
+            ))
+            .await?;
+        let rows = rows
+            .iter()
+            .map(decode::webhook)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        at_most_one(rows, "webhooks")
     }
 
     /// Changes the status from one of `t.from` to `t.to`, atomically with
@@ -1216,5 +1251,22 @@ impl EventLog for Store {
             .await
             .map_err(|e| e.to_string())?;
         Ok(max.flatten().unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kept text, with the id then the tenant as its values, is the
+    /// statement sea-query builds for the same select.
+    #[test]
+    fn find_webhook_sql_is_the_select_built_each_time() {
+        for backend in [DatabaseBackend::Postgres, DatabaseBackend::Sqlite] {
+            let built = find_webhook_select("wh_1", "t_2").build(backend);
+            assert_eq!(find_webhook_sql(backend), built.sql);
+            let values: Vec<sea_orm::Value> = vec!["wh_1".into(), "t_2".into()];
+            assert_eq!(built.values.map(|v| v.0), Some(values));
+        }
     }
 }

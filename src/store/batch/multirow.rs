@@ -57,7 +57,7 @@
 
 use chrono::SecondsFormat;
 use sea_orm::{ConnectionTrait, IdenStatic, QueryResult, Statement, Value};
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 
 use super::{Applied, OwnedTransition};
 use crate::store::{Result, StoreError, Webhook, decode, event_on};
@@ -86,12 +86,93 @@ fn encode(v: &Value, d: Dialect) -> Option<(&'static str, Json)> {
 }
 
 fn timestamp(t: chrono::DateTime<chrono::Utc>, d: Dialect) -> Json {
-    Json::String(match d {
+    Json::String(timestamp_text(t, d))
+}
+
+fn timestamp_text(t: chrono::DateTime<chrono::Utc>, d: Dialect) -> String {
+    match d {
         Dialect::Postgres => t.to_rfc3339_opts(SecondsFormat::Micros, true),
         // Exactly as sqlx-sqlite encodes a `DateTime`: the column's other
         // values are compared with it as text.
         Dialect::Sqlite => t.to_rfc3339_opts(SecondsFormat::AutoSi, false),
-    })
+    }
+}
+
+/// One record of [`records`], written into the group's JSON text: an
+/// object opened by [`Record::new`], closed by the caller with `}`.
+struct Record<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> Record<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Record { out, first: true }
+    }
+
+    /// `"name":`, after a comma unless it is the first key.
+    fn key(&mut self, name: &str) {
+        if !std::mem::take(&mut self.first) {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    /// `"s3":` followed by `raw`, for the numbered keys of the changed
+    /// columns.
+    fn numbered(&mut self, prefix: char, k: usize, raw: &str) {
+        if !std::mem::take(&mut self.first) {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.push(prefix as u8);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(k).as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.raw(raw);
+    }
+
+    fn raw(&mut self, raw: &str) {
+        self.out.extend_from_slice(raw.as_bytes());
+    }
+
+    /// A JSON string, escaped as serde_json escapes it.
+    fn string(&mut self, s: &str) {
+        // Writing to a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *self.out, s);
+    }
+
+    fn text(&mut self, name: &str, s: &str) {
+        self.key(name);
+        self.string(s);
+    }
+
+    fn optional_text(&mut self, name: &str, s: Option<&str>) {
+        self.key(name);
+        match s {
+            Some(s) => self.string(s),
+            None => self.raw("null"),
+        }
+    }
+
+    fn number(&mut self, name: &str, n: i64) {
+        self.key(name);
+        self.raw(itoa::Buffer::new().format(n));
+    }
+
+    fn time(&mut self, name: &str, t: chrono::DateTime<chrono::Utc>, d: Dialect) {
+        self.key(name);
+        self.string(&timestamp_text(t, d));
+    }
+
+    /// An encoded value; `None` if serde_json refuses it (it does not:
+    /// [`encode`] makes only strings, numbers, booleans and null).
+    fn value(&mut self, v: &Json) -> Option<()> {
+        serde_json::to_writer(&mut *self.out, v).ok()
+    }
 }
 
 /// The records of a group's writes (see the module's documentation), and
@@ -99,7 +180,8 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>, d: Dialect) -> Json {
 struct Records {
     /// Every column some write changes, sorted, with its SQL type.
     columns: Vec<(&'static str, &'static str)>,
-    json: Vec<Json>,
+    /// The records, a JSON array as text.
+    json: String,
     unchanged_since: bool,
     unexpired_at: bool,
     attempts: bool,
@@ -142,65 +224,73 @@ fn records(
     let attempts = whole && ts.iter().any(|(_, t)| t.attempt.is_some());
     let dead_letters = whole && ts.iter().any(|(_, t)| t.dead_letter.is_some());
 
-    let text = |s: &str| Json::String(s.to_string());
-    let json: Vec<Json> = ts
-        .iter()
-        .zip(encoded)
-        .map(|((i, t), mut changes)| {
-            out[*i] = Some(None);
-            let mut r = Map::new();
-            r.insert("idx".into(), Json::from(*i));
-            r.insert("id".into(), text(t.id.as_str()));
-            r.insert("tenant_id".into(), text(t.tenant.as_str()));
-            r.insert("now".into(), timestamp(t.now, d));
-            r.insert("to_status".into(), text(t.to.as_str()));
-            r.insert(
-                "from_statuses".into(),
-                Json::Array(t.from.iter().map(|s| text(s.as_str())).collect()),
-            );
-            for (k, (col, _)) in columns.iter().enumerate() {
-                let change = changes.iter().position(|(c, _)| c == col);
-                r.insert(format!("s{k}"), Json::Bool(change.is_some()));
-                if let Some(at) = change {
-                    r.insert(format!("c{k}"), changes.swap_remove(at).1);
-                }
+    // The records written as JSON text directly: a `Map` per record (a
+    // B-tree of allocated keys) then its `Display` cost more than the
+    // statement's execution on SQLite (BENCHMARKS.md, session 28).
+    let mut json = Vec::with_capacity(64 + ts.len() * (160 + 24 * columns.len()));
+    json.push(b'[');
+    for (n, ((i, t), mut changes)) in ts.iter().zip(encoded).enumerate() {
+        out[*i] = Some(None);
+        if n > 0 {
+            json.push(b',');
+        }
+        let mut r = Record::new(&mut json);
+        r.number("idx", *i as i64);
+        r.text("id", t.id.as_str());
+        r.text("tenant_id", t.tenant.as_str());
+        r.time("now", t.now, d);
+        r.text("to_status", t.to.as_str());
+        r.key("from_statuses");
+        r.out.push(b'[');
+        for (k, s) in t.from.iter().enumerate() {
+            if k > 0 {
+                r.out.push(b',');
             }
-            if let Some(at) = t.unchanged_since {
-                r.insert("unchanged_since".into(), timestamp(at, d));
+            r.string(s.as_str());
+        }
+        r.out.push(b']');
+        for (k, (col, _)) in columns.iter().enumerate() {
+            let change = changes.iter().position(|(c, _)| c == col);
+            r.numbered('s', k, if change.is_some() { "true" } else { "false" });
+            if let Some(at) = change {
+                let value = changes.swap_remove(at).1;
+                r.numbered('c', k, "");
+                r.value(&value)?;
             }
-            if let Some(at) = t.unexpired_at {
-                r.insert("unexpired_at".into(), timestamp(at, d));
+        }
+        if let Some(at) = t.unchanged_since {
+            r.time("unchanged_since", at, d);
+        }
+        if let Some(at) = t.unexpired_at {
+            r.time("unexpired_at", at, d);
+        }
+        if whole {
+            r.text("ev_kind", t.event);
+            if let Some((status, kind)) = t.through {
+                r.text("th_kind", kind);
+                r.text("th_status", status.as_str());
             }
-            if whole {
-                r.insert("ev_kind".into(), text(t.event));
-                if let Some((status, kind)) = t.through {
-                    r.insert("th_kind".into(), text(kind));
-                    r.insert("th_status".into(), text(status.as_str()));
-                }
+        }
+        if let (true, Some(a)) = (attempts, &t.attempt) {
+            r.number("a_number", i64::from(a.number));
+            r.time("a_started_at", a.started_at, d);
+            r.number("a_duration_ms", a.duration_ms);
+            r.key("a_status");
+            match a.response_status {
+                Some(s) => r.raw(itoa::Buffer::new().format(s)),
+                None => r.raw("null"),
             }
-            if let (true, Some(a)) = (attempts, &t.attempt) {
-                r.insert("a_number".into(), Json::from(a.number));
-                r.insert("a_started_at".into(), timestamp(a.started_at, d));
-                r.insert("a_duration_ms".into(), Json::from(a.duration_ms));
-                r.insert(
-                    "a_status".into(),
-                    a.response_status.map_or(Json::Null, Json::from),
-                );
-                r.insert(
-                    "a_body".into(),
-                    a.response_body.as_deref().map_or(Json::Null, text),
-                );
-                r.insert(
-                    "a_error".into(),
-                    a.error.as_deref().map_or(Json::Null, text),
-                );
-            }
-            if let (true, Some(reason)) = (dead_letters, &t.dead_letter) {
-                r.insert("dl_reason".into(), text(reason));
-            }
-            Json::Object(r)
-        })
-        .collect();
+            r.optional_text("a_body", a.response_body.as_deref());
+            r.optional_text("a_error", a.error.as_deref());
+        }
+        if let (true, Some(reason)) = (dead_letters, &t.dead_letter) {
+            r.text("dl_reason", reason);
+        }
+        r.out.push(b'}');
+    }
+    json.push(b']');
+    // Keys are ASCII and serde_json writes valid UTF-8.
+    let json = String::from_utf8(json).ok()?;
     Some(Records {
         columns,
         json,
@@ -287,13 +377,7 @@ pub(super) fn update(
         .map(|(_, t)| t.id.as_str())
         .collect::<Vec<_>>()
         .join(",");
-    Some((
-        sql,
-        [
-            Value::from(Json::Array(records).to_string()),
-            Value::from(ids),
-        ],
-    ))
+    Some((sql, [Value::from(records), Value::from(ids)]))
 }
 
 /// SQLite: the group's compare-and-sets as one `UPDATE … FROM` over the
@@ -340,7 +424,7 @@ pub(super) fn update_sqlite(
         "UPDATE \"webhooks\" AS w SET {set} \
          FROM (SELECT {fields} FROM jsonb_each(?)) AS v WHERE {filter} RETURNING *"
     );
-    Some((sql, Value::from(Json::Array(r.json).to_string())))
+    Some((sql, Value::from(r.json)))
 }
 
 /// The write index of a row the statement returned, checked against the
@@ -525,4 +609,107 @@ pub(super) async fn write_whole(
         rows: out.into_iter().map(Option::flatten).collect(),
         events,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        domain::{Status, TenantId, WebhookId, event_type},
+        store::{Changes, NewAttempt, Transition, webhooks::Column as C},
+    };
+
+    /// The records written directly as JSON text are what the old
+    /// `serde_json::Value` records were: every key, each value escaped
+    /// (quotes, backslashes, control characters, non-ASCII), the changed
+    /// columns numbered in sorted order, nulls where a value is absent.
+    #[test]
+    fn records_are_the_json_of_each_write() {
+        let (tenant, a, b) = (
+            TenantId::from_trusted("t_1".into()),
+            WebhookId::from_trusted("wh_a".into()),
+            WebhookId::from_trusted("wh_b".into()),
+        );
+        let at = |s: i64| Utc.timestamp_opt(1_700_000_000 + s, 123_456_000).unwrap();
+        let first: OwnedTransition = Transition::new(
+            &tenant,
+            &a,
+            &[Status::Verified, Status::Verifying],
+            Status::Delivering,
+            event_type::DELIVERING,
+            at(0),
+        )
+        .through(Status::Verified, event_type::VERIFIED)
+        .unchanged_since(Some(at(1)))
+        .into();
+        let second: OwnedTransition = Transition::new(
+            &tenant,
+            &b,
+            &[Status::Delivering],
+            Status::Retrying,
+            event_type::RETRYING,
+            at(2),
+        )
+        .changes(
+            Changes::new()
+                .set(C::LastError, Some("a \"quoted\" \\ é\n\u{1}".to_string()))
+                .set(C::AttemptCount, 3)
+                .set(C::CompletedAt, None::<chrono::DateTime<Utc>>),
+        )
+        .attempt(NewAttempt {
+            number: 3,
+            started_at: at(3),
+            duration_ms: 12,
+            response_status: None,
+            response_body: Some("<h1>\"no\"</h1>".into()),
+            error: None,
+        })
+        .dead_letter_opt(Some("gave up: \"x\"".into()))
+        .into();
+        let ts = [(1, &first), (0, &second)];
+        for (d, time) in [
+            (Dialect::Postgres, "2023-11-14T22:13:2{}.123456Z"),
+            (Dialect::Sqlite, "2023-11-14T22:13:2{}.123456+00:00"),
+        ] {
+            let t = |s: u32| json!(time.replace("{}", &s.to_string()));
+            let mut out = vec![None; 2];
+            let r = records(&ts, true, d, &mut out).unwrap();
+            assert_eq!(out, vec![Some(None), Some(None)]);
+            assert_eq!(
+                r.columns,
+                [
+                    ("attempt_count", "int4"),
+                    ("completed_at", "timestamptz"),
+                    ("last_error", "text")
+                ]
+            );
+            let parsed: Json = serde_json::from_str(&r.json).unwrap();
+            assert_eq!(
+                parsed,
+                json!([
+                    {
+                        "idx": 1, "id": "wh_a", "tenant_id": "t_1", "now": t(0),
+                        "to_status": "delivering", "from_statuses": ["verified", "verifying"],
+                        "s0": false, "s1": false, "s2": false,
+                        "unchanged_since": t(1), "ev_kind": event_type::DELIVERING,
+                        "th_kind": event_type::VERIFIED, "th_status": "verified",
+                    },
+                    {
+                        "idx": 0, "id": "wh_b", "tenant_id": "t_1", "now": t(2),
+                        "to_status": "retrying", "from_statuses": ["delivering"],
+                        "s0": true, "c0": 3, "s1": true, "c1": null,
+                        "s2": true, "c2": "a \"quoted\" \\ é\n\u{1}",
+                        "ev_kind": event_type::RETRYING,
+                        "a_number": 3, "a_started_at": t(3), "a_duration_ms": 12,
+                        "a_status": null, "a_body": "<h1>\"no\"</h1>", "a_error": null,
+                        "dl_reason": "gave up: \"x\"",
+                    },
+                ])
+            );
+            assert!(r.unchanged_since && !r.unexpired_at && r.attempts && r.dead_letters);
+        }
+    }
 }
