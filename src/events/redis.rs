@@ -27,7 +27,6 @@ use std::{
 
 use chrono::DateTime;
 use futures_util::StreamExt;
-use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -108,17 +107,37 @@ impl RedisEventBus {
         })
     }
 
+    /// The message of an event: a JSON object written directly (through
+    /// `json!` the map and its text cost 4-5 % of a worker's instructions;
+    /// BENCHMARKS.md, session 28), origin first.
     fn encode(&self, e: &Event) -> String {
-        json!({
-            "o": self.origin,
-            "id": e.id,
-            "t": e.tenant_id.as_str(),
-            "w": e.webhook_id.as_str(),
-            "k": e.kind,
-            "s": e.status.as_str(),
-            "at": e.occurred_at.timestamp_micros(),
-        })
-        .to_string()
+        let mut out = Vec::with_capacity(160);
+        out.push(b'{');
+        out.extend_from_slice(self.origin_field.as_bytes());
+        out.extend_from_slice(b",\"id\":");
+        out.extend_from_slice(itoa::Buffer::new().format(e.id).as_bytes());
+        for (key, value) in [
+            ("t", e.tenant_id.as_str()),
+            ("w", e.webhook_id.as_str()),
+            ("k", e.kind.as_str()),
+            ("s", e.status.as_str()),
+        ] {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            // Escaped as serde_json escapes; writing to a `Vec` cannot fail.
+            let _ = serde_json::to_writer(&mut out, value);
+        }
+        out.extend_from_slice(b",\"at\":");
+        out.extend_from_slice(
+            itoa::Buffer::new()
+                .format(e.occurred_at.timestamp_micros())
+                .as_bytes(),
+        );
+        out.push(b'}');
+        // ASCII keys and serde_json's output: valid UTF-8.
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     /// The event of a message from another process; `None` for our own
@@ -325,6 +344,20 @@ mod tests {
         );
         assert_eq!(got.occurred_at, event().occurred_at);
         assert!(b.decode("not json").is_none());
+        // Every field, as JSON; a kind that needs escaping decodes back.
+        let parsed: serde_json::Value = serde_json::from_str(&message).unwrap();
+        assert_eq!(
+            parsed,
+            serde_json::json!({
+                "o": a.origin, "id": 42, "t": "tn_a", "w": "wh_a",
+                "k": "webhook.verified", "s": "verified", "at": 1_765_000_000_123_456_i64,
+            })
+        );
+        let odd = Event {
+            kind: "a \"b\" \\ é\n".into(),
+            ..event()
+        };
+        assert_eq!(b.decode(&a.encode(&odd)).unwrap().kind, odd.kind);
         stop.cancel();
     }
 }
