@@ -18,9 +18,10 @@ use serde_json::{Map, Value, json};
 /// The figures compared (keys of a run's `RESULT` line), each with
 /// whether a higher value is better (`None`: neither, e.g. writes per
 /// transaction, which a setting may change on purpose).
-const FIGURES: [(&str, Option<bool>); 8] = [
+const FIGURES: [(&str, Option<bool>); 9] = [
     ("delivered_per_s", Some(true)),
     ("cpu_ms_per_webhook_service", Some(false)),
+    ("cpu_service_over_control", Some(false)),
     ("arrival_p50_ms", Some(false)),
     ("arrival_p99_ms", Some(false)),
     ("arrival_p99_ms_after_warm_up", Some(false)),

@@ -299,6 +299,24 @@ fn is_service(group: &str) -> bool {
 
 const S3_GROUP: &str = "s3 server (embedded stand-in, own process)";
 
+/// The service's CPU over the CPU of the processes that do the same work
+/// per webhook whatever the service's build: this tool (Confirms, the
+/// receiver) and the S3 server (the HEADs). Both run beside the service
+/// on the same cores, so their CPU per webhook moves with the machine's
+/// speed, which drifts by tens of per cent within minutes; the ratio takes
+/// most of that drift out of a paired comparison (BENCHMARKS.md, "Method",
+/// item 10). `None` without both sides (a floor run).
+fn service_over_control(cpu: &[(String, f64)]) -> Option<f64> {
+    let (service, control) = cpu.iter().fold((0.0, 0.0), |(s, c), (name, secs)| {
+        if is_service(name) {
+            (s + secs, c)
+        } else {
+            (s, c + secs)
+        }
+    });
+    (service > 0.0 && control > 0.0).then(|| service / control)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     args: &Args,
@@ -837,6 +855,10 @@ async fn run(
     // The service, PostgreSQL and Redis: neither this tool nor the S3
     // server.
     result["cpu_ms_per_webhook_service"] = (service_cpu * 1e3 / delivered.max(1) as f64).into();
+    if let Some(ratio) = service_over_control(&cpu) {
+        println!("service CPU / (this tool + S3 server) CPU: {ratio:.3}");
+        result["cpu_service_over_control"] = ratio.into();
+    }
     result["cpu"] = cpu
         .iter()
         .map(|(n, c)| (n.clone(), serde_json::Value::from(*c)))
@@ -1129,5 +1151,28 @@ fn print_memory(procs: &[(String, u32)], result: &mut serde_json::Value, label: 
         );
         result[format!("rss_mb_{key}_{name}")] = (rss as f64 / 1024.0).into();
         result[format!("peak_rss_mb_{key}_{name}")] = (hwm as f64 / 1024.0).into();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_cpu_over_the_control_processes() {
+        let cpu = |groups: &[(&str, f64)]| -> Vec<(String, f64)> {
+            groups.iter().map(|(n, c)| (n.to_string(), *c)).collect()
+        };
+        let run = cpu(&[
+            ("loadgen (this tool, incl. receiver)", 1.0),
+            (S3_GROUP, 3.0),
+            ("uploadhook api", 2.0),
+            ("postgres backends (this database)", 4.0),
+            ("redis-server", 0.5),
+        ]);
+        assert_eq!(service_over_control(&run), Some(6.5 / 4.0));
+        // A floor run has no service; a run without control, no ratio.
+        assert_eq!(service_over_control(&run[..2]), None);
+        assert_eq!(service_over_control(&run[2..]), None);
     }
 }
