@@ -756,19 +756,16 @@ mod tests {
         assert_eq!(next_id(&mut s).await, 1);
     }
 
-    /// A live bus whose wake-up never came (lost between processes): the
-    /// event still goes out, at the next heartbeat at the latest, and the
-    /// heartbeat it replaces is not sent.
-    #[tokio::test]
-    async fn a_lost_wake_up_is_caught_up_at_the_heartbeat() {
-        let log = Arc::new(FakeLog::default());
+    /// Tenant `t`'s live stream on `log`, through a live bus that nothing
+    /// publishes to, with heartbeats `every`.
+    async fn live_stream(log: &Arc<FakeLog>, every: Duration) -> EventStream {
         let bus = Arc::new(LocalEventBus::new(4));
         assert!(bus.live());
         let cfg = StreamConfig {
-            heartbeat_every: Duration::from_millis(100),
+            heartbeat_every: every,
             ..cfg()
         };
-        let mut s = follow(
+        follow(
             log.clone(),
             bus,
             filter("t"),
@@ -778,7 +775,16 @@ mod tests {
             CancellationToken::new(),
         )
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A live bus whose wake-up never came (lost between processes): the
+    /// event still goes out, at the next heartbeat at the latest, and the
+    /// heartbeat it replaces is not sent.
+    #[tokio::test]
+    async fn a_lost_wake_up_is_caught_up_at_the_heartbeat() {
+        let log = Arc::new(FakeLog::default());
+        let mut s = live_stream(&log, Duration::from_millis(100)).await;
         // Another tenant's event moves nothing; then one of ours, stored,
         // never published.
         log.events.lock().unwrap().push(event(1, "other"));
@@ -796,21 +802,7 @@ mod tests {
     async fn a_failed_check_at_the_heartbeat_keeps_the_stream() {
         let log = Arc::new(FakeLog::default());
         log.events_fail.store(true, Ordering::Relaxed);
-        let cfg = StreamConfig {
-            heartbeat_every: Duration::from_millis(50),
-            ..cfg()
-        };
-        let mut s = follow(
-            log.clone(),
-            Arc::new(LocalEventBus::new(4)),
-            filter("t"),
-            None,
-            cfg,
-            None,
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let mut s = live_stream(&log, Duration::from_millis(50)).await;
         log.events.lock().unwrap().push(event(1, "t"));
         assert!(matches!(s.next().await, Some(Ok(StreamItem::Heartbeat(_)))));
         log.events_fail.store(false, Ordering::Relaxed);
