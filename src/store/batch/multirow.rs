@@ -111,11 +111,16 @@ impl<'a> Record<'a> {
         Record { out, first: true }
     }
 
-    /// `"name":`, after a comma unless it is the first key.
-    fn key(&mut self, name: &str) {
+    /// A comma before every key but the first.
+    fn separate(&mut self) {
         if !std::mem::take(&mut self.first) {
             self.out.push(b',');
         }
+    }
+
+    /// `"name":`.
+    fn key(&mut self, name: &str) {
+        self.separate();
         self.out.push(b'"');
         self.out.extend_from_slice(name.as_bytes());
         self.out.extend_from_slice(b"\":");
@@ -124,9 +129,7 @@ impl<'a> Record<'a> {
     /// `"s3":` followed by `raw`, for the numbered keys of the changed
     /// columns.
     fn numbered(&mut self, prefix: char, k: usize, raw: &str) {
-        if !std::mem::take(&mut self.first) {
-            self.out.push(b',');
-        }
+        self.separate();
         self.out.push(b'"');
         self.out.push(prefix as u8);
         self.out
