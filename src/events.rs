@@ -201,6 +201,10 @@ impl EventStream {
 /// Ids read per query.
 const PAGE: u64 = 500;
 
+/// The longest the check before a heartbeat (`Follower::missed_any`) may
+/// hold that heartbeat.
+const MISSED_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Follows the event log for `filter`: the stored events after `after`,
 /// then live; with `after = None`, live events only, from the last event
 /// committed when this returns. `permit` (a slot of the per-process cap)
@@ -373,25 +377,32 @@ impl Follower {
     }
 
     /// Whether an event of the stream's tenant (and webhook, if it has
-    /// one) is stored past the cursor. A store that fails this check
-    /// answers no: the stream stays open as it did before the check
-    /// existed (a blip would otherwise end every idle stream at once), and
-    /// the next wake-up or heartbeat reads again.
+    /// one) is stored past the cursor. A store that fails this check, or
+    /// takes longer than [`MISSED_CHECK_TIMEOUT`], answers no: the stream
+    /// stays open and gets its heartbeat as it did before the check
+    /// existed (a blip would otherwise end every idle stream at once, and
+    /// a slow store would hold the heartbeats that keep proxies from
+    /// closing streams), and the next wake-up or heartbeat reads again.
     async fn missed_any(&self) -> bool {
-        let after = self
-            .log
-            .events_between(
+        let after = timeout(
+            MISSED_CHECK_TIMEOUT,
+            self.log.events_between(
                 &self.filter.tenant,
                 self.filter.webhook.as_ref(),
                 self.cursor,
                 i64::MAX,
                 1,
-            )
-            .await;
+            ),
+        )
+        .await;
         match after {
-            Ok(after) => !after.is_empty(),
-            Err(e) => {
+            Ok(Ok(after)) => !after.is_empty(),
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "event stream: the heartbeat's check of the store failed");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("event stream: the heartbeat's check of the store timed out");
                 false
             }
         }
@@ -515,6 +526,8 @@ mod tests {
         id_reads: std::sync::atomic::AtomicUsize,
         /// Reads of a tenant's events fail while set.
         events_fail: std::sync::atomic::AtomicBool,
+        /// Reads of a tenant's events take 10 s while set.
+        events_slow: std::sync::atomic::AtomicBool,
     }
 
     impl FakeLog {
@@ -555,6 +568,9 @@ mod tests {
         ) -> Result<Vec<Event>, String> {
             if self.events_fail.load(Ordering::Relaxed) {
                 return Err("the store is down".into());
+            }
+            if self.events_slow.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(10)).await;
             }
             Ok(self
                 .visible()
@@ -597,6 +613,23 @@ mod tests {
             types: vec![],
             statuses: vec![],
         }
+    }
+
+    /// The next event's id, skipping heartbeats; bounded, so that an event
+    /// that never comes fails the test instead of hanging it.
+    async fn next_event_id(s: &mut EventStream) -> i64 {
+        let deadline = Duration::from_secs(5);
+        tokio::time::timeout(deadline, async {
+            loop {
+                match s.next().await {
+                    Some(Ok(StreamItem::Event(e))) => return e.id,
+                    Some(Ok(StreamItem::Heartbeat(_))) => continue,
+                    other => panic!("expected an event, got {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("no event within 5 s")
     }
 
     async fn next_id(s: &mut EventStream) -> i64 {
@@ -779,8 +812,7 @@ mod tests {
     }
 
     /// A live bus whose wake-up never came (lost between processes): the
-    /// event still goes out, at the next heartbeat at the latest, and the
-    /// heartbeat it replaces is not sent.
+    /// event still goes out, at a heartbeat.
     #[tokio::test]
     async fn a_lost_wake_up_is_caught_up_at_the_heartbeat() {
         let log = Arc::new(FakeLog::default());
@@ -793,7 +825,7 @@ mod tests {
         // tenant's ids.
         assert_eq!(log.id_reads.load(Ordering::Relaxed), 0);
         log.events.lock().unwrap().push(event(2, "t"));
-        assert_eq!(next_id(&mut s).await, 2);
+        assert_eq!(next_event_id(&mut s).await, 2);
     }
 
     /// The heartbeat's check of the store failing does not end an idle
@@ -806,7 +838,22 @@ mod tests {
         log.events.lock().unwrap().push(event(1, "t"));
         assert!(matches!(s.next().await, Some(Ok(StreamItem::Heartbeat(_)))));
         log.events_fail.store(false, Ordering::Relaxed);
-        assert_eq!(next_id(&mut s).await, 1);
+        assert_eq!(next_event_id(&mut s).await, 1);
+    }
+
+    /// A store slow to answer the check holds the heartbeat for at most
+    /// `MISSED_CHECK_TIMEOUT` (2 s), not until the store answers.
+    #[tokio::test]
+    async fn a_slow_check_does_not_hold_the_heartbeat() {
+        let log = Arc::new(FakeLog::default());
+        log.events_slow.store(true, Ordering::Relaxed);
+        let mut s = live_stream(&log, Duration::from_millis(50)).await;
+        // Well before the store's 10 s.
+        let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        assert!(
+            matches!(first, Ok(Some(Ok(StreamItem::Heartbeat(_))))),
+            "{first:?}"
+        );
     }
 
     #[tokio::test]
