@@ -119,6 +119,9 @@ mod tests {
     }
 
     async fn one_holder_at_a_time(url: &str) {
+        // Long enough that each step's round trip stays within the lease
+        // on a machine loaded by the tests beside this one.
+        const LEASE: Duration = Duration::from_secs(2);
         let prefix = format!("uh-test-{}", uuid::Uuid::new_v4().simple());
         let target = RedisTarget::parse(url).unwrap();
         let a = RedisLeader::connect(&target, &prefix, "reconciler")
@@ -127,18 +130,12 @@ mod tests {
         let b = RedisLeader::connect(&target, &prefix, "reconciler")
             .await
             .unwrap();
-        assert!(a.try_lead(Duration::from_millis(300)).await);
-        assert!(!b.try_lead(Duration::from_millis(300)).await);
-        assert!(
-            a.try_lead(Duration::from_millis(300)).await,
-            "the holder renews"
-        );
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(
-            b.try_lead(Duration::from_millis(300)).await,
-            "an expired lease is taken over"
-        );
-        assert!(!a.try_lead(Duration::from_millis(300)).await);
+        assert!(a.try_lead(LEASE).await);
+        assert!(!b.try_lead(LEASE).await);
+        assert!(a.try_lead(LEASE).await, "the holder renews");
+        tokio::time::sleep(LEASE + Duration::from_millis(200)).await;
+        assert!(b.try_lead(LEASE).await, "an expired lease is taken over");
+        assert!(!a.try_lead(LEASE).await);
         let mut conn = b.conn.clone();
         let _: () = redis::cmd("DEL")
             .arg(&b.key)

@@ -1765,7 +1765,9 @@ mod tests {
 
     async fn an_entry_of_a_dead_consumer_is_reclaimed_after_the_visibility_timeout(s: Space) {
         let mut cfg = s.cfg("dies");
-        cfg.visibility_timeout = Duration::from_millis(200);
+        // Long enough that the second consumer connects and looks within
+        // it, however loaded the machine.
+        cfg.visibility_timeout = Duration::from_secs(1);
         let dies = RedisQueue::connect(&s.url, cfg.clone()).await.unwrap();
         let (normal, high) = (job(), job_of(Priority::High));
         dies.enqueue(normal.clone(), None).await.unwrap();
@@ -1780,7 +1782,7 @@ mod tests {
             lives.take(2, Duration::ZERO).await.unwrap().is_empty(),
             "not before the visibility timeout"
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(1050)).await;
         // From both streams, high priority first.
         let got = lives.take(2, Duration::from_millis(100)).await.unwrap();
         assert_eq!(

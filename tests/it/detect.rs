@@ -222,13 +222,6 @@ async fn auto_upload_that_never_happens_expires_and_stops_checking(db: &TestDb) 
     wait_for_heads(&app, before + 1).await;
     let expired = wait_for(&app, &app.key_a, &w.id, Status::Expired).await;
     assert_eq!(expired.last_error, "upload not detected before expires_at");
-    // A check claimed just before expiry may still be sending its HEAD.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let checked = app.heads();
-    // No further HEAD, no delivery, nothing owed in the row.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(app.heads(), checked, "no HEAD after expiry");
-    assert!(rx.received().is_empty());
     let tenant = app
         .store()
         .authenticate(&app.key_a, chrono::Utc::now())
@@ -242,12 +235,28 @@ async fn auto_upload_that_never_happens_expires_and_stops_checking(db: &TestDb) 
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(row.next_check_at, None);
+    assert_eq!(row.next_check_at, None, "nothing owed in the row");
+    // Checks are claimed while PENDING, so the count is final now; a check
+    // claimed just before expiry may still be sending its HEAD (for as
+    // long as a loaded machine holds it).
+    let checks = row.check_count as u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app.heads() - before < checks {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{checks} checks claimed, {} HEADs sent",
+            app.heads() - before
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // No further HEAD, no delivery.
+    tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
-        row.check_count as u64,
-        checked - before,
-        "one HEAD per check"
+        app.heads() - before,
+        checks,
+        "one HEAD per check, none after expiry"
     );
+    assert!(rx.received().is_empty());
     app.stop().await;
 }
 

@@ -432,15 +432,25 @@ async fn restart_keeps_queued_webhooks(db: &TestDb) {
 }
 
 async fn attempt_cut_off_by_shutdown_is_sent_again(db: &TestDb) {
-    let mut app = TestApp::start(db, "").await;
+    // The attempt may last 20 s, so that only the shutdown cuts it off,
+    // however late the stop comes on a loaded machine.
+    let cfg = "[delivery]\ntimeout = \"20s\"\n[queue]\nvisibility_timeout = \"40s\"\n";
+    let mut app = TestApp::start(db, cfg).await;
     let root = app.s3_root.clone();
     let rx = Receiver::start().await;
     // The receiver holds the first request past the 2 s shutdown grace.
-    rx.hold_next(std::time::Duration::from_secs(6));
+    rx.hold_next(std::time::Duration::from_secs(30));
     let created = create_and_upload(&app, &rx.url, Some(b"x"), None).await;
     let id = created.webhook.unwrap().id;
     confirm(&app, &id, "").await.unwrap();
-    wait_for(&app, &app.key_a, &id, Status::Delivering).await;
+    // In the receiver's hand (claimed DELIVERING before it was sent).
+    while rx.in_flight() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        get(&app, &app.key_a, &id).await.status(),
+        Status::Delivering
+    );
     let key_a = app.key_a.clone();
     app.stop().await;
 
@@ -694,11 +704,16 @@ async fn list_and_cancel(db: &TestDb) {
 /// two slots and one delivery at a time per host, a backlog for a slow
 /// receiver does not stop another receiver's webhook. (Had the waiting
 /// deliveries kept their slots, it would arrive only after most of the
-/// backlog, 3 s each.)
+/// backlog, 10 s each.)
 async fn a_slow_host_does_not_hold_up_other_hosts(db: &TestDb) {
-    let mut app = TestApp::start(db, "[worker]\nconcurrency = 2\nper_host_concurrency = 1\n").await;
+    // Held 10 s each (an attempt may take 30 s here), so that the seven
+    // webhooks are created well within the second slow delivery, however
+    // slow the machine.
+    let cfg = "[worker]\nconcurrency = 2\nper_host_concurrency = 1\n\
+               [delivery]\ntimeout = \"30s\"\n[queue]\nvisibility_timeout = \"60s\"\n";
+    let mut app = TestApp::start(db, cfg).await;
     let slow = Receiver::start().await;
-    slow.hold_every(std::time::Duration::from_secs(3));
+    slow.hold_every(std::time::Duration::from_secs(10));
     let fast = Receiver::start().await;
     for i in 0..6 {
         create_confirmed(&app, &slow.url, &format!("slow-{i}.txt")).await;
@@ -742,8 +757,14 @@ async fn deliveries_to_one_host_stay_within_its_limit(db: &TestDb) {
 /// it is in hand, and the one after it waits unclaimed (room for two).
 /// Each still arrives once, one at a time.
 async fn the_host_limit_is_on_requests_not_on_claims(db: &TestDb) {
-    let mut app = TestApp::start(db, "[worker]\nconcurrency = 8\nper_host_concurrency = 1\n").await;
+    // The first request is held 6 s (an attempt may take 15 s here), so
+    // that the other two are created and claimed while it is in hand
+    // however slow the machine; the others 700 ms each.
+    let cfg = "[worker]\nconcurrency = 8\nper_host_concurrency = 1\n\
+               [delivery]\ntimeout = \"15s\"\n[queue]\nvisibility_timeout = \"30s\"\n";
+    let mut app = TestApp::start(db, cfg).await;
     let rx = Receiver::start().await;
+    rx.hold_next(std::time::Duration::from_secs(6));
     rx.hold_every(std::time::Duration::from_millis(700));
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -781,19 +802,21 @@ async fn the_host_limit_is_on_requests_not_on_claims(db: &TestDb) {
 
 /// A delivery waits at most 5 s for room at its host; then its job goes
 /// back to the queue and comes round again. With one request at a time and
-/// the first held for 8 s, the second is claimed and waits for the request
+/// the first held for 12 s, the second is claimed and waits for the request
 /// (room for two), the third waits out its 5 s and is put back (stored
 /// VERIFIED, where it rests only when put back: a claim goes through
 /// VERIFIED to DELIVERING in one write), and all three still arrive, once
 /// each, one at a time. Had the wait no bound, the third would stay
 /// VERIFYING until the first is answered.
 async fn a_delivery_that_waits_too_long_for_its_host_is_put_back(db: &TestDb) {
-    // An attempt may take 15 s here (the tests' default is 5 s).
+    // An attempt may take 20 s here (the tests' default is 5 s). The
+    // first is held 12 s: the third's 5 s wait begins once it is created,
+    // which a loaded machine may take seconds to do.
     let cfg = "[worker]\nconcurrency = 4\nper_host_concurrency = 1\n\
-               [delivery]\ntimeout = \"15s\"\n[queue]\nvisibility_timeout = \"30s\"\n";
+               [delivery]\ntimeout = \"20s\"\n[queue]\nvisibility_timeout = \"40s\"\n";
     let mut app = TestApp::start(db, cfg).await;
     let rx = Receiver::start().await;
-    rx.hold_next(std::time::Duration::from_secs(8));
+    rx.hold_next(std::time::Duration::from_secs(12));
     let first = create_confirmed(&app, &rx.url, "first.txt").await;
     // The first is in flight (held) before the others arrive.
     while rx.received().is_empty() {
@@ -813,7 +836,7 @@ async fn a_delivery_that_waits_too_long_for_its_host_is_put_back(db: &TestDb) {
     }
     assert!(
         put_back,
-        "no delivery was put back while the first was held for 8 s"
+        "no delivery was put back while the first was held for 12 s"
     );
     assert_each_delivered_once(&app, &rx, &mut ids).await;
     assert_eq!(rx.max_in_flight(), 1);
@@ -829,9 +852,13 @@ async fn a_delivery_that_waits_too_long_for_its_host_is_put_back(db: &TestDb) {
 /// at the host, and is put back VERIFIED. Cut off while waiting, they
 /// would still be DELIVERING and VERIFYING.
 async fn a_stopping_worker_puts_back_what_waits_for_its_host(db: &TestDb) {
-    let mut app = TestApp::start(db, "[worker]\nper_host_concurrency = 1\n").await;
+    // The first attempt may last 30 s, so that only the shutdown cuts it
+    // off, however late the stop comes on a loaded machine.
+    let cfg = "[worker]\nper_host_concurrency = 1\n\
+               [delivery]\ntimeout = \"30s\"\n[queue]\nvisibility_timeout = \"60s\"\n";
+    let mut app = TestApp::start(db, cfg).await;
     let rx = Receiver::start().await;
-    rx.hold_next(std::time::Duration::from_secs(6));
+    rx.hold_next(std::time::Duration::from_secs(40));
     create_confirmed(&app, &rx.url, "first.txt").await;
     while rx.received().is_empty() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -847,7 +874,7 @@ async fn a_stopping_worker_puts_back_what_waits_for_its_host(db: &TestDb) {
     while app.heads() < 3 || uploadhook::metrics::METRICS.host_waiting.get() < 2 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     app.stop().await;
 
     let conn = sea_orm::Database::connect(&db.url).await.unwrap();

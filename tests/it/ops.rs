@@ -120,7 +120,10 @@ fn sample(text: &str, prefix: &str, having: &[&str]) -> Option<f64> {
 }
 
 async fn metrics_count_what_happened(db: &TestDb) {
-    let mut app = TestApp::start(db, "").await;
+    // An attempt may take 15 s here: the held one below stays in hand
+    // while the metrics are read, however slow the machine.
+    let cfg = "[delivery]\ntimeout = \"15s\"\n[queue]\nvisibility_timeout = \"30s\"\n";
+    let mut app = TestApp::start(db, cfg).await;
     let rx = Receiver::start().await;
     let created = create_and_upload(&app, &rx.url, Some(b"hello"), None).await;
     let id = created.webhook.unwrap().id;
@@ -184,11 +187,14 @@ async fn metrics_count_what_happened(db: &TestDb) {
 
     // While a delivery is held by the receiver, its job is in the queue
     // (taken, not acked) and the webhook is DELIVERING.
-    rx.hold_next(std::time::Duration::from_secs(3));
+    rx.hold_next(std::time::Duration::from_secs(6));
     let held = create_and_upload(&app, &rx.url, Some(b"held"), None).await;
     let held_id = held.webhook.unwrap().id;
     confirm(&app, &held_id, "").await.unwrap();
-    wait_for(&app, &app.key_a, &held_id, Status::Delivering).await;
+    // In the receiver's hand (claimed DELIVERING before it was sent).
+    while rx.in_flight() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let text = http
         .get(app.http_url("/metrics"))
         .send()

@@ -34,9 +34,14 @@ async fn dead_letter(app: &TestApp, rx: &Receiver) -> String {
 async fn a_dead_letter_is_redriven_once_by_itself(db: &TestDb) {
     let mut app = TestApp::start(db, AUTO).await;
     let rx = Receiver::start().await;
-    let id = dead_letter(&app, &rx).await;
-    // The receiver is fixed; nobody calls Redeliver.
-    rx.always(None);
+    // Three failures dead-letter it, then the receiver is fixed; nobody
+    // calls Redeliver. (The plan, not a switch flipped once DEAD_LETTER
+    // is seen: the redrive comes 1 s later, and a loaded machine may see
+    // the status later than that, or not at all.)
+    rx.answer(&[500, 500, 500]);
+    let created = create_and_upload(&app, &rx.url, Some(b"x"), None).await;
+    let id = created.webhook.unwrap().id;
+    confirm(&app, &id, "").await.unwrap();
     let w = wait_for(&app, &app.key_a, &id, Status::Completed).await;
     assert_eq!(w.attempt_count, 4, "3 failed + 1 after the redrive");
     let tenant = app
@@ -86,7 +91,7 @@ async fn bulk_redrive_takes_what_the_filter_says(db: &TestDb) {
     // No automatic redrive here: only the command moves them.
     let mut app = TestApp::start(
         db,
-        "[delivery]\nauto_redrive_after = \"off\"\ntimeout = \"1s\"\n[queue]\nreconcile_every = \"200ms\"\nvisibility_timeout = \"2s\"\n",
+        "[delivery]\nauto_redrive_after = \"off\"\ntimeout = \"3s\"\n[queue]\nreconcile_every = \"200ms\"\nvisibility_timeout = \"4s\"\n",
     )
     .await;
     let rx = Receiver::start().await;

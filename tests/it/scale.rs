@@ -174,10 +174,14 @@ async fn one_api_two_workers_deliver_each_webhook_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_workers_attempt_is_taken_over() {
-    // Short timeouts so that the takeover happens within the test. The job
-    // comes back after 3 s, past the 2 s an attempt may take (a wait for
-    // a request at its host, then the POST).
-    let fast = "[delivery]\ntimeout = \"1s\"\n[queue]\nvisibility_timeout = \"3s\"\n";
+    // The job comes back 9 s after it was taken, past the 6 s an attempt
+    // may take (a wait for a request at its host, then the POST), so
+    // that the survivor takes the attempt over within the test. The crash
+    // must come before the attempt's own timeout (3 s), or the crashing
+    // worker records a failed attempt first: the test waits for the
+    // request at the receiver, not for the status, so that a loaded
+    // machine leaves it seconds, not a poll.
+    let fast = "[delivery]\ntimeout = \"3s\"\n[queue]\nvisibility_timeout = \"9s\"\n";
     let Some(d) = Deployment::new(fast).await else {
         return;
     };
@@ -186,10 +190,21 @@ async fn a_crashed_workers_attempt_is_taken_over() {
     rx.hold_next(Duration::from_secs(30));
     let crashing = d.worker(fast).await;
     let id = d.create_confirmed(&rx.url, proto::Priority::Normal).await;
-    d.wait_for(&id, Status::Delivering, Duration::from_secs(20))
-        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while rx.in_flight() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first attempt never reached the receiver"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     // The worker dies mid-attempt: its tasks are dropped, nothing is acked.
     drop(crashing);
+    assert_eq!(
+        d.status(&id).await.status(),
+        Status::Delivering,
+        "the crash came before the attempt ended"
+    );
     let survivor = d.worker(fast).await;
     let w = d
         .wait_for(&id, Status::Completed, Duration::from_secs(30))
@@ -208,7 +223,7 @@ async fn a_crashed_workers_attempt_is_taken_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reconciler_requeues_after_redis_loses_its_data() {
-    let fast = "[delivery]\ntimeout = \"1s\"\nretry_schedule = [\"1s\"]\n[queue]\nvisibility_timeout = \"2s\"\n";
+    let fast = "[delivery]\ntimeout = \"3s\"\nretry_schedule = [\"1s\"]\n[queue]\nvisibility_timeout = \"4s\"\n";
     let Some(d) = Deployment::new(fast).await else {
         return;
     };
@@ -313,7 +328,7 @@ async fn redis_down_at_start_then_back_loses_nothing() {
         .unwrap()
         .port();
     let queue = format!(
-        "[delivery]\ntimeout = \"1s\"\n[queue]\nredis_url = \"redis://127.0.0.1:{port}\"\nvisibility_timeout = \"2s\"\n"
+        "[delivery]\ntimeout = \"3s\"\n[queue]\nredis_url = \"redis://127.0.0.1:{port}\"\nvisibility_timeout = \"4s\"\n"
     );
     let Some(d) = Deployment::new(&queue).await else {
         return;
