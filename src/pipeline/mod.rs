@@ -1087,7 +1087,7 @@ impl Pipeline {
         let moved = loop {
             let res = self
                 .writes
-                .transition(
+                .moved(
                     Transition::new(
                         &job.tenant,
                         &job.webhook,
@@ -1112,7 +1112,7 @@ impl Pipeline {
                 Err(e) => return Err(e),
             }
         };
-        Ok(if moved.is_some() { step } else { Step::Ack })
+        Ok(if moved { step } else { Step::Ack })
     }
 
     /// A claimed attempt not sent because the worker is stopping goes back

@@ -82,6 +82,11 @@ pub(crate) struct OwnedTransition {
     redriven_by: Option<RedriveSource>,
     unexpired_at: Option<DateTime<Utc>>,
     through: Option<(Status, &'static str)>,
+    /// Whether its caller wants the moved row back ([`WriteBatcher::moved`]
+    /// does not). A lone write that wants none returns none from the
+    /// database ([`Done::Moved`]); in a group, its row comes back with the
+    /// others' anyway.
+    wants_row: bool,
 }
 
 /// An event row to insert: the index of the write it comes from, its
@@ -89,6 +94,18 @@ pub(crate) struct OwnedTransition {
 type NewEvent = (usize, &'static str, Status, DateTime<Utc>);
 
 impl OwnedTransition {
+    /// One of the events this transition stored, `id` its row's.
+    fn event(&self, id: i64, kind: &str, status: Status) -> Event {
+        Event {
+            id,
+            tenant_id: self.tenant.clone(),
+            webhook_id: self.id.clone(),
+            kind: kind.to_string(),
+            status,
+            occurred_at: self.now,
+        }
+    }
+
     /// The rows that record this transition (write `i` of its group), once
     /// its compare-and-set moved `row`: its events (the `through` event
     /// first), its attempt, the dead letter it opens.
@@ -152,6 +169,7 @@ impl From<Transition<'_>> for OwnedTransition {
             redriven_by: t.redriven_by,
             unexpired_at: t.unexpired_at,
             through: t.through,
+            wants_row: true,
         }
     }
 }
@@ -185,12 +203,54 @@ impl Write {
     }
 }
 
-/// What a committed group did: per write, the row it moved (`None`: its
-/// compare-and-set did not match, or a touch), and the events it stored,
-/// in id order.
+/// What a committed group did: per write, what it did ([`Done`]), and
+/// the events it stored, in id order.
 pub(crate) struct Applied {
-    pub rows: Vec<Option<Webhook>>,
+    pub rows: Vec<Done>,
     pub events: Vec<Event>,
+}
+
+/// What one write did, as its caller hears it. The size of a row, as the
+/// `Option<Webhook>` it replaced: a boxed row would cost an allocation per
+/// answer.
+#[derive(Debug, Clone, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "as large as Option<Webhook>; boxing allocates per answer"
+)]
+pub(crate) enum Done {
+    /// Nothing moved: its compare-and-set did not match (someone else
+    /// moved the webhook first), or it was a touch.
+    Stayed,
+    /// It moved the webhook; its row as stored.
+    Row(Webhook),
+    /// It moved the webhook; the row was not read back, as the write asked
+    /// (a lone write's `UPDATE` returns none of its 41 columns then).
+    Moved,
+}
+
+impl Done {
+    pub(crate) fn moved(&self) -> bool {
+        !matches!(self, Done::Stayed)
+    }
+
+    pub(crate) fn row(&self) -> Option<&Webhook> {
+        match self {
+            Done::Row(w) => Some(w),
+            Done::Stayed | Done::Moved => None,
+        }
+    }
+
+    /// The row, for a write that wanted it back.
+    pub(crate) fn into_row(self) -> Result<Option<Webhook>> {
+        match self {
+            Done::Stayed => Ok(None),
+            Done::Row(w) => Ok(Some(w)),
+            Done::Moved => Err(StoreError::Corrupt(
+                "a write that wanted its row back was answered without it".into(),
+            )),
+        }
+    }
 }
 
 /// A connection a writer of the [`WriteBatcher`] keeps between its groups
@@ -412,7 +472,7 @@ impl Store {
             return Ok(applied);
         }
         let txn = self.db.begin().await?;
-        let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
+        let mut rows: Vec<Done> = vec![Done::Stayed; writes.len()];
         // The compare-and-sets in one statement, when the group allows
         // (see `multirow`; on SQLite too, where each statement is a round
         // trip to the connection's thread that the whole pipeline waits
@@ -444,7 +504,7 @@ impl Store {
             .filter_map(|&i| match &writes[i] {
                 Write::Insert { row, event } => {
                     new_events.push((i, *event, Status::Pending, row.created_at));
-                    rows[i] = Some((**row).clone());
+                    rows[i] = Done::Row((**row).clone());
                     Some((**row).clone().into())
                 }
                 _ => None,
@@ -473,7 +533,9 @@ impl Store {
                 Some(Some(row)) => row,
                 Some(None) => continue, // someone else moved it first
                 None => {
-                    let found = txn.query_all(&update_query(t)).await?;
+                    let found = txn
+                        .query_all(&update_query(t, Query::returning().all()))
+                        .await?;
                     match found.as_slice() {
                         [] => continue, // someone else moved it first
                         [r] => super::decode::webhook(r)?,
@@ -510,7 +572,7 @@ impl Store {
                     .exec(&txn)
                     .await?;
             }
-            rows[i] = Some(row);
+            rows[i] = Done::Row(row);
         }
         if !new_attempts.is_empty() {
             attempts::Entity::insert_many(new_attempts)
@@ -522,7 +584,7 @@ impl Store {
             let items: Vec<(&Webhook, &'static str, Status, DateTime<Utc>)> = new_events
                 .iter()
                 .filter_map(|(i, kind, status, at)| {
-                    rows[*i].as_ref().map(|w| (w, *kind, *status, *at))
+                    rows[*i].row().map(|w| (w, *kind, *status, *at))
                 })
                 .collect();
             insert_events(&txn, &items).await?
@@ -549,7 +611,14 @@ impl Store {
         {
             return Ok(None);
         }
-        let (update_sql, mut values) = update_query(t).build(PostgresQueryBuilder);
+        // The columns the events and the attempt take from the row, when
+        // the caller wants none of it.
+        let returning = if t.wants_row {
+            Query::returning().all()
+        } else {
+            Query::returning().columns([webhooks::Column::Id, webhooks::Column::TenantId])
+        };
+        let (update_sql, mut values) = update_query(t, returning).build(PostgresQueryBuilder);
         let mut param = |v: Value| {
             values.0.push(v);
             format!("${}", values.0.len())
@@ -584,14 +653,17 @@ impl Store {
             ),
         };
         // The events are inserted in the order of `rows` (ORDER BY feeds
-        // the serial in that order) and come back with their ids.
+        // the serial in that order) and come back with their ids, each
+        // with the moved row if the caller wants it (a row per event:
+        // there is one when the row moved, always).
+        let row = if t.wants_row { "u.*, " } else { "" };
         let sql = format!(
             "WITH u AS ({update_sql}), \
              e AS (INSERT INTO events (tenant_id, webhook_id, \"type\", status, occurred_at) \
              SELECT u.tenant_id, u.id, v.kind, v.status, {at} \
              FROM u, (VALUES {}) AS v (ord, kind, status) ORDER BY v.ord \
              RETURNING id, \"type\", status){attempt} \
-             SELECT u.*, e.id AS event_id, e.\"type\" AS event_kind, e.status AS event_status \
+             SELECT {row}e.id AS event_id, e.\"type\" AS event_kind, e.status AS event_status \
              FROM u, e ORDER BY e.id",
             rows.join(", ")
         );
@@ -604,11 +676,15 @@ impl Store {
             .await?;
         let Some(first) = found.first() else {
             return Ok(Some(Applied {
-                rows: vec![None],
+                rows: vec![Done::Stayed],
                 events: Vec::new(),
             }));
         };
-        let row = super::decode::webhook(first)?;
+        let done = if t.wants_row {
+            Done::Row(super::decode::webhook(first)?)
+        } else {
+            Done::Moved
+        };
         let events = found
             .iter()
             .map(|r| {
@@ -616,17 +692,11 @@ impl Store {
                 let kind: String = r.try_get("", "event_kind")?;
                 let status = Status::parse(&status)
                     .ok_or_else(|| StoreError::Corrupt(format!("event status {status}")))?;
-                Ok(event_on(
-                    &row,
-                    r.try_get("", "event_id")?,
-                    &kind,
-                    status,
-                    t.now,
-                ))
+                Ok(t.event(r.try_get("", "event_id")?, &kind, status))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Applied {
-            rows: vec![Some(row)],
+            rows: vec![done],
             events,
         }))
     }
@@ -639,7 +709,7 @@ impl Store {
     }
 
     /// One write in its own transaction, its events published after commit.
-    async fn write_one(&self, write: &Write) -> Result<Option<Webhook>> {
+    async fn write_one(&self, write: &Write) -> Result<Done> {
         if let Write::Touch {
             tenant,
             id,
@@ -651,17 +721,20 @@ impl Store {
             touch_query(tenant, id, *status, *now)
                 .exec(&self.db)
                 .await?;
-            return Ok(None);
+            return Ok(Done::Stayed);
         }
         let applied = self.write_group(std::slice::from_ref(write)).await?;
         self.publish_all(applied.events);
-        Ok(applied.rows.into_iter().next().flatten())
+        Ok(applied.rows.into_iter().next().unwrap_or(Done::Stayed))
     }
 }
 
 /// The compare-and-set of a transition: `UPDATE webhooks … WHERE id AND
-/// tenant_id AND status IN (from) [AND …] RETURNING *`.
-fn update_query(t: &OwnedTransition) -> sea_orm::sea_query::UpdateStatement {
+/// tenant_id AND status IN (from) [AND …] RETURNING …` (`returning`).
+fn update_query(
+    t: &OwnedTransition,
+    returning: sea_orm::sea_query::ReturningClause,
+) -> sea_orm::sea_query::UpdateStatement {
     let mut update = webhooks::Entity::update_many()
         .col_expr(webhooks::Column::Status, Expr::value(t.to.as_str()))
         .col_expr(webhooks::Column::UpdatedAt, Expr::value(t.now));
@@ -679,7 +752,7 @@ fn update_query(t: &OwnedTransition) -> sea_orm::sea_query::UpdateStatement {
         .filter(webhooks::Column::TenantId.eq(t.tenant.as_str()))
         .filter(webhooks::Column::Status.is_in(t.from.iter().map(|s| s.as_str())))
         .into_query();
-    update.returning_all();
+    update.returning(returning);
     update
 }
 
@@ -817,7 +890,7 @@ fn same_error(e: &StoreError) -> StoreError {
 
 struct Pending {
     write: Write,
-    reply: oneshot::Sender<Result<Option<Webhook>>>,
+    reply: oneshot::Sender<Result<Done>>,
 }
 
 /// Writes jobs' status changes in groups (see the module doc). Cheap to
@@ -899,7 +972,17 @@ impl WriteBatcher {
 
     /// [`Store::transition`], written in a group.
     pub async fn transition(&self, t: Transition<'_>) -> Result<Option<Webhook>> {
-        self.submit(Write::Transition(t.into())).await
+        self.submit(Write::Transition(t.into())).await?.into_row()
+    }
+
+    /// [`WriteBatcher::transition`] for a caller that needs only to know
+    /// whether the webhook moved: `true` if it did. Written alone, the
+    /// write reads none of the row back (a delivery's outcome, the last
+    /// write of each webhook, needs nothing of it).
+    pub async fn moved(&self, t: Transition<'_>) -> Result<bool> {
+        let mut t = Box::new(OwnedTransition::from(t));
+        t.wants_row = false;
+        Ok(self.submit(Write::Transition(t)).await?.moved())
     }
 
     /// [`Store::create_webhook`]. On SQLite, a webhook without an
@@ -927,6 +1010,7 @@ impl WriteBatcher {
             })
             .await?;
         written
+            .into_row()?
             .map(super::Created::New)
             .ok_or_else(|| StoreError::Corrupt("a grouped insert answered no row".into()))
     }
@@ -949,7 +1033,7 @@ impl WriteBatcher {
         .map(|_| ())
     }
 
-    async fn submit(&self, write: Write) -> Result<Option<Webhook>> {
+    async fn submit(&self, write: Write) -> Result<Done> {
         let Some(tx) = &self.tx else {
             return self.store.write_one(&write).await;
         };
@@ -1589,6 +1673,35 @@ mod tests {
             .unwrap()
     }
 
+    /// [`delivered`], for a caller that wants no row back.
+    fn bare(tenant: &TenantId, id: &WebhookId) -> Write {
+        let mut w = delivered(tenant, id);
+        if let Write::Transition(t) = &mut w {
+            t.wants_row = false;
+        }
+        w
+    }
+
+    /// On SQLite a lone write that wants no row back returns its id alone.
+    #[tokio::test]
+    async fn a_lone_write_on_sqlite_that_wants_no_row_returns_its_id_alone() {
+        let (db, store, t) = one_sqlite_connection().await;
+        let id = webhook(&store, &t, Status::Delivering).await;
+        let applied = store.write_group(&[bare(&t, &id)]).await.unwrap();
+        assert_eq!(applied.rows, [Done::Moved]);
+        let stmts = statements(&store).await;
+        let updates: Vec<&str> = stmts
+            .iter()
+            .map(|s| s.sql.as_str())
+            .filter(|sql| sql.starts_with("UPDATE"))
+            .collect();
+        assert!(
+            matches!(updates.as_slice(), [u] if u.ends_with("RETURNING \"id\"")),
+            "{updates:?}"
+        );
+        db.cleanup().await;
+    }
+
     fn delivered(tenant: &TenantId, id: &WebhookId) -> Write {
         let now = Utc::now();
         Write::Transition(
@@ -1635,7 +1748,7 @@ mod tests {
         ];
         for writes in &groups {
             let applied = store.write_group(writes).await.unwrap();
-            assert!(applied.rows.iter().all(Option::is_some));
+            assert!(applied.rows.iter().all(Done::moved));
             assert_eq!(applied.events.len(), writes.len());
         }
         let stmts = statements(&store).await;
@@ -1698,7 +1811,7 @@ mod tests {
         );
         let applied = store.write_group(&[claim]).await.unwrap();
         assert_eq!(
-            applied.rows[0].as_ref().map(|w| w.status.as_str()),
+            applied.rows[0].row().map(|w| w.status.as_str()),
             Some(Status::Delivering.as_str())
         );
         let kinds: Vec<(&str, Status)> = applied
@@ -1726,7 +1839,7 @@ mod tests {
         assert_eq!(stored, answered);
         let applied = store.write_group(&[dead]).await.unwrap();
         assert_eq!(
-            applied.rows[0].as_ref().map(|w| w.status.as_str()),
+            applied.rows[0].row().map(|w| w.status.as_str()),
             Some(Status::DeadLetter.as_str())
         );
         assert_eq!(applied.events.len(), 1);
@@ -1749,7 +1862,7 @@ mod tests {
         // No longer DELIVERING: nothing moves, nothing is stored.
         let again = delivered(&t, &delivering);
         let applied = store.write_group(&[again]).await.unwrap();
-        assert!(applied.rows[0].is_none() && applied.events.is_empty());
+        assert!(applied.rows[0] == Done::Stayed && applied.events.is_empty());
         assert_eq!(store.attempts(&t, &delivering).await.unwrap().len(), 1);
         assert_eq!(store.dead_letters(&t, &delivering).await.unwrap().len(), 1);
         assert_eq!(stored_events(&store, &t, &delivering).await.len(), 2);
@@ -1833,7 +1946,7 @@ mod tests {
         // The connection works on: the same groups, now allowed.
         for writes in [first(), second()] {
             let applied = store.write_group(&writes).await.unwrap();
-            assert!(applied.rows.iter().all(Option::is_some));
+            assert!(applied.rows.iter().all(Done::moved));
         }
         assert_eq!(status(&new_id).await, Status::Pending.as_str());
         assert_eq!(status(&verifying).await, Status::Verified.as_str());
@@ -1953,10 +2066,10 @@ mod tests {
         };
         // One alone (its own statement), four in a group.
         let alone = store.write_group(&[verified(&ids[0])]).await.unwrap();
-        assert!(alone.rows[0].is_some());
+        assert!(alone.rows[0].moved());
         let writes: Vec<Write> = ids[1..].iter().map(verified).collect();
         let applied = store.write_group(&writes).await.unwrap();
-        assert!(applied.rows.iter().all(Option::is_some));
+        assert!(applied.rows.iter().all(Done::moved));
         assert_eq!(applied.events.len(), 4);
 
         let stmts = statements(&store).await;
@@ -2060,7 +2173,82 @@ mod tests {
         inserts_in_a_group_store_rows_and_events,
         creates_are_grouped_on_sqlite_only_without_a_key,
         rows_decode_as_sea_orm_decodes_them,
+        a_write_that_wants_no_row_stores_all_and_reads_none,
     );
+
+    /// [`WriteBatcher::moved`]'s write (a delivery's outcome) stores what
+    /// [`WriteBatcher::transition`]'s does, and is answered without its
+    /// row when alone (its `UPDATE` returns the id alone, or on PostgreSQL
+    /// the two columns its inserts take); in a group, whose one `UPDATE`
+    /// returns the rows of all its writes, it comes with its row. Another
+    /// tenant's webhook, or one no longer in a `from` status, answers that
+    /// nothing moved.
+    async fn a_write_that_wants_no_row_stores_all_and_reads_none(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let a = tenant(&store, "a").await;
+        let b = tenant(&store, "b").await;
+        let alone = webhook(&store, &a, Status::Delivering).await;
+        let applied = store.write_group(&[bare(&a, &alone)]).await.unwrap();
+        assert_eq!(applied.rows, [Done::Moved]);
+        assert_eq!(applied.events.len(), 1);
+        let ev = &applied.events[0];
+        assert_eq!(
+            (&ev.tenant_id, &ev.webhook_id, ev.kind.as_str(), ev.status),
+            (&a, &alone, event_type::DELIVERED, Status::Completed)
+        );
+        let stored = store.events_after(&a, Some(&alone), 0, 10).await.unwrap();
+        assert_eq!(stored.last().map(|e| e.id), Some(ev.id));
+        let w = store.find_webhook(&a, &alone).await.unwrap().unwrap();
+        assert_eq!(w.status, Status::Completed.as_str());
+        let attempts = store.attempts(&a, &alone).await.unwrap();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].response_status, Some(200));
+        // Moved already; another tenant's: nothing moves, nothing stored.
+        let others = webhook(&store, &b, Status::Delivering).await;
+        for (tenant, id) in [(&a, &alone), (&a, &others)] {
+            let applied = store.write_group(&[bare(tenant, id)]).await.unwrap();
+            assert_eq!(applied.rows, [Done::Stayed]);
+            assert!(applied.events.is_empty());
+        }
+        assert_eq!(store.attempts(&a, &alone).await.unwrap().len(), 1);
+        let w = store.find_webhook(&b, &others).await.unwrap().unwrap();
+        assert_eq!(w.status, Status::Delivering.as_str());
+        // In a group: with its row, as the other write.
+        let (x, y) = (
+            webhook(&store, &a, Status::Delivering).await,
+            webhook(&store, &a, Status::Delivering).await,
+        );
+        let applied = store
+            .write_group(&[bare(&a, &x), delivered(&a, &y)])
+            .await
+            .unwrap();
+        for (done, id) in applied.rows.iter().zip([&x, &y]) {
+            let row = done.row().expect("moved, with its row");
+            assert_eq!(
+                (row.id.as_str(), row.status.as_str()),
+                (id.as_str(), Status::Completed.as_str())
+            );
+        }
+        // Through the batcher: whether it moved.
+        let batcher = WriteBatcher::start(store.clone(), 8, 1, Duration::ZERO);
+        let z = webhook(&store, &a, Status::Delivering).await;
+        let outcome = || {
+            Transition::new(
+                &a,
+                &z,
+                &[Status::Delivering],
+                Status::Completed,
+                event_type::DELIVERED,
+                Utc::now(),
+            )
+        };
+        assert!(batcher.moved(outcome()).await.unwrap());
+        assert!(!batcher.moved(outcome()).await.unwrap());
+        assert_eq!(
+            stored_events(&store, &a, &z).await.last(),
+            Some(&(event_type::DELIVERED.to_string(), Status::Completed))
+        );
+    }
 
     /// `decode::webhook` reads every column as sea-orm's derived decoder
     /// does: a row with every optional column set (each to a value of its
@@ -2302,7 +2490,11 @@ mod tests {
         flush(store, batch, None).await;
         let mut out = Vec::new();
         for a in answers {
-            out.push(a.await.expect("every write is answered"));
+            out.push(
+                a.await
+                    .expect("every write is answered")
+                    .and_then(Done::into_row),
+            );
         }
         out
     }
@@ -2331,12 +2523,12 @@ mod tests {
         let applied = store.write_group(&writes).await.unwrap();
         assert_eq!(applied.rows.len(), writes.len());
         for (i, id) in ids.iter().enumerate() {
-            let row = applied.rows[i].as_ref().expect("moved");
+            let row = applied.rows[i].row().expect("moved");
             assert_eq!(row.id, id.as_str());
             assert_eq!(row.status, Status::Verified.as_str());
             assert_eq!(row.size, Some(i as i64));
         }
-        assert!(applied.rows[40..].iter().all(Option::is_none));
+        assert!(applied.rows[40..].iter().all(|d| *d == Done::Stayed));
         // One event per moved webhook, in id order, naming its webhook.
         assert_eq!(applied.events.len(), 40);
         assert!(applied.events.windows(2).all(|w| w[0].id < w[1].id));
@@ -2427,7 +2619,7 @@ mod tests {
             ),
         ];
         let applied = store.write_group(&writes).await.unwrap();
-        let moved: Vec<bool> = applied.rows.iter().map(Option::is_some).collect();
+        let moved: Vec<bool> = applied.rows.iter().map(Done::moved).collect();
         assert_eq!(moved, [true, false, true, false, true, true, true]);
         for (k, id) in ids.iter().enumerate() {
             let w = store.find_webhook(&t, id).await.unwrap().unwrap();
@@ -2548,7 +2740,7 @@ mod tests {
             redrive,
         ];
         let applied = store.write_group(&writes).await.unwrap();
-        assert!(applied.rows.iter().all(Option::is_some));
+        assert!(applied.rows.iter().all(Done::moved));
         let events = stored_events(&store, &t, &id).await;
         assert_eq!(
             events,
@@ -2726,12 +2918,16 @@ mod tests {
             .write_group(&[claim(&id), claim(&other)])
             .await
             .unwrap();
-        let row = applied.rows[0].as_ref().expect("moved");
+        let row = applied.rows[0].row().expect("moved");
         assert_eq!(
             (row.status.as_str(), row.size),
             (Status::Delivering.as_str(), Some(7))
         );
-        assert!(applied.rows[1].is_none(), "not VERIFYING: nothing stored");
+        assert_eq!(
+            applied.rows[1],
+            Done::Stayed,
+            "not VERIFYING: nothing stored"
+        );
         let published: Vec<_> = applied
             .events
             .iter()
@@ -2817,7 +3013,7 @@ mod tests {
             .write_group(&[Write::Transition(claim().into())])
             .await
             .unwrap();
-        assert!(applied.rows[0].is_none() && applied.events.is_empty());
+        assert!(applied.rows[0] == Done::Stayed && applied.events.is_empty());
         assert_eq!(
             store
                 .events_after(&t, Some(&id), 0, 100)
@@ -2907,7 +3103,7 @@ mod tests {
         let moved: Vec<Option<&str>> = applied
             .rows
             .iter()
-            .map(|r| r.as_ref().map(|w| w.status.as_str()))
+            .map(|r| r.row().map(|w| w.status.as_str()))
             .collect();
         assert_eq!(
             moved,
@@ -3013,7 +3209,7 @@ mod tests {
             verified(&t, &ids[1], 11),
         ];
         let applied = store.write_group(&writes).await.unwrap();
-        let moved: Vec<bool> = applied.rows.iter().map(Option::is_some).collect();
+        let moved: Vec<bool> = applied.rows.iter().map(Done::moved).collect();
         assert_eq!(moved, [true, false, true]);
         assert_eq!(applied.events.len(), 2);
         for (id, size) in [(&ids[0], 10), (&ids[1], 11)] {
@@ -3080,7 +3276,7 @@ mod tests {
         let answered: Vec<&str> = applied
             .rows
             .iter()
-            .map(|r| r.as_ref().unwrap().id.as_str())
+            .map(|r| r.row().unwrap().id.as_str())
             .collect();
         assert_eq!(
             answered,

@@ -936,7 +936,11 @@ impl Store {
             .write_group(&[batch::Write::Transition(t.into())])
             .await?;
         self.publish_all(applied.events);
-        Ok(applied.rows.into_iter().next().flatten())
+        applied
+            .rows
+            .into_iter()
+            .next()
+            .map_or(Ok(None), batch::Done::into_row)
     }
 
     /// The webhooks of these (tenant, id) pairs that exist, in one query

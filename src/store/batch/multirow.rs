@@ -59,7 +59,7 @@ use chrono::SecondsFormat;
 use sea_orm::{ConnectionTrait, IdenStatic, QueryResult, Statement, Value};
 use serde_json::Value as Json;
 
-use super::{Applied, OwnedTransition};
+use super::{Applied, Done, OwnedTransition};
 use crate::store::{Result, StoreError, Webhook, decode, event_on};
 
 /// The database a statement is written for.
@@ -609,7 +609,10 @@ pub(super) async fn write_whole(
     }
     events.sort_unstable_by_key(|e| e.id);
     Ok(Some(Applied {
-        rows: out.into_iter().map(Option::flatten).collect(),
+        rows: out
+            .into_iter()
+            .map(|o| o.flatten().map_or(Done::Stayed, Done::Row))
+            .collect(),
         events,
     }))
 }

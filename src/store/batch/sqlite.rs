@@ -35,19 +35,20 @@
 
 use sea_orm::{
     DbBackend, EntityTrait, QueryResult, QueryTrait, Statement, Value,
-    sea_query::SqliteQueryBuilder,
+    sea_query::{Query, SqliteQueryBuilder},
     sqlx::{Row, sqlite::SqliteRow},
 };
 use tracing::error;
 
 use super::{
-    Applied, NewEvent, OwnedTransition, Write, events_insert, multirow, number_events, update_query,
+    Applied, Done, NewEvent, OwnedTransition, Write, events_insert, multirow, number_events,
+    update_query,
 };
 use crate::{
     domain::Status,
     events::Event,
     store::{
-        Result, StoreError, Webhook, attempts, dead_letters, decode, event_on,
+        Result, StoreError, Webhook, attempts, dead_letters, decode,
         kept::{Db, Lease, Open},
         webhooks,
     },
@@ -86,7 +87,7 @@ impl Command {
 /// no webhook twice) as described in the module's documentation. `None`
 /// when the group needs the general path: nothing was sent then.
 pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<Option<Applied>> {
-    let mut rows: Vec<Option<Webhook>> = vec![None; writes.len()];
+    let mut rows: Vec<Done> = vec![Done::Stayed; writes.len()];
     let mut new_events: Vec<NewEvent> = Vec::new();
     let mut inserts: Vec<webhooks::ActiveModel> = Vec::new();
     let mut ts: Vec<(usize, &OwnedTransition)> = Vec::new();
@@ -94,7 +95,7 @@ pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<
         match &writes[i] {
             Write::Insert { row, event } => {
                 new_events.push((i, *event, Status::Pending, row.created_at));
-                rows[i] = Some((**row).clone());
+                rows[i] = Done::Row((**row).clone());
                 inserts.push((**row).clone().into());
             }
             Write::Transition(t) if !t.from.contains(&Status::DeadLetter) => ts.push((i, &**t)),
@@ -117,7 +118,7 @@ pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<
         [] => {}
         [(i, t)] => {
             moved[*i] = Some(None);
-            let (sql, values) = update_query(t).build(SqliteQueryBuilder);
+            let (sql, values) = update_query(t, Query::returning().all()).build(SqliteQueryBuilder);
             first.push_sql(&sql, values.0);
         }
         _ => {
@@ -148,7 +149,7 @@ pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<
                     &mut new_attempts,
                     &mut new_dead_letters,
                 );
-                rows[i] = Some(row);
+                rows[i] = Done::Row(row);
             }
         }
         if !new_attempts.is_empty() {
@@ -163,7 +164,7 @@ pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<
     }
     let items: Vec<(&Webhook, &'static str, Status, _)> = new_events
         .iter()
-        .filter_map(|(i, kind, status, at)| rows[*i].as_ref().map(|w| (w, *kind, *status, *at)))
+        .filter_map(|(i, kind, status, at)| rows[*i].row().map(|w| (w, *kind, *status, *at)))
         .collect();
     let mut events = Vec::new();
     if !items.is_empty() {
@@ -200,7 +201,7 @@ async fn acquire(db: &Db) -> Result<Lease> {
 /// the row moved, then `COMMIT`:
 ///
 /// ```sql
-/// BEGIN; UPDATE webhooks … RETURNING *;
+/// BEGIN; UPDATE webhooks … RETURNING * (or "id", if the caller wants no row);
 /// INSERT INTO events … SELECT ?, … WHERE changes() = 1
 ///     [UNION ALL SELECT ?, … WHERE changes() = 1] RETURNING id, webhook_id;
 /// [INSERT INTO attempts … SELECT ?, … WHERE changes() > 0;]
@@ -219,11 +220,18 @@ async fn lone(
     mut open: Open,
     i: usize,
     t: &OwnedTransition,
-    mut rows: Vec<Option<Webhook>>,
+    mut rows: Vec<Done>,
 ) -> Result<Applied> {
     let mut command = Command::default();
     command.push_sql("BEGIN", []);
-    let (sql, values) = update_query(t).build(SqliteQueryBuilder);
+    // All of the row, or its id alone: one column, where the events' rows
+    // have two.
+    let returning = if t.wants_row {
+        Query::returning().all()
+    } else {
+        Query::returning().column(webhooks::Column::Id)
+    };
+    let (sql, values) = update_query(t, returning).build(SqliteQueryBuilder);
     command.push_sql(&sql, values.0);
     let kinds: Vec<(&'static str, Status)> = t
         .through
@@ -284,10 +292,10 @@ async fn lone(
     };
     // Committed: the connection goes back.
     open.committed();
-    // The moved row first (all of the webhook's columns), then the
-    // events' ids (two columns).
+    // The moved row first (all of the webhook's columns, or its id), then
+    // the events' ids (two columns).
     let mut found = found.into_iter().peekable();
-    let Some(moved) = found.next_if(|r| r.columns().len() > 2) else {
+    let Some(moved) = found.next_if(|r| r.columns().len() != 2) else {
         if found.peek().is_some() {
             error!(webhook = %t.id, "a lone SQLite write stored events without moving its row");
         }
@@ -299,13 +307,16 @@ async fn lone(
     // A row that does not decode is stored but cannot be answered: the
     // caller gets the error (and a retry finds the row moved), as when
     // the answer to a committed statement is lost.
-    let row = decode::webhook(&QueryResult::from(moved))?;
+    rows[i] = if t.wants_row {
+        Done::Row(decode::webhook(&QueryResult::from(moved))?)
+    } else {
+        Done::Moved
+    };
     let events = kinds
         .iter()
-        .map(|(kind, status)| event_on(&row, 0, kind, *status, t.now))
+        .map(|(kind, status)| t.event(0, kind, *status))
         .collect();
     let events = numbered(rows_of(found.collect()), events);
-    rows[i] = Some(row);
     Ok(Applied { rows, events })
 }
 
