@@ -8,14 +8,17 @@
 //! Each write brings its own values, target status, `from` statuses and
 //! optional conditions as one record; a column that some write of the
 //! group changes is set, in each row, only where that row's write changes
-//! it:
+//! it, as bit `k` of the record's mask `m` says for the group's `k`th
+//! column (one field, however many columns the group's writes change
+//! between them: read field by field on SQLite, a flag per column was
+//! the records' largest part there):
 //!
 //! ```sql
 //! UPDATE webhooks AS w SET status = v.to_status, updated_at = v.now,
-//!     size = CASE WHEN v.s0 THEN v.c0 ELSE w.size END, …
+//!     size = CASE WHEN (v.m & 1) <> 0 THEN v.c0 ELSE w.size END, …
 //! FROM jsonb_to_recordset($1::text::jsonb) AS v (idx int4, id text,
 //!     tenant_id text, now timestamptz, to_status text, from_statuses text[],
-//!     s0 bool, c0 int8, …, unchanged_since timestamptz, unexpired_at timestamptz)
+//!     m int8, c0 int8, …, unchanged_since timestamptz, unexpired_at timestamptz)
 //! WHERE w.id = ANY (string_to_array($2, ','))
 //!   AND w.id = v.id AND w.tenant_id = v.tenant_id AND w.status = ANY (v.from_statuses)
 //!   [AND (v.unchanged_since IS NULL OR w.updated_at <= v.unchanged_since)]
@@ -126,16 +129,13 @@ impl<'a> Record<'a> {
         self.out.extend_from_slice(b"\":");
     }
 
-    /// `"s3":` followed by `raw`, for the numbered keys of the changed
-    /// columns.
-    fn numbered(&mut self, prefix: char, k: usize, raw: &str) {
+    /// `"c3":`, the key of the group's `k`th changed column.
+    fn column(&mut self, k: usize) {
         self.separate();
-        self.out.push(b'"');
-        self.out.push(prefix as u8);
+        self.out.extend_from_slice(b"\"c");
         self.out
             .extend_from_slice(itoa::Buffer::new().format(k).as_bytes());
         self.out.extend_from_slice(b"\":");
-        self.raw(raw);
     }
 
     fn raw(&mut self, raw: &str) {
@@ -222,6 +222,10 @@ fn records(
         encoded.push(changes);
     }
     columns.sort_unstable();
+    // A bit of the mask per column (an `int8`, whose sign bit stays clear).
+    if columns.len() > 62 {
+        return None;
+    }
     let unchanged_since = ts.iter().any(|(_, t)| t.unchanged_since.is_some());
     let unexpired_at = ts.iter().any(|(_, t)| t.unexpired_at.is_some());
     let attempts = whole && ts.iter().any(|(_, t)| t.attempt.is_some());
@@ -252,12 +256,16 @@ fn records(
             r.string(s.as_str());
         }
         r.out.push(b']');
+        let mask = columns
+            .iter()
+            .enumerate()
+            .filter(|(_, (col, _))| changes.iter().any(|(c, _)| c == col))
+            .fold(0_i64, |m, (k, _)| m | 1 << k);
+        r.number("m", mask);
         for (k, (col, _)) in columns.iter().enumerate() {
-            let change = changes.iter().position(|(c, _)| c == col);
-            r.numbered('s', k, if change.is_some() { "true" } else { "false" });
-            if let Some(at) = change {
+            if let Some(at) = changes.iter().position(|(c, _)| c == col) {
                 let value = changes.swap_remove(at).1;
-                r.numbered('c', k, "");
+                r.column(k);
                 r.value(&value)?;
             }
         }
@@ -328,12 +336,14 @@ pub(super) fn update(
     let mut record = String::from(
         "idx int4, id text, tenant_id text, now timestamptz, to_status text, from_statuses text[]",
     );
+    record.push_str(", m int8");
     for (k, (col, ty)) in columns.iter().enumerate() {
         // Column names are the entity's own, plain identifiers.
         set.push_str(&format!(
-            ", \"{col}\" = CASE WHEN v.s{k} THEN v.c{k} ELSE w.\"{col}\" END"
+            ", \"{col}\" = CASE WHEN (v.m & {}) <> 0 THEN v.c{k} ELSE w.\"{col}\" END",
+            1_i64 << k
         ));
-        record.push_str(&format!(", s{k} bool, c{k} {ty}"));
+        record.push_str(&format!(", c{k} {ty}"));
     }
     let mut filter = String::from(
         "w.\"id\" = ANY (string_to_array($2, ',')) AND w.\"id\" = v.id \
@@ -399,16 +409,16 @@ pub(super) fn update_sqlite(
     let mut set = String::from("\"status\" = v.to_status, \"updated_at\" = v.now");
     let mut fields = String::from(
         "value ->> 'id' AS id, value ->> 'tenant_id' AS tenant_id, value ->> 'now' AS now, \
-         value ->> 'to_status' AS to_status, value -> 'from_statuses' AS from_statuses",
+         value ->> 'to_status' AS to_status, value -> 'from_statuses' AS from_statuses, \
+         value ->> 'm' AS m",
     );
     for (k, (col, _)) in r.columns.iter().enumerate() {
         // Column names are the entity's own, plain identifiers.
         set.push_str(&format!(
-            ", \"{col}\" = CASE WHEN v.s{k} THEN v.c{k} ELSE w.\"{col}\" END"
+            ", \"{col}\" = CASE WHEN (v.m & {}) <> 0 THEN v.c{k} ELSE w.\"{col}\" END",
+            1_i64 << k
         ));
-        fields.push_str(&format!(
-            ", value ->> 's{k}' AS s{k}, value ->> 'c{k}' AS c{k}"
-        ));
+        fields.push_str(&format!(", value ->> 'c{k}' AS c{k}"));
     }
     let mut filter = String::from(
         "w.\"id\" = v.id AND w.\"tenant_id\" = v.tenant_id \
@@ -634,10 +644,11 @@ mod tests {
     /// columns numbered in sorted order, nulls where a value is absent.
     #[test]
     fn records_are_the_json_of_each_write() {
-        let (tenant, a, b) = (
+        let (tenant, a, b, c) = (
             TenantId::from_trusted("t_1".into()),
             WebhookId::from_trusted("wh_a".into()),
             WebhookId::from_trusted("wh_b".into()),
+            WebhookId::from_trusted("wh_c".into()),
         );
         let at = |s: i64| Utc.timestamp_opt(1_700_000_000 + s, 123_456_000).unwrap();
         let first: OwnedTransition = Transition::new(
@@ -675,15 +686,26 @@ mod tests {
         })
         .dead_letter_opt(Some("gave up: \"x\"".into()))
         .into();
-        let ts = [(1, &first), (0, &second)];
+        // One column of the group's three: bit 2 alone.
+        let third: OwnedTransition = Transition::new(
+            &tenant,
+            &c,
+            &[Status::Delivering],
+            Status::Completed,
+            event_type::DELIVERED,
+            at(4),
+        )
+        .changes(Changes::new().set(C::LastError, None::<String>))
+        .into();
+        let ts = [(1, &first), (0, &second), (2, &third)];
         for (d, time) in [
             (Dialect::Postgres, "2023-11-14T22:13:2{}.123456Z"),
             (Dialect::Sqlite, "2023-11-14T22:13:2{}.123456+00:00"),
         ] {
             let t = |s: u32| json!(time.replace("{}", &s.to_string()));
-            let mut out = vec![None; 2];
+            let mut out = vec![None; 3];
             let r = records(&ts, true, d, &mut out).unwrap();
-            assert_eq!(out, vec![Some(None), Some(None)]);
+            assert_eq!(out, vec![Some(None); 3]);
             assert_eq!(
                 r.columns,
                 [
@@ -699,19 +721,23 @@ mod tests {
                     {
                         "idx": 1, "id": "wh_a", "tenant_id": "t_1", "now": t(0),
                         "to_status": "delivering", "from_statuses": ["verified", "verifying"],
-                        "s0": false, "s1": false, "s2": false,
+                        "m": 0,
                         "unchanged_since": t(1), "ev_kind": event_type::DELIVERING,
                         "th_kind": event_type::VERIFIED, "th_status": "verified",
                     },
                     {
                         "idx": 0, "id": "wh_b", "tenant_id": "t_1", "now": t(2),
                         "to_status": "retrying", "from_statuses": ["delivering"],
-                        "s0": true, "c0": 3, "s1": true, "c1": null,
-                        "s2": true, "c2": "a \"quoted\" \\ é\n\u{1}",
+                        "m": 7, "c0": 3, "c1": null, "c2": "a \"quoted\" \\ é\n\u{1}",
                         "ev_kind": event_type::RETRYING,
                         "a_number": 3, "a_started_at": t(3), "a_duration_ms": 12,
                         "a_status": null, "a_body": "<h1>\"no\"</h1>", "a_error": null,
                         "dl_reason": "gave up: \"x\"",
+                    },
+                    {
+                        "idx": 2, "id": "wh_c", "tenant_id": "t_1", "now": t(4),
+                        "to_status": "completed", "from_statuses": ["delivering"],
+                        "m": 4, "c2": null, "ev_kind": event_type::DELIVERED,
                     },
                 ])
             );
