@@ -2077,19 +2077,19 @@ mod tests {
             stmts.iter().filter(|s| f(&s.sql)).map(|s| s.runs).sum()
         };
         assert_eq!(
-            runs(&|sql| sql.starts_with("UPDATE") && sql.contains("json_each")),
+            runs(&|sql| sql.starts_with("UPDATE") && sql.contains("jsonb_each")),
             1,
             "{stmts:#?}"
         );
         assert_eq!(
-            runs(&|sql| sql.starts_with("UPDATE") && !sql.contains("json_each")),
+            runs(&|sql| sql.starts_with("UPDATE") && !sql.contains("jsonb_each")),
             1,
             "only the lone write has an UPDATE of its own: {stmts:#?}"
         );
         assert!(
             stmts
                 .iter()
-                .filter(|s| s.sql.contains("json_each"))
+                .filter(|s| s.sql.contains("jsonb_each"))
                 .all(|s| s.recompiled == 0),
             "the group's UPDATE is compiled once: {stmts:#?}"
         );
