@@ -1966,18 +1966,23 @@ mod tests {
     }
 
     async fn a_cancelled_take_swallows_nothing(s: Space) {
+        // A read left blocking on a kept connection would stay blocked for
+        // the whole `block`, far past the waits below, and take the entry.
         let mut cfg = s.cfg("cancelled");
-        cfg.block = Duration::from_secs(5);
+        cfg.block = Duration::from_secs(30);
         let a = Arc::new(RedisQueue::connect(&s.url, cfg).await.unwrap());
         let b = s.queue("b").await;
         let a2 = a.clone();
-        let taker = tokio::spawn(async move { a2.take(1, Duration::from_secs(5)).await });
+        let taker = tokio::spawn(async move { a2.take(1, Duration::from_secs(30)).await });
         // Let it reach its blocking read, then cancel it as the worker loop
         // does at shutdown.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         taker.abort();
         let _ = taker.await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The dropped connection closes in the background and Redis frees
+        // its blocked read when it reads the close: give a loaded machine
+        // time for both (a read it still held would take the entry).
+        tokio::time::sleep(Duration::from_secs(1)).await;
         b.enqueue(job(), None).await.unwrap();
         let got = b.take(1, Duration::from_millis(500)).await.unwrap();
         assert_eq!(got.len(), 1, "the cancelled read took the entry");
