@@ -298,7 +298,9 @@ async fn subscribed(
                 if bus.strong_count() == 0 {
                     return Ok(());
                 }
-                tokio::time::timeout(TIMEOUTS.response, sink.ping::<String>())
+                // Subscribed, Redis answers `["pong", ""]`, not `PONG`:
+                // any answer but an error will do.
+                tokio::time::timeout(TIMEOUTS.response, sink.ping::<redis::Value>())
                     .await
                     .map_err(|_| anyhow::anyhow!("ping timed out"))??;
             }

@@ -451,6 +451,39 @@ async fn a_lost_redis_subscription_reconnects_by_itself() {
     stop.cancel();
 }
 
+/// The subscriber pings its connection every 5 s to notice one that died
+/// silently. Subscribed, Redis answers a ping with `["pong", ""]`, not
+/// `PONG`: an answer taken for a failure would drop the subscription at
+/// every ping (streams polling for a second of every six, and a warning
+/// each time). It stays live across several pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_outlives_its_pings() {
+    use uploadhook::{
+        events::{EventBus, redis::RedisEventBus},
+        pipeline::redis_conn::RedisTarget,
+    };
+    let Some(url) = crate::helpers::required_env("UPLOADHOOK_TEST_REDIS_URL") else {
+        return;
+    };
+    let prefix = format!("test-bus-{}", uuid::Uuid::new_v4().simple());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let bus =
+        RedisEventBus::start(RedisTarget::parse(&url).unwrap(), &prefix, 16, stop.clone()).unwrap();
+    let _stream = bus.subscribe();
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !bus.live() {
+        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two pings (5 s apart), each answered within the 5 s it may take.
+    let until = tokio::time::Instant::now() + Duration::from_secs(11);
+    while tokio::time::Instant::now() < until {
+        assert!(bus.live(), "the subscription was dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+}
+
 /// A worker-only process publishes its events and does not subscribe: no
 /// stream is served there, and subscribed it would receive and decode
 /// every process's events. An API process still hears it.
