@@ -33,6 +33,7 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use tokio::{
     sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot},
     time::{Instant, sleep, sleep_until, timeout},
@@ -60,9 +61,20 @@ pub trait EventBus: Send + Sync + 'static {
     /// misses events (`RecvError::Lagged`) and must re-read the store.
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>>;
     /// Whether every committed event is being announced. `false` while a
-    /// cross-process bus is disconnected: followers then poll the store.
+    /// cross-process bus is disconnected, or not subscribed because no
+    /// stream listened here: followers then poll the store.
     fn live(&self) -> bool {
         true
+    }
+    /// Resolves when the bus is live, or when it will not be soon: a bus
+    /// that subscribes once a stream listens (the Redis bus) is given
+    /// `within` to do so, one that is disconnected is not waited for.
+    /// Called by a new stream after [`EventBus::subscribe`] and before it
+    /// reads the store, so that its first read comes after the
+    /// subscription. The in-process bus is always live.
+    fn ready(&self, within: Duration) -> BoxFuture<'_, ()> {
+        let _ = within;
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -201,6 +213,11 @@ impl EventStream {
 /// Ids read per query.
 const PAGE: u64 = 500;
 
+/// The longest a new stream waits for its bus to subscribe (a round trip
+/// to Redis on a connected bus) before it reads the store; past that it
+/// starts by polling.
+const READY_WITHIN: Duration = Duration::from_secs(2);
+
 /// The longest the check before a heartbeat (`Follower::missed_any`) may
 /// hold that heartbeat.
 const MISSED_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -223,6 +240,7 @@ pub async fn follow(
     // Subscribed before anything is read: whatever commits from here on
     // wakes the follower, so nothing falls between replay and live.
     let wake = bus.subscribe();
+    bus.ready(READY_WITHIN).await;
     let start = match after {
         Some(after) => after,
         None => log.last_event_id().await?,
@@ -786,6 +804,56 @@ mod tests {
         .await
         .unwrap();
         log.events.lock().unwrap().push(event(1, "t"));
+        assert_eq!(next_id(&mut s).await, 1);
+    }
+
+    /// A new stream reads the store only once its bus is ready (a bus that
+    /// subscribes on demand has subscribed), so that what commits between
+    /// its first read and the subscription is not left to polling.
+    #[tokio::test]
+    async fn a_new_stream_reads_the_store_once_its_bus_is_ready() {
+        struct SlowBus {
+            local: LocalEventBus,
+            ready: tokio::sync::Semaphore,
+            waited: Mutex<Option<Duration>>,
+        }
+        impl EventBus for SlowBus {
+            fn publish(&self, e: Event) {
+                self.local.publish(e)
+            }
+            fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+                self.local.subscribe()
+            }
+            fn ready(&self, within: Duration) -> BoxFuture<'_, ()> {
+                *self.waited.lock().unwrap() = Some(within);
+                Box::pin(async move {
+                    let _ = self.ready.acquire().await;
+                })
+            }
+        }
+        let log = Arc::new(FakeLog::default());
+        log.events.lock().unwrap().push(event(1, "t"));
+        let bus = Arc::new(SlowBus {
+            local: LocalEventBus::new(4),
+            ready: tokio::sync::Semaphore::new(0),
+            waited: Mutex::new(None),
+        });
+        let started = tokio::spawn(follow(
+            log.clone(),
+            bus.clone(),
+            filter("t"),
+            Some(0),
+            cfg(),
+            None,
+            CancellationToken::new(),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(bus.local.has_subscribers(), "subscribed first");
+        assert_eq!(*bus.waited.lock().unwrap(), Some(READY_WITHIN));
+        assert!(!started.is_finished(), "the stream waits for its bus");
+        assert_eq!(log.id_reads.load(Ordering::Relaxed), 0, "read too early");
+        bus.ready.add_permits(1);
+        let mut s = started.await.unwrap().unwrap();
         assert_eq!(next_id(&mut s).await, 1);
     }
 

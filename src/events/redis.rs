@@ -1,7 +1,7 @@
 //! The cross-process bus: Redis pub/sub on `<prefix>:events`.
 //!
 //! Every process keeps its in-process broadcast for its own streams and
-//! also publishes each committed event to Redis; every process that serves
+//! also publishes each committed event to Redis; a process that serves
 //! streams (the API) subscribes and re-broadcasts what other processes
 //! published. A worker-only process serves no stream, so it only publishes
 //! ([`RedisEventBus::publisher`]): subscribed, it would receive and decode
@@ -9,10 +9,18 @@
 //! (followers re-read the store), so a lost message costs latency, never
 //! an event.
 //!
+//! An API process subscribes only while a stream listens in it: from the
+//! first stream's [`EventBus::subscribe`] until [`LINGER`] after the last
+//! one closed. Otherwise every API replica would receive every event of
+//! the deployment (about five per webhook) to drop it unread, and Redis
+//! would send each one to every replica. A new stream waits for the
+//! subscription ([`EventBus::ready`], one round trip) before it reads the
+//! store, so its replay and its live events still meet without a gap.
+//!
 //! Both connections are made in the background and remade by themselves:
 //! the publisher through a reconnecting connection manager, the subscriber
 //! in a loop that pings its connection and starts over when it breaks.
-//! While the subscription is down [`EventBus::live`] is `false` and
+//! While the subscription is down or off [`EventBus::live`] is `false` and
 //! followers poll the store instead. On a Redis Cluster, classic pub/sub
 //! reaches every node's subscribers, so the subscriber uses one connection
 //! to the URL's node.
@@ -26,8 +34,11 @@ use std::{
 };
 
 use chrono::DateTime;
-use futures_util::StreamExt;
-use tokio::sync::{broadcast, mpsc};
+use futures_util::{StreamExt, future::BoxFuture};
+use tokio::{
+    sync::{Notify, broadcast, mpsc, watch},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{Event, EventBus, LocalEventBus};
@@ -51,6 +62,11 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 const OUTBOX: usize = 4096;
 /// Events published in one pipeline at most.
 const PUBLISH_BATCH: usize = 128;
+/// How long an API process stays subscribed after its last stream closed:
+/// a client that reopens its stream at once finds it live.
+pub const LINGER: Duration = Duration::from_secs(5);
+/// How often a subscribed process looks whether a stream still listens.
+const IDLE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub struct RedisEventBus {
     local: LocalEventBus,
@@ -58,7 +74,14 @@ pub struct RedisEventBus {
     origin: String,
     /// `"o":"<origin>"`, as `encode` writes it.
     origin_field: String,
-    live: Arc<AtomicBool>,
+    /// Whether every other process's event reaches this one now: the
+    /// subscription is confirmed.
+    live: watch::Sender<bool>,
+    /// Whether the subscriber holds a connection (subscribed or not): only
+    /// then is a stream's [`EventBus::ready`] worth waiting for.
+    connected: AtomicBool,
+    /// Wakes an idle subscriber when a stream subscribes here.
+    wanted: Arc<Notify>,
 }
 
 impl RedisEventBus {
@@ -103,8 +126,21 @@ impl RedisEventBus {
             outbox,
             origin_field: format!("\"o\":\"{origin}\""),
             origin,
-            live: Arc::new(AtomicBool::new(false)),
+            live: watch::Sender::new(false),
+            connected: AtomicBool::new(false),
+            wanted: Arc::new(Notify::new()),
         })
+    }
+
+    /// Whether the subscriber holds a connection to Redis, subscribed or
+    /// not (a publisher-only bus never does).
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    fn set_live(&self, live: bool) {
+        self.live
+            .send_if_modified(|l| std::mem::replace(l, live) != live);
     }
 
     /// The message of an event: a JSON object written directly (through
@@ -172,11 +208,29 @@ impl EventBus for RedisEventBus {
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.local.subscribe()
+        let rx = self.local.subscribe();
+        // An idle subscriber subscribes; a busy one has nothing to do (one
+        // stored permit at most). On a publisher nothing waits for it.
+        self.wanted.notify_one();
+        rx
     }
 
     fn live(&self) -> bool {
-        self.live.load(Ordering::Relaxed)
+        *self.live.borrow()
+    }
+
+    fn ready(&self, within: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut live = self.live.subscribe();
+            // While connected, the subscription is one round trip away;
+            // without a connection (Redis down, or a publisher-only bus)
+            // the stream polls instead of waiting.
+            let _ = tokio::time::timeout(
+                within,
+                live.wait_for(|l| *l || !self.connected.load(Ordering::SeqCst)),
+            )
+            .await;
+        })
     }
 }
 
@@ -230,20 +284,18 @@ async fn subscribe_loop(
 ) {
     let mut logged = false;
     loop {
-        let Some(live) = bus.upgrade().map(|b| b.live.clone()) else {
-            return;
-        };
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = subscribed(&client, &channel, &bus, &live) => r,
+            r = subscribed(&client, &channel, &bus, &mut logged) => r,
         };
+        let Some(b) = bus.upgrade() else { return };
+        b.connected.store(false, Ordering::SeqCst);
+        // Wakes a stream waiting in `ready` too: no connection, no wait.
+        b.live.send_replace(false);
+        drop(b);
         match result {
             Ok(()) => return, // the bus is gone
             Err(e) => {
-                // A subscription that was up is a fresh loss: say so once.
-                if live.swap(false, Ordering::Relaxed) {
-                    logged = false;
-                }
                 if !logged {
                     tracing::warn!(error = %e, "event bus: Redis subscription lost; streams poll the database until it is back");
                     logged = true;
@@ -257,24 +309,53 @@ async fn subscribe_loop(
     }
 }
 
-/// One subscription, until its connection breaks (`Err`) or the bus is
-/// dropped (`Ok`).
+/// One connection to Redis for the subscription, until it breaks (`Err`)
+/// or the bus is dropped (`Ok`). Subscribed while a stream listens here
+/// (and [`LINGER`] after), unsubscribed otherwise; pinged either way.
+/// `logged` says whether a loss was logged; cleared once connected again.
 async fn subscribed(
     client: &redis::Client,
     channel: &str,
     bus: &std::sync::Weak<RedisEventBus>,
-    live: &AtomicBool,
+    logged: &mut bool,
 ) -> anyhow::Result<()> {
     let pubsub = tokio::time::timeout(TIMEOUTS.connect, client.get_async_pubsub())
         .await
         .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
     let (mut sink, mut stream) = pubsub.split();
-    sink.subscribe(channel).await?;
-    live.store(true, Ordering::Relaxed);
-    tracing::info!("event bus: subscribed to Redis");
+    let Some(wanted) = bus.upgrade().map(|b| {
+        b.connected.store(true, Ordering::SeqCst);
+        b.wanted.clone()
+    }) else {
+        return Ok(());
+    };
+    if std::mem::take(logged) {
+        tracing::info!("event bus: connected to Redis again");
+    }
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
+    let mut idle_check = tokio::time::interval(IDLE_CHECK_EVERY);
+    let mut on = false;
+    let mut idle_since: Option<Instant> = None;
     loop {
+        if !on {
+            let Some(b) = bus.upgrade() else {
+                return Ok(());
+            };
+            if b.local.has_subscribers() {
+                drop(b);
+                tokio::time::timeout(TIMEOUTS.response, sink.subscribe(channel))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("subscribing timed out"))??;
+                let Some(b) = bus.upgrade() else {
+                    return Ok(());
+                };
+                b.set_live(true);
+                on = true;
+                idle_since = None;
+                tracing::debug!("event bus: a stream listens; subscribed to Redis");
+            }
+        }
         tokio::select! {
             msg = stream.next() => {
                 let Some(msg) = msg else {
@@ -282,8 +363,9 @@ async fn subscribed(
                 };
                 let Some(bus) = bus.upgrade() else { return Ok(()) };
                 // With no stream open here, a wake-up has no one to wake:
-                // not decoded (most of an API process's share of the bus).
-                if !bus.local.has_subscribers() {
+                // not decoded (the last messages after an unsubscribe, or
+                // while lingering).
+                if !on || !bus.local.has_subscribers() {
                     continue;
                 }
                 if let Some(event) = msg
@@ -294,12 +376,43 @@ async fn subscribed(
                     bus.local.publish(event);
                 }
             }
+            // A stream subscribed here: the loop's top subscribes.
+            _ = wanted.notified(), if !on => {}
+            _ = idle_check.tick(), if on => {
+                let Some(b) = bus.upgrade() else { return Ok(()) };
+                if b.local.has_subscribers() {
+                    idle_since = None;
+                    continue;
+                }
+                if idle_since.get_or_insert_with(Instant::now).elapsed() < LINGER {
+                    continue;
+                }
+                // Not live first, then the count again: a stream that
+                // subscribes from here on sees `live` false and waits in
+                // `ready` until the loop's top subscribes again; one that
+                // subscribed before is seen here, and the subscription
+                // stays. (The watch's value and the broadcast's count are
+                // each read and written under a lock, so one of the two
+                // sides sees the other.)
+                b.set_live(false);
+                if b.local.has_subscribers() {
+                    b.set_live(true);
+                    idle_since = None;
+                    continue;
+                }
+                drop(b);
+                tokio::time::timeout(TIMEOUTS.response, sink.unsubscribe(channel))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("unsubscribing timed out"))??;
+                on = false;
+                tracing::debug!("event bus: no stream listens; unsubscribed from Redis");
+            }
             _ = ping.tick() => {
                 if bus.strong_count() == 0 {
                     return Ok(());
                 }
-                // Subscribed, Redis answers `["pong", ""]`, not `PONG`:
-                // any answer but an error will do.
+                // Subscribed, Redis answers `["pong", ""]`, otherwise
+                // `PONG`: any answer but an error will do.
                 tokio::time::timeout(TIMEOUTS.response, sink.ping::<redis::Value>())
                     .await
                     .map_err(|_| anyhow::anyhow!("ping timed out"))??;

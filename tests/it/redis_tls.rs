@@ -253,7 +253,9 @@ async fn a_webhook_is_delivered_through_a_redis_that_speaks_only_tls() {
     assert!(ready.text().await.unwrap().contains("queue: ok"));
 
     // Behind the service's back, over TLS too: its keys are in this Redis,
-    // the reconciler's lease among them, and its event bus is subscribed.
+    // the reconciler's lease among them, and its event bus is subscribed
+    // (once a stream listens).
+    let _stream = app.store().bus().subscribe();
     let mut conn = RedisTarget::from_config(&app.config.queue)
         .unwrap()
         .connect(Timeouts {
@@ -275,7 +277,7 @@ async fn a_webhook_is_delivered_through_a_redis_that_speaks_only_tls() {
             .await
             .unwrap();
         let lease = format!("{{{prefix}:jobs}}:lock:reconciler");
-        if keys.contains(&lease) && clients.contains("cmd=subscribe") {
+        if keys.contains(&lease) && clients.contains(" sub=1 ") {
             assert!(
                 keys.contains(&format!("{{{prefix}:jobs}}:stream")),
                 "{keys:?}"
@@ -305,12 +307,14 @@ async fn the_event_bus_and_the_lease_work_over_tls() {
     let stop = tokio_util::sync::CancellationToken::new();
     let a = RedisEventBus::start(target.clone(), &prefix, 16, stop.clone()).unwrap();
     let b = RedisEventBus::start(target.clone(), &prefix, 16, stop.clone()).unwrap();
+    // Each subscribes once a stream of its own listens.
+    let _on_a = a.subscribe();
+    let mut on_b = b.subscribe();
     let deadline = Instant::now() + WITHIN;
     while !(a.live() && b.live()) {
         assert!(Instant::now() < deadline, "the buses never subscribed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut on_b = b.subscribe();
     let event = Event {
         id: 7,
         tenant_id: TenantId::generate(),

@@ -320,15 +320,9 @@ async fn an_event_from_another_process_arrives_on_a_stream() {
         Arc::new(SystemClock),
     )
     .await;
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while !api.store.bus().live() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never subscribed to Redis"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // The worker serves no stream: it publishes and does not subscribe.
+    // No stream listens yet: the API process is not subscribed. The
+    // worker serves no stream: it publishes and never subscribes.
+    assert!(!api.store.bus().live());
     assert!(!worker.store.bus().live());
     let rx = Receiver::start().await;
     let mut client = proto::webhook_service_client::WebhookServiceClient::connect(format!(
@@ -356,6 +350,16 @@ async fn an_event_from_another_process_arrives_on_a_stream() {
         .await
         .unwrap()
         .into_inner();
+    // The stream made the API process subscribe (the stream waited for it
+    // if the subscriber was connected; it may have started just now).
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !api.store.bus().live() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never subscribed to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     client
         .confirm(authed(&key, confirm_request(&id)))
         .await
@@ -430,6 +434,9 @@ async fn a_lost_redis_subscription_reconnects_by_itself() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
+    // A bus subscribes while a stream of its process listens.
+    let mut rx = through_proxy.subscribe();
+    let _on_direct = direct.subscribe();
     let (a, b) = (through_proxy.clone(), direct.clone());
     wait(Box::new(move || a.live() && b.live()), "never subscribed").await;
 
@@ -439,7 +446,6 @@ async fn a_lost_redis_subscription_reconnects_by_itself() {
     let a = through_proxy.clone();
     wait(Box::new(move || a.live()), "never subscribed again").await;
 
-    let mut rx = through_proxy.subscribe();
     let event = bus_event(7);
     direct.publish(event.clone());
     let got = tokio::time::timeout(WITHIN, rx.recv())
@@ -484,13 +490,19 @@ async fn a_subscription_outlives_its_pings() {
     stop.cancel();
 }
 
-/// A worker-only process publishes its events and does not subscribe: no
-/// stream is served there, and subscribed it would receive and decode
-/// every process's events. An API process still hears it.
+/// A worker-only process publishes its events and never subscribes: no
+/// stream is served there, and subscribed it would receive every
+/// process's events. An API process subscribes only while a stream of its
+/// own listens (and `LINGER` after the last one left): an API replica
+/// with no stream open receives nothing. It hears the worker while
+/// subscribed, and subscribes again for the next stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_only_bus_publishes_without_subscribing() {
+async fn a_bus_subscribes_only_while_a_stream_listens() {
     use uploadhook::{
-        events::{EventBus, redis::RedisEventBus},
+        events::{
+            EventBus,
+            redis::{LINGER, RedisEventBus},
+        },
         pipeline::redis_conn::RedisTarget,
     };
     let Some(url) = crate::helpers::required_env("UPLOADHOOK_TEST_REDIS_URL") else {
@@ -501,25 +513,37 @@ async fn a_worker_only_bus_publishes_without_subscribing() {
     let target = || RedisTarget::parse(&url).unwrap();
     let api = RedisEventBus::start(target(), &prefix, 16, stop.clone()).unwrap();
     let worker = RedisEventBus::publisher(target(), &prefix, 16, stop.clone());
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while !api.live() {
-        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(!worker.live());
     let mut conn = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(format!("{prefix}:events"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(subscribers, 1, "only the API process subscribes");
+    let channel = format!("{prefix}:events");
+    let mut subscribers = async || -> i64 {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        n
+    };
+    // Connected, and still not subscribed.
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !api.connected() {
+        assert!(tokio::time::Instant::now() < deadline, "never connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!worker.connected());
+    assert!(!api.live());
+    assert_eq!(subscribers().await, 0, "subscribed with no stream");
+
     let mut rx = api.subscribe();
+    // One round trip once woken; no wait for the 5 s ping to notice.
+    api.ready(Duration::from_secs(2)).await;
+    assert!(api.live(), "ready before subscribing");
+    assert!(!worker.live());
+    assert_eq!(subscribers().await, 1, "only the API process subscribes");
     let event = bus_event(9);
     worker.publish(event.clone());
     let got = tokio::time::timeout(WITHIN, rx.recv())
@@ -527,5 +551,29 @@ async fn a_worker_only_bus_publishes_without_subscribing() {
         .expect("the API process did not hear the worker")
         .unwrap();
     assert_eq!(got.id, event.id);
+
+    // The last stream goes: unsubscribed after the linger, not before.
+    drop(rx);
+    let gone = tokio::time::Instant::now();
+    let deadline = gone + WITHIN;
+    while subscribers().await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never unsubscribed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone.elapsed() >= LINGER, "unsubscribed before the linger");
+    assert!(!api.live());
+
+    // The next stream subscribes again and hears the worker again.
+    let mut rx = api.subscribe();
+    // One round trip once woken; no wait for the 5 s ping to notice.
+    api.ready(Duration::from_secs(2)).await;
+    assert!(api.live(), "not subscribed again");
+    assert_eq!(subscribers().await, 1);
+    worker.publish(bus_event(10));
+    let got = tokio::time::timeout(WITHIN, rx.recv())
+        .await
+        .expect("nothing heard after subscribing again")
+        .unwrap();
+    assert_eq!(got.id, 10);
     stop.cancel();
 }
