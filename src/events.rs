@@ -66,6 +66,13 @@ pub trait EventBus: Send + Sync + 'static {
     fn live(&self) -> bool {
         true
     }
+    /// Changes each time the bus becomes live again (a new subscription):
+    /// what was published before it was not announced here, so a follower
+    /// that saw another value reads the store, even if it never saw
+    /// `live()` false in between.
+    fn epoch(&self) -> u64 {
+        0
+    }
     /// Resolves when the bus is live, or when it will not be soon: a bus
     /// that subscribes once a stream listens (the Redis bus) is given
     /// `within` to do so, one that is disconnected is not waited for.
@@ -241,6 +248,9 @@ pub async fn follow(
     // wakes the follower, so nothing falls between replay and live.
     let wake = bus.subscribe();
     bus.ready(READY_WITHIN).await;
+    // The bus's state as of before the first read: a subscription that
+    // comes up after it makes the first poll read the store again.
+    let seen = (bus.live(), bus.epoch());
     let start = match after {
         Some(after) => after,
         None => log.last_event_id().await?,
@@ -264,7 +274,7 @@ pub async fn follow(
         let _open = OpenStream::new();
         let resume_after = follower.resume_after.clone();
         let stopped = tokio::select! {
-            stopped = follower.run(wake, after.is_some()) => stopped,
+            stopped = follower.run(wake, after.is_some(), seen) => stopped,
             _ = shutdown.cancelled() => Err(Stop::End(StreamEnd::ShuttingDown {
                 resume_after: resume_after.load(Ordering::Relaxed),
             })),
@@ -305,8 +315,8 @@ impl Follower {
         mut self,
         mut wake: broadcast::Receiver<Arc<Event>>,
         replay: bool,
+        mut seen: (bool, u64),
     ) -> Result<(), Stop> {
-        let mut was_live = self.bus.live();
         let mut poll = tokio::time::interval(self.cfg.poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut must_read = replay;
@@ -336,11 +346,13 @@ impl Follower {
                     }
                 },
                 _ = poll.tick() => {
-                    let live = self.bus.live();
-                    // Not live, or just back (what was published while it
-                    // was down was never announced): read the store.
-                    must_read = !live || !was_live || self.gap.is_some();
-                    was_live = live;
+                    let now = (self.bus.live(), self.bus.epoch());
+                    // Not live, or live again since the last look (what
+                    // was published in between was never announced, even
+                    // if the bus was down and back between two ticks):
+                    // read the store.
+                    must_read = !now.0 || now != seen || self.gap.is_some();
+                    seen = now;
                 }
                 _ = sleep_until(heartbeat_at) => {
                     // The store first: while the bus is live, a wake-up
@@ -855,6 +867,57 @@ mod tests {
         bus.ready.add_permits(1);
         let mut s = started.await.unwrap().unwrap();
         assert_eq!(next_id(&mut s).await, 1);
+    }
+
+    /// A bus that went down and came back between two of a follower's
+    /// ticks (it never saw `live()` false) announced nothing in between:
+    /// the new epoch makes the follower read the store.
+    #[tokio::test]
+    async fn a_bus_back_between_two_ticks_makes_the_follower_read() {
+        struct Resubscribed {
+            local: LocalEventBus,
+            epoch: std::sync::atomic::AtomicU64,
+        }
+        impl EventBus for Resubscribed {
+            fn publish(&self, e: Event) {
+                self.local.publish(e)
+            }
+            fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+                self.local.subscribe()
+            }
+            fn epoch(&self) -> u64 {
+                self.epoch.load(Ordering::SeqCst)
+            }
+        }
+        let log = Arc::new(FakeLog::default());
+        let bus = Arc::new(Resubscribed {
+            local: LocalEventBus::new(4),
+            epoch: std::sync::atomic::AtomicU64::new(1),
+        });
+        let mut s = follow(
+            log.clone(),
+            bus.clone(),
+            filter("t"),
+            None,
+            cfg(),
+            None,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        // Stored while the bus was down: never announced.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log.events.lock().unwrap().push(event(1, "t"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), s.next())
+                .await
+                .is_err(),
+            "read without a reason"
+        );
+        bus.epoch.store(2, Ordering::SeqCst);
+        let got = tokio::time::timeout(Duration::from_secs(5), next_id(&mut s)).await;
+        assert_eq!(got.expect("the new epoch was not noticed"), 1);
     }
 
     /// Tenant `t`'s live stream on `log`, through a live bus that nothing

@@ -28,7 +28,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -77,6 +77,8 @@ pub struct RedisEventBus {
     /// Whether every other process's event reaches this one now: the
     /// subscription is confirmed.
     live: watch::Sender<bool>,
+    /// Counts the subscriptions made ([`EventBus::epoch`]).
+    subscriptions: AtomicU64,
     /// Whether the subscriber holds a connection (subscribed or not): only
     /// then is a stream's [`EventBus::ready`] worth waiting for.
     connected: AtomicBool,
@@ -127,6 +129,7 @@ impl RedisEventBus {
             origin_field: format!("\"o\":\"{origin}\""),
             origin,
             live: watch::Sender::new(false),
+            subscriptions: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             wanted: Arc::new(Notify::new()),
         })
@@ -141,6 +144,13 @@ impl RedisEventBus {
     fn set_live(&self, live: bool) {
         self.live
             .send_if_modified(|l| std::mem::replace(l, live) != live);
+    }
+
+    /// Not live any more, and no connection: a stream waiting in `ready`
+    /// stops waiting.
+    fn down(&self) {
+        self.connected.store(false, Ordering::SeqCst);
+        self.live.send_replace(false);
     }
 
     /// The message of an event: a JSON object written directly (through
@@ -219,6 +229,10 @@ impl EventBus for RedisEventBus {
         *self.live.borrow()
     }
 
+    fn epoch(&self) -> u64 {
+        self.subscriptions.load(Ordering::SeqCst)
+    }
+
     fn ready(&self, within: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let mut live = self.live.subscribe();
@@ -285,19 +299,19 @@ async fn subscribe_loop(
     let mut logged = false;
     loop {
         let result = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => Ok(()),
             r = subscribed(&client, &channel, &bus, &mut logged) => r,
         };
+        // Down: a stream opened from here on (during a shutdown's drain
+        // too) polls at once instead of waiting for a subscription.
         let Some(b) = bus.upgrade() else { return };
-        b.connected.store(false, Ordering::SeqCst);
-        // Wakes a stream waiting in `ready` too: no connection, no wait.
-        b.live.send_replace(false);
+        b.down();
         drop(b);
         match result {
-            Ok(()) => return, // the bus is gone
+            Ok(()) => return, // shut down, or the bus is gone
             Err(e) => {
                 if !logged {
-                    tracing::warn!(error = %e, "event bus: Redis subscription lost; streams poll the database until it is back");
+                    tracing::warn!(error = %e, "event bus: Redis connection for the subscription lost; streams poll the database until it is back");
                     logged = true;
                 }
             }
@@ -312,7 +326,8 @@ async fn subscribe_loop(
 /// One connection to Redis for the subscription, until it breaks (`Err`)
 /// or the bus is dropped (`Ok`). Subscribed while a stream listens here
 /// (and [`LINGER`] after), unsubscribed otherwise; pinged either way.
-/// `logged` says whether a loss was logged; cleared once connected again.
+/// `logged` says whether a loss was logged; cleared once subscribed again
+/// (or connected again with no stream that wants a subscription).
 async fn subscribed(
     client: &redis::Client,
     channel: &str,
@@ -329,12 +344,15 @@ async fn subscribed(
     }) else {
         return Ok(());
     };
-    if std::mem::take(logged) {
+    if bus.upgrade().is_some_and(|b| !b.local.has_subscribers()) && std::mem::take(logged) {
         tracing::info!("event bus: connected to Redis again");
     }
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
+    // Only ticks while subscribed: no burst of missed ticks after an idle
+    // spell.
     let mut idle_check = tokio::time::interval(IDLE_CHECK_EVERY);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut on = false;
     let mut idle_since: Option<Instant> = None;
     loop {
@@ -350,10 +368,18 @@ async fn subscribed(
                 let Some(b) = bus.upgrade() else {
                     return Ok(());
                 };
+                // The new epoch before `live`: a follower that sees `live`
+                // true (it reads `live` first) sees the new epoch too.
+                b.subscriptions.fetch_add(1, Ordering::SeqCst);
                 b.set_live(true);
                 on = true;
                 idle_since = None;
-                tracing::debug!("event bus: a stream listens; subscribed to Redis");
+                idle_check.reset();
+                if std::mem::take(logged) {
+                    tracing::info!("event bus: subscribed to Redis again");
+                } else {
+                    tracing::debug!("event bus: a stream listens; subscribed to Redis");
+                }
             }
         }
         tokio::select! {
@@ -412,8 +438,9 @@ async fn subscribed(
                     return Ok(());
                 }
                 // Subscribed, Redis answers `["pong", ""]`, otherwise
-                // `PONG`: any answer but an error will do.
-                tokio::time::timeout(TIMEOUTS.response, sink.ping::<redis::Value>())
+                // `PONG`: any answer but an error will do (`()` takes
+                // both and refuses an error reply).
+                tokio::time::timeout(TIMEOUTS.response, sink.ping::<()>())
                     .await
                     .map_err(|_| anyhow::anyhow!("ping timed out"))??;
             }
