@@ -297,10 +297,11 @@ async fn subscribe_loop(
     shutdown: CancellationToken,
 ) {
     let mut logged = false;
+    let mut first = true;
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => Ok(()),
-            r = subscribed(&client, &channel, &bus, &mut logged) => r,
+            r = subscribed(&client, &channel, &bus, &mut logged, &mut first) => r,
         };
         // Down: a stream opened from here on (during a shutdown's drain
         // too) polls at once instead of waiting for a subscription.
@@ -327,12 +328,14 @@ async fn subscribe_loop(
 /// or the bus is dropped (`Ok`). Subscribed while a stream listens here
 /// (and [`LINGER`] after), unsubscribed otherwise; pinged either way.
 /// `logged` says whether a loss was logged; cleared once subscribed again
-/// (or connected again with no stream that wants a subscription).
+/// (or connected again with no stream that wants a subscription). `first`:
+/// no connection was made yet (the first one is logged).
 async fn subscribed(
     client: &redis::Client,
     channel: &str,
     bus: &std::sync::Weak<RedisEventBus>,
     logged: &mut bool,
+    first: &mut bool,
 ) -> anyhow::Result<()> {
     let pubsub = tokio::time::timeout(TIMEOUTS.connect, client.get_async_pubsub())
         .await
@@ -344,7 +347,9 @@ async fn subscribed(
     }) else {
         return Ok(());
     };
-    if bus.upgrade().is_some_and(|b| !b.local.has_subscribers()) && std::mem::take(logged) {
+    if std::mem::take(first) {
+        tracing::info!("event bus: connected to Redis; subscribed while a stream listens here");
+    } else if bus.upgrade().is_some_and(|b| !b.local.has_subscribers()) && std::mem::take(logged) {
         tracing::info!("event bus: connected to Redis again");
     }
     let mut ping = tokio::time::interval(PING_EVERY);
