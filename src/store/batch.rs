@@ -107,12 +107,12 @@ impl OwnedTransition {
     }
 
     /// The rows that record this transition (write `i` of its group), once
-    /// its compare-and-set moved `row`: its events (the `through` event
-    /// first), its attempt, the dead letter it opens.
+    /// its compare-and-set moved the webhook (whose id and tenant are this
+    /// transition's: the compare-and-set matched them): its events (the
+    /// `through` event first), its attempt, the dead letter it opens.
     fn rows_of_move(
         &self,
         i: usize,
-        row: &Webhook,
         events: &mut Vec<NewEvent>,
         attempts: &mut Vec<attempts::ActiveModel>,
         dead_letters: &mut Vec<dead_letters::ActiveModel>,
@@ -124,7 +124,7 @@ impl OwnedTransition {
         if let Some(a) = &self.attempt {
             attempts.push(attempts::ActiveModel {
                 id: NotSet,
-                webhook_id: Set(row.id.clone()),
+                webhook_id: Set(self.id.as_str().to_string()),
                 number: Set(a.number),
                 started_at: Set(a.started_at),
                 duration_ms: Set(a.duration_ms),
@@ -136,8 +136,8 @@ impl OwnedTransition {
         if let Some(reason) = &self.dead_letter {
             dead_letters.push(dead_letters::ActiveModel {
                 id: NotSet,
-                tenant_id: Set(row.tenant_id.clone()),
-                webhook_id: Set(row.id.clone()),
+                tenant_id: Set(self.tenant.as_str().to_string()),
+                webhook_id: Set(self.id.as_str().to_string()),
                 reason: Set(reason.clone()),
                 created_at: Set(self.now),
                 redriven_at: Set(None),
@@ -201,7 +201,35 @@ impl Write {
             Write::Insert { row, .. } => row.id.as_str(),
         }
     }
+
+    fn tenant(&self) -> &str {
+        match self {
+            Write::Transition(t) => t.tenant.as_str(),
+            Write::Touch { tenant, .. } => tenant.as_str(),
+            Write::Insert { row, .. } => row.tenant_id.as_str(),
+        }
+    }
+
+    /// The event rows of `new_events` whose writes moved their webhooks
+    /// (`rows`: what each write of `writes` did), to insert.
+    fn event_items<'a>(
+        writes: &'a [Write],
+        rows: &[Done],
+        new_events: &[NewEvent],
+    ) -> Vec<EventItem<'a>> {
+        new_events
+            .iter()
+            .filter(|(i, ..)| rows[*i].moved())
+            .map(|&(i, kind, status, at)| {
+                (writes[i].tenant(), writes[i].webhook(), kind, status, at)
+            })
+            .collect()
+    }
 }
+
+/// An event row to insert: its webhook's tenant and id, its type, the
+/// status it records, when.
+pub(super) type EventItem<'a> = (&'a str, &'a str, &'static str, Status, DateTime<Utc>);
 
 /// What a committed group did: per write, what it did ([`Done`]), and
 /// the events it stored, in id order.
@@ -234,6 +262,7 @@ impl Done {
         !matches!(self, Done::Stayed)
     }
 
+    #[cfg(test)]
     pub(crate) fn row(&self) -> Option<&Webhook> {
         match self {
             Done::Row(w) => Some(w),
@@ -478,7 +507,7 @@ impl Store {
         // trip to the connection's thread that the whole pipeline waits
         // for); their rows are then taken below instead of being written
         // one by one.
-        let mut premoved: Option<Vec<Option<Option<Webhook>>>> = None;
+        let mut premoved: Option<Vec<Option<Done>>> = None;
         if writes.len() > 1 && distinct {
             let ts: Option<Vec<(usize, &OwnedTransition)>> = order
                 .iter()
@@ -529,16 +558,16 @@ impl Store {
                 Write::Insert { .. } => continue,
                 Write::Transition(t) => t,
             };
-            let row = match premoved.as_mut().and_then(|p| p[i].take()) {
-                Some(Some(row)) => row,
-                Some(None) => continue, // someone else moved it first
+            let done = match premoved.as_mut().and_then(|p| p[i].take()) {
+                Some(Done::Stayed) => continue, // someone else moved it first
+                Some(done) => done,
                 None => {
                     let found = txn
                         .query_all(&update_query(t, Query::returning().all()))
                         .await?;
                     match found.as_slice() {
                         [] => continue, // someone else moved it first
-                        [r] => super::decode::webhook(r)?,
+                        [r] => Done::Row(super::decode::webhook(r)?),
                         _ => {
                             return Err(StoreError::Corrupt(format!(
                                 "webhook id {} matched {} rows",
@@ -549,13 +578,7 @@ impl Store {
                     }
                 }
             };
-            t.rows_of_move(
-                i,
-                &row,
-                &mut new_events,
-                &mut new_attempts,
-                &mut new_dead_letters,
-            );
+            t.rows_of_move(i, &mut new_events, &mut new_attempts, &mut new_dead_letters);
             if t.from.contains(&Status::DeadLetter) && t.to != Status::DeadLetter {
                 // Leaving DEAD_LETTER (a redrive, or a cancel): close the
                 // open dead-letter rows, saying who redrove them. Rows an
@@ -567,12 +590,12 @@ impl Store {
                         dead_letters::Column::RedrivenBy,
                         Expr::value(t.redriven_by.map(|b| b.as_str().to_string())),
                     )
-                    .filter(dead_letters::Column::WebhookId.eq(row.id.clone()))
+                    .filter(dead_letters::Column::WebhookId.eq(t.id.as_str()))
                     .filter(dead_letters::Column::RedrivenAt.is_null())
                     .exec(&txn)
                     .await?;
             }
-            rows[i] = Done::Row(row);
+            rows[i] = done;
         }
         if !new_attempts.is_empty() {
             attempts::Entity::insert_many(new_attempts)
@@ -580,15 +603,7 @@ impl Store {
                 .await?;
         }
         insert_dead_letters(&txn, &mut new_dead_letters).await?;
-        let events = {
-            let items: Vec<(&Webhook, &'static str, Status, DateTime<Utc>)> = new_events
-                .iter()
-                .filter_map(|(i, kind, status, at)| {
-                    rows[*i].row().map(|w| (w, *kind, *status, *at))
-                })
-                .collect();
-            insert_events(&txn, &items).await?
-        };
+        let events = insert_events(&txn, &Write::event_items(writes, &rows, &new_events)).await?;
         txn.commit().await?;
         Ok(Applied { rows, events })
     }
@@ -781,12 +796,11 @@ async fn insert_dead_letters<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Inserts the event rows of `items` (the webhook as it now is, the event
-/// type, the status the event records, when) with one statement, and
-/// returns them in id order, which is the order of `items`.
+/// Inserts the event rows of `items` with one statement, and returns them
+/// in id order, which is the order of `items`.
 pub(super) async fn insert_events<C: ConnectionTrait>(
     conn: &C,
-    items: &[(&Webhook, &'static str, Status, DateTime<Utc>)],
+    items: &[EventItem<'_>],
 ) -> Result<Vec<Event>> {
     if items.is_empty() {
         return Ok(Vec::new());
@@ -799,7 +813,7 @@ pub(super) async fn insert_events<C: ConnectionTrait>(
 /// (see [`insert_events`]; at least one), and the events it stores, their
 /// ids not yet known (see [`number_events`]).
 fn events_insert(
-    items: &[(&Webhook, &'static str, Status, DateTime<Utc>)],
+    items: &[EventItem<'_>],
 ) -> Result<(sea_orm::sea_query::InsertStatement, Vec<Event>)> {
     let mut insert = Query::insert();
     insert.into_table(events::Entity).columns([
@@ -810,18 +824,18 @@ fn events_insert(
         events::Column::OccurredAt,
     ]);
     let mut out = Vec::with_capacity(items.len());
-    for (w, kind, status, at) in items {
+    for &(tenant, webhook, kind, status, at) in items {
         insert
             .values([
-                Expr::value(w.tenant_id.clone()),
-                Expr::value(w.id.clone()),
-                Expr::value(*kind),
+                Expr::value(tenant),
+                Expr::value(webhook),
+                Expr::value(kind),
                 Expr::value(status.as_str()),
-                Expr::value(*at),
+                Expr::value(at),
             ])
             .map_err(|e| DbErr::Custom(format!("building the events insert: {e}")))?;
         // The id is known once inserted.
-        out.push(event_on(w, 0, kind, *status, *at));
+        out.push(event_on(tenant, webhook, 0, kind, status, at));
     }
     insert.returning(Query::returning().columns([events::Column::Id, events::Column::WebhookId]));
     Ok((insert, out))
@@ -1453,7 +1467,7 @@ mod tests {
             .collect();
         for whole in [false, true] {
             let mut out = vec![None; ts.len()];
-            let (sql, params) = multirow::update(&ts, whole, &mut out).unwrap();
+            let (sql, params) = multirow::update(&ts, whole, whole, &mut out).unwrap();
             // Custom plans (the parameters' values known) and the generic
             // plan a prepared statement settles on after five runs.
             for mode in ["force_custom_plan", "force_generic_plan"] {
@@ -2178,11 +2192,12 @@ mod tests {
 
     /// [`WriteBatcher::moved`]'s write (a delivery's outcome) stores what
     /// [`WriteBatcher::transition`]'s does, and is answered without its
-    /// row when alone (its `UPDATE` returns the id alone, or on PostgreSQL
-    /// the two columns its inserts take); in a group, whose one `UPDATE`
-    /// returns the rows of all its writes, it comes with its row. Another
-    /// tenant's webhook, or one no longer in a `from` status, answers that
-    /// nothing moved.
+    /// row, alone (its `UPDATE` returns the id alone, or on PostgreSQL the
+    /// two columns its inserts take) and in a group (SQLite gives such
+    /// writes an `UPDATE` of their own returning their ids, PostgreSQL
+    /// returns NULL columns for them), beside writes answered with their
+    /// rows. Another tenant's webhook, or one no longer in a `from`
+    /// status, answers that nothing moved.
     async fn a_write_that_wants_no_row_stores_all_and_reads_none(db: &TestDb) {
         let store = db.store(bus()).await;
         let a = tenant(&store, "a").await;
@@ -2213,21 +2228,53 @@ mod tests {
         assert_eq!(store.attempts(&a, &alone).await.unwrap().len(), 1);
         let w = store.find_webhook(&b, &others).await.unwrap().unwrap();
         assert_eq!(w.status, Status::Delivering.as_str());
-        // In a group: with its row, as the other write.
-        let (x, y) = (
-            webhook(&store, &a, Status::Delivering).await,
-            webhook(&store, &a, Status::Delivering).await,
-        );
-        let applied = store
-            .write_group(&[bare(&a, &x), delivered(&a, &y)])
-            .await
-            .unwrap();
-        for (done, id) in applied.rows.iter().zip([&x, &y]) {
-            let row = done.row().expect("moved, with its row");
-            assert_eq!(
-                (row.id.as_str(), row.status.as_str()),
-                (id.as_str(), Status::Completed.as_str())
-            );
+        // In groups: with their rows, and without, beside writes that
+        // do not match; then a group that wants no row at all.
+        for mixed in [true, false] {
+            let mut ids = Vec::new();
+            for _ in 0..4 {
+                ids.push(webhook(&store, &a, Status::Delivering).await);
+            }
+            let theirs = webhook(&store, &b, Status::Delivering).await;
+            let write = |k: usize, id: &WebhookId| {
+                if mixed && k % 2 == 1 {
+                    delivered(&a, id)
+                } else {
+                    bare(&a, id)
+                }
+            };
+            let mut writes: Vec<Write> =
+                ids.iter().enumerate().map(|(k, id)| write(k, id)).collect();
+            // Another tenant's webhook, named by tenant `a`.
+            writes.push(bare(&a, &theirs));
+            let applied = store.write_group(&writes).await.unwrap();
+            for (k, (done, id)) in applied.rows.iter().zip(&ids).enumerate() {
+                if mixed && k % 2 == 1 {
+                    let row = done.row().expect("moved, with its row");
+                    assert_eq!(
+                        (row.id.as_str(), row.status.as_str()),
+                        (id.as_str(), Status::Completed.as_str())
+                    );
+                } else {
+                    assert_eq!(done, &Done::Moved, "write {k}, mixed {mixed}");
+                }
+            }
+            assert_eq!(applied.rows[4], Done::Stayed);
+            // Each moved webhook's event, published with its stored id,
+            // and its attempt.
+            assert_eq!(applied.events.len(), 4);
+            for id in &ids {
+                let ev = applied.events.iter().find(|e| &e.webhook_id == id).unwrap();
+                assert_eq!((&ev.tenant_id, ev.status), (&a, Status::Completed));
+                let stored = store.events_after(&a, Some(id), 0, 10).await.unwrap();
+                assert_eq!(stored.last().map(|e| e.id), Some(ev.id));
+                let w = store.find_webhook(&a, id).await.unwrap().unwrap();
+                assert_eq!(w.status, Status::Completed.as_str());
+                assert_eq!(store.attempts(&a, id).await.unwrap().len(), 1);
+            }
+            let w = store.find_webhook(&b, &theirs).await.unwrap().unwrap();
+            assert_eq!(w.status, Status::Delivering.as_str());
+            assert!(store.attempts(&b, &theirs).await.unwrap().is_empty());
         }
         // Through the batcher: whether it moved.
         let batcher = WriteBatcher::start(store.clone(), 8, 1, Duration::ZERO);

@@ -364,9 +364,11 @@ pub struct KeyGrant {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// Event `id` on webhook `w`: of type `kind`, recording `status`, at `at`.
+/// Event `id` on webhook `webhook` of `tenant`: of type `kind`, recording
+/// `status`, at `at`.
 pub(crate) fn event_on(
-    w: &Webhook,
+    tenant: &str,
+    webhook: &str,
     id: i64,
     kind: &str,
     status: Status,
@@ -374,8 +376,8 @@ pub(crate) fn event_on(
 ) -> Event {
     Event {
         id,
-        tenant_id: TenantId::from_trusted(w.tenant_id.clone()),
-        webhook_id: WebhookId::from_trusted(w.id.clone()),
+        tenant_id: TenantId::from_trusted(tenant.to_string()),
+        webhook_id: WebhookId::from_trusted(webhook.to_string()),
         kind: kind.to_string(),
         status,
         occurred_at: at,
@@ -828,8 +830,11 @@ impl Store {
         if self.db.get_database_backend() != DatabaseBackend::Postgres {
             let txn = self.db.begin().await?;
             txn.execute(&insert).await?;
-            let events =
-                batch::insert_events(&txn, &[(new, event, status, new.created_at)]).await?;
+            let events = batch::insert_events(
+                &txn,
+                &[(&new.tenant_id, &new.id, event, status, new.created_at)],
+            )
+            .await?;
             txn.commit().await?;
             return Ok(events);
         }
@@ -859,7 +864,14 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt("the webhook insert returned no row".into()))?
             .try_get("", "id")?;
-        Ok(vec![event_on(new, id, event, status, new.created_at)])
+        Ok(vec![event_on(
+            &new.tenant_id,
+            &new.id,
+            id,
+            event,
+            status,
+            new.created_at,
+        )])
     }
 
     async fn find_by_idempotency_key(

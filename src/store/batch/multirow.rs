@@ -59,11 +59,11 @@
 //! know.
 
 use chrono::SecondsFormat;
-use sea_orm::{ConnectionTrait, IdenStatic, QueryResult, Statement, Value};
+use sea_orm::{ConnectionTrait, IdenStatic, Iterable, QueryResult, Statement, Value};
 use serde_json::Value as Json;
 
 use super::{Applied, Done, OwnedTransition};
-use crate::store::{Result, StoreError, Webhook, decode, event_on};
+use crate::store::{Result, StoreError, decode, webhooks};
 
 /// The database a statement is written for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -192,13 +192,16 @@ struct Records {
 }
 
 /// Each write of `ts` as one JSON record; `None` when some value cannot be
-/// encoded. `out` gets `Some(None)` at each write's index. With `whole`,
-/// each record also carries its events, attempt and dead letter.
+/// encoded. `out` gets `Some(Done::Stayed)` at each write's index (given,
+/// not yet moved). With `whole`, each record also carries its events,
+/// attempt and dead letter; with `row_flags`, whether its caller wants its
+/// row (`r`).
 fn records(
     ts: &[(usize, &OwnedTransition)],
     whole: bool,
+    row_flags: bool,
     d: Dialect,
-    out: &mut [Option<Option<Webhook>>],
+    out: &mut [Option<Done>],
 ) -> Option<Records> {
     debug_assert!(
         ts.windows(2)
@@ -237,7 +240,7 @@ fn records(
     let mut json = Vec::with_capacity(64 + ts.len() * (160 + 24 * columns.len()));
     json.push(b'[');
     for (n, ((i, t), mut changes)) in ts.iter().zip(encoded).enumerate() {
-        out[*i] = Some(None);
+        out[*i] = Some(Done::Stayed);
         if n > 0 {
             json.push(b',');
         }
@@ -312,6 +315,10 @@ fn records(
         if let (true, Some(reason)) = (dead_letters, &t.dead_letter) {
             r.text("dl_reason", reason);
         }
+        if row_flags {
+            r.key("r");
+            r.raw(if t.wants_row { "true" } else { "false" });
+        }
         r.out.push(b'}');
     }
     json.push(b']');
@@ -331,13 +338,15 @@ fn records(
 /// its two parameters: the records as JSON text, and their webhook ids
 /// separated by commas. With `whole`, each record
 /// also carries its events, attempt and dead letter, returned as `uh_…`
-/// columns for the inserts that follow in [`write_whole`]. `None` when
-/// some value cannot be encoded. `out` gets `Some(None)` at each write's
-/// index.
+/// columns for the inserts that follow in [`write_whole`]; with
+/// `row_flags`, whether its caller wants its row, returned as `uh_row`.
+/// `None` when some value cannot be encoded. `out` gets
+/// `Some(Done::Stayed)` at each write's index.
 pub(super) fn update(
     ts: &[(usize, &OwnedTransition)],
     whole: bool,
-    out: &mut [Option<Option<Webhook>>],
+    row_flags: bool,
+    out: &mut [Option<Done>],
 ) -> Option<(String, [Value; 2])> {
     let Records {
         columns,
@@ -346,7 +355,7 @@ pub(super) fn update(
         unexpired_at,
         attempts,
         dead_letters,
-    } = records(ts, whole, Dialect::Postgres, out)?;
+    } = records(ts, whole, row_flags, Dialect::Postgres, out)?;
     let mut set = String::from("\"status\" = v.to_status, \"updated_at\" = v.now");
     let mut record = String::from(
         "idx int4, id text, tenant_id text, now timestamptz, to_status text, from_statuses text[]",
@@ -395,6 +404,10 @@ pub(super) fn update(
         record.push_str(", dl_reason text");
         returning.push_str(", v.dl_reason AS uh_dl_reason");
     }
+    if row_flags {
+        record.push_str(", r bool");
+        returning.push_str(", v.r AS uh_row");
+    }
     let sql = format!(
         "UPDATE \"webhooks\" AS w SET {set} \
          FROM jsonb_to_recordset($1::text::jsonb) AS v ({record}) \
@@ -416,12 +429,49 @@ pub(super) fn update(
 /// records). Each row moves only where its own id, tenant, `from` statuses
 /// (one text between commas, which no status holds) and conditions match,
 /// as on PostgreSQL; SQLite looks each record's row up in the primary key.
+///
+/// With `split`, the writes whose callers want no row (a delivery's
+/// outcome) get an `UPDATE` of their own that returns only their ids, one
+/// column where a whole row has all of the table's ([`place_sqlite`] tells
+/// them apart by that): SQLite building, sqlx copying and the store
+/// decoding the outcomes' whole rows were 8 % of the embedded process's
+/// instructions at saturation (BENCHMARKS.md, "What limits", item 21).
+/// The statements are returned as one text, their parameters in order.
 /// `None` when some value cannot be encoded.
 pub(super) fn update_sqlite(
     ts: &[(usize, &OwnedTransition)],
-    out: &mut [Option<Option<Webhook>>],
+    split: bool,
+    out: &mut [Option<Done>],
+) -> Option<(String, Vec<Value>)> {
+    if !split || ts.iter().all(|(_, t)| t.wants_row) {
+        let (sql, param) = update_sqlite_one(ts, "*", out)?;
+        return Some((sql, vec![param]));
+    }
+    let (rows, ids): (Vec<_>, Vec<_>) = ts.iter().partition(|(_, t)| t.wants_row);
+    let mut sql = String::new();
+    let mut params = Vec::with_capacity(2);
+    for (part, returning) in [(rows, "*"), (ids, "\"id\"")] {
+        if part.is_empty() {
+            continue;
+        }
+        let (one, param) = update_sqlite_one(&part, returning, out)?;
+        if !sql.is_empty() {
+            sql.push_str("; ");
+        }
+        sql.push_str(&one);
+        params.push(param);
+    }
+    Some((sql, params))
+}
+
+/// One `UPDATE` of [`update_sqlite`], for the writes `ts`, returning
+/// `returning`.
+fn update_sqlite_one(
+    ts: &[(usize, &OwnedTransition)],
+    returning: &str,
+    out: &mut [Option<Done>],
 ) -> Option<(String, Value)> {
-    let r = records(ts, false, Dialect::Sqlite, out)?;
+    let r = records(ts, false, false, Dialect::Sqlite, out)?;
     let mut set = String::from("\"status\" = v.to_status, \"updated_at\" = v.now");
     let mut fields = String::from(
         "value ->> 'id' AS id, value ->> 'tenant_id' AS tenant_id, value ->> 'now' AS now, \
@@ -451,77 +501,86 @@ pub(super) fn update_sqlite(
     }
     let sql = format!(
         "UPDATE \"webhooks\" AS w SET {set} \
-         FROM (SELECT {fields} FROM jsonb_each(?)) AS v WHERE {filter} RETURNING *"
+         FROM (SELECT {fields} FROM jsonb_each(?)) AS v WHERE {filter} RETURNING {returning}"
     );
     Some((sql, Value::from(r.json)))
 }
 
 /// The write index of a row the statement returned, checked against the
 /// writes it was given (each at most once).
-fn slot<'a>(
-    r: &QueryResult,
-    out: &'a mut [Option<Option<Webhook>>],
-) -> Result<(usize, &'a mut Option<Option<Webhook>>)> {
+fn slot<'a>(r: &QueryResult, out: &'a mut [Option<Done>]) -> Result<(usize, &'a mut Option<Done>)> {
     let i = usize::try_from(r.try_get::<i32>("", "uh_write")?).ok();
     match i.and_then(|i| out.get_mut(i).map(|s| (i, s))) {
-        Some((i, slot @ Some(None))) => Ok((i, slot)),
+        Some((i, slot @ Some(Done::Stayed))) => Ok((i, slot)),
         _ => Err(StoreError::Corrupt(
             "a multi-row update returned a write it was not given, or twice".into(),
         )),
     }
 }
 
-/// The rows SQLite's `UPDATE` from [`update_sqlite`] returned (`found`),
-/// each put in `out` at its write's index (each write of `ts` at most once).
+/// What SQLite's `UPDATE`s from [`update_sqlite`] returned: the whole
+/// rows (`found`) and the ids of the moved rows returned without theirs
+/// (`moved`), each put in `out` at its write's index (each write of `ts`
+/// at most once).
 pub(super) fn place_sqlite(
     found: &[QueryResult],
+    moved: &[String],
     ts: &[(usize, &OwnedTransition)],
-    out: &mut [Option<Option<Webhook>>],
+    out: &mut [Option<Done>],
 ) -> Result<()> {
+    let mut put = |id: &str, done: Done| {
+        let at = ts.binary_search_by(|(_, t)| t.id.as_str().cmp(id)).ok();
+        match at.and_then(|at| out.get_mut(ts[at].0)) {
+            Some(slot @ Some(Done::Stayed)) => {
+                *slot = Some(done);
+                Ok(())
+            }
+            _ => Err(StoreError::Corrupt(
+                "a multi-row update returned a webhook it was not given, or twice".into(),
+            )),
+        }
+    };
     for r in found {
         let row = decode::webhook(r)?;
-        let at = ts
-            .binary_search_by(|(_, t)| t.id.as_str().cmp(row.id.as_str()))
-            .ok();
-        match at.and_then(|at| out.get_mut(ts[at].0)) {
-            Some(slot @ Some(None)) => *slot = Some(Some(row)),
-            _ => {
-                return Err(StoreError::Corrupt(
-                    "a multi-row update returned a webhook it was not given, or twice".into(),
-                ));
-            }
-        }
+        let id = row.id.clone();
+        put(&id, Done::Row(row))?;
+    }
+    for id in moved {
+        put(id, Done::Moved)?;
     }
     Ok(())
 }
 
 /// Applies the compare-and-sets of `ts` (write index below `writes`,
 /// transition; webhook ids all different, in id order as `write_group`
-/// lists them) in one statement. Returns, by
-/// write index, `Some(row)` for each write given (`row` `None`: its
-/// compare-and-set did not match) and `None` for the others. `None` when
-/// some value cannot be encoded: nothing was written then.
+/// lists them) in one statement. Returns, by write index, `Some(done)`
+/// for each write given (`Done::Stayed`: its compare-and-set did not
+/// match; a write whose caller wants no row is answered `Done::Moved`)
+/// and `None` for the others. `None` when some value cannot be encoded:
+/// nothing was written then.
 pub(super) async fn apply(
     txn: &impl ConnectionTrait,
     ts: &[(usize, &OwnedTransition)],
     writes: usize,
-) -> Result<Option<Vec<Option<Option<Webhook>>>>> {
-    let mut out: Vec<Option<Option<Webhook>>> = vec![None; writes];
+) -> Result<Option<Vec<Option<Done>>>> {
+    let mut out: Vec<Option<Done>> = vec![None; writes];
     if txn.get_database_backend() == sea_orm::DatabaseBackend::Sqlite {
-        let Some((sql, param)) = update_sqlite(ts, &mut out) else {
+        // Whole rows for every write: this is the general path's, which
+        // sea-orm runs statement by statement.
+        let Some((sql, params)) = update_sqlite(ts, false, &mut out) else {
             return Ok(None);
         };
         let found = txn
             .query_all_raw(Statement::from_sql_and_values(
                 sea_orm::DatabaseBackend::Sqlite,
                 sql,
-                [param],
+                params,
             ))
             .await?;
-        place_sqlite(&found, ts, &mut out)?;
+        place_sqlite(&found, &[], ts, &mut out)?;
         return Ok(Some(out));
     }
-    let Some((sql, params)) = update(ts, false, &mut out) else {
+    let Some((sql, params)) = update(ts, false, false, &mut out) else {
         return Ok(None);
     };
     let found = txn
@@ -533,7 +592,7 @@ pub(super) async fn apply(
         .await?;
     for r in &found {
         let (_, slot) = slot(r, &mut out)?;
-        *slot = Some(Some(decode::webhook(r)?));
+        *slot = Some(Done::Row(decode::webhook(r)?));
     }
     Ok(Some(out))
 }
@@ -555,13 +614,23 @@ pub(super) async fn apply(
 /// SELECT u.*, ids.uh_event_ids FROM u LEFT JOIN (ids of e by webhook) ids …
 /// ```
 ///
+/// The rows come back only to the writes whose callers want them: when
+/// none does (a group of delivery outcomes) the last `SELECT` takes
+/// `u.uh_write` alone instead of `u.*`, and when some do, each column as
+/// `CASE WHEN u.uh_row THEN u.col END` (`uh_row` from each record's `r`),
+/// NULL for the others.
+///
 /// `None` when some value cannot be encoded: nothing was written then.
 pub(super) async fn write_whole(
     pg: &mut super::Pg<'_>,
     ts: &[(usize, &OwnedTransition)],
 ) -> Result<Option<Applied>> {
-    let mut out: Vec<Option<Option<Webhook>>> = vec![None; ts.len()];
-    let Some((update, params)) = update(ts, true, &mut out) else {
+    let mut out: Vec<Option<Done>> = vec![None; ts.len()];
+    // Whole rows only for the writes whose callers want them: a delivery's
+    // outcome wants none, and its claim, in the same groups, does.
+    let rows = ts.iter().filter(|(_, t)| t.wants_row).count();
+    let mixed = rows > 0 && rows < ts.len();
+    let Some((update, params)) = update(ts, true, mixed, &mut out) else {
         return Ok(None);
     };
     let mut sql = format!(
@@ -587,8 +656,22 @@ pub(super) async fn write_whole(
              FROM u WHERE u.uh_dl_reason IS NOT NULL)",
         );
     }
+    if rows == ts.len() {
+        sql.push_str(" SELECT u.*,");
+    } else {
+        sql.push_str(" SELECT u.uh_write,");
+        if mixed {
+            // NULL in every column of a row not wanted.
+            for c in webhooks::Column::iter() {
+                let c = c.as_str();
+                sql.push_str(&format!(
+                    " CASE WHEN u.uh_row THEN u.\"{c}\" END AS \"{c}\","
+                ));
+            }
+        }
+    }
     sql.push_str(
-        " SELECT u.*, ids.uh_event_ids FROM u LEFT JOIN \
+        " ids.uh_event_ids FROM u LEFT JOIN \
          (SELECT \"webhook_id\", array_to_string(array_agg(\"id\" ORDER BY \"id\"), ',') AS uh_event_ids \
          FROM e GROUP BY \"webhook_id\") AS ids ON ids.\"webhook_id\" = u.\"id\"",
     );
@@ -607,7 +690,6 @@ pub(super) async fn write_whole(
     let mut events = Vec::with_capacity(found.len() * 2);
     for r in &found {
         let (i, slot) = slot(r, &mut out)?;
-        let row = decode::webhook(r)?;
         let t = ts[position[i]].1;
         let ids: String = r.try_get("", "uh_event_ids")?;
         let ids = ids
@@ -623,22 +705,23 @@ pub(super) async fn write_whole(
         if ids.len() != kinds.clone().count() {
             return Err(StoreError::Corrupt(format!(
                 "webhook {} got {} events in its group, not {}",
-                row.id,
+                t.id,
                 ids.len(),
                 kinds.count()
             )));
         }
         for (id, (kind, status)) in ids.into_iter().zip(kinds) {
-            events.push(event_on(&row, id, kind, status, t.now));
+            events.push(t.event(id, kind, status));
         }
-        *slot = Some(Some(row));
+        *slot = Some(if t.wants_row {
+            Done::Row(decode::webhook(r)?)
+        } else {
+            Done::Moved
+        });
     }
     events.sort_unstable_by_key(|e| e.id);
     Ok(Some(Applied {
-        rows: out
-            .into_iter()
-            .map(|o| o.flatten().map_or(Done::Stayed, Done::Row))
-            .collect(),
+        rows: out.into_iter().map(|o| o.unwrap_or(Done::Stayed)).collect(),
         events,
     }))
 }
@@ -728,8 +811,8 @@ mod tests {
         ] {
             let t = |s: u32| json!(time.replace("{}", &s.to_string()));
             let mut out = vec![None; 3];
-            let r = records(&ts, true, d, &mut out).unwrap();
-            assert_eq!(out, vec![Some(None); 3]);
+            let r = records(&ts, true, false, d, &mut out).unwrap();
+            assert_eq!(out, vec![Some(Done::Stayed); 3]);
             assert_eq!(
                 r.columns,
                 [

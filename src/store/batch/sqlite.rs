@@ -35,7 +35,7 @@
 
 use sea_orm::{
     DbBackend, EntityTrait, QueryResult, QueryTrait, Statement, Value,
-    sea_query::{Query, SqliteQueryBuilder},
+    sea_query::{Query, ReturningClause, SqliteQueryBuilder},
     sqlx::{Row, sqlite::SqliteRow},
 };
 use tracing::error;
@@ -48,7 +48,7 @@ use crate::{
     domain::Status,
     events::Event,
     store::{
-        Result, StoreError, Webhook, attempts, dead_letters, decode,
+        Result, StoreError, attempts, dead_letters, decode,
         kept::{Db, Lease, Open},
         webhooks,
     },
@@ -111,45 +111,42 @@ pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<
     if !inserts.is_empty() {
         first.push(webhooks::Entity::insert_many(inserts).build(DbBackend::Sqlite));
     }
-    // By write index: `Some(row)` for each transition once its `UPDATE`
-    // ran (`row` `None`: its compare-and-set did not match).
-    let mut moved: Vec<Option<Option<Webhook>>> = vec![None; writes.len()];
+    // By write index: `Some(done)` for each transition once its `UPDATE`
+    // ran (`Done::Stayed`: its compare-and-set did not match). A write
+    // whose caller wants no row returns its id alone.
+    let mut moved: Vec<Option<Done>> = vec![None; writes.len()];
     match ts.as_slice() {
         [] => {}
         [(i, t)] => {
-            moved[*i] = Some(None);
-            let (sql, values) = update_query(t, Query::returning().all()).build(SqliteQueryBuilder);
+            moved[*i] = Some(Done::Stayed);
+            let (sql, values) = update_query(t, returning(t)).build(SqliteQueryBuilder);
             first.push_sql(&sql, values.0);
         }
         _ => {
-            let Some((sql, param)) = multirow::update_sqlite(&ts, &mut moved) else {
+            let Some((sql, params)) = multirow::update_sqlite(&ts, true, &mut moved) else {
                 return Ok(None);
             };
-            first.push_sql(&sql, [param]);
+            first.push_sql(&sql, params);
         }
     }
     let mut open = Open::new(acquire(db).await?);
     let mut last = Command::default();
     if !ts.is_empty() {
         let found = match run(&mut open, first).await {
-            Ok(found) => rows_of(found),
+            Ok(found) => found,
             Err(e) => return Err(open.rollback(e).await),
         };
-        if let Err(e) = place(&found, &ts, &mut moved) {
+        if let Err(e) = place(found, &ts, &mut moved) {
             return Err(open.rollback(e).await);
         }
         let mut new_attempts: Vec<attempts::ActiveModel> = Vec::new();
         let mut new_dead_letters: Vec<dead_letters::ActiveModel> = Vec::new();
         for &(i, t) in &ts {
-            if let Some(Some(row)) = moved[i].take() {
-                t.rows_of_move(
-                    i,
-                    &row,
-                    &mut new_events,
-                    &mut new_attempts,
-                    &mut new_dead_letters,
-                );
-                rows[i] = Done::Row(row);
+            if let Some(done) = moved[i].take()
+                && done.moved()
+            {
+                t.rows_of_move(i, &mut new_events, &mut new_attempts, &mut new_dead_letters);
+                rows[i] = done;
             }
         }
         if !new_attempts.is_empty() {
@@ -162,10 +159,7 @@ pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<
         // Creates only: everything goes in one command.
         last = first;
     }
-    let items: Vec<(&Webhook, &'static str, Status, _)> = new_events
-        .iter()
-        .filter_map(|(i, kind, status, at)| rows[*i].row().map(|w| (w, *kind, *status, *at)))
-        .collect();
+    let items = Write::event_items(writes, &rows, &new_events);
     let mut events = Vec::new();
     if !items.is_empty() {
         let (insert, out) = match events_insert(&items) {
@@ -226,12 +220,7 @@ async fn lone(
     command.push_sql("BEGIN", []);
     // All of the row, or its id alone: one column, where the events' rows
     // have two.
-    let returning = if t.wants_row {
-        Query::returning().all()
-    } else {
-        Query::returning().column(webhooks::Column::Id)
-    };
-    let (sql, values) = update_query(t, returning).build(SqliteQueryBuilder);
+    let (sql, values) = update_query(t, returning(t)).build(SqliteQueryBuilder);
     command.push_sql(&sql, values.0);
     let kinds: Vec<(&'static str, Status)> = t
         .through
@@ -341,28 +330,37 @@ fn numbered(found: Vec<QueryResult>, events: Vec<Event>) -> Vec<Event> {
     })
 }
 
-/// The rows the compare-and-sets returned, put in `moved` at their writes'
-/// indexes.
-fn place(
-    found: &[QueryResult],
-    ts: &[(usize, &OwnedTransition)],
-    moved: &mut [Option<Option<Webhook>>],
-) -> Result<()> {
-    if let [(i, t)] = ts {
-        return match found {
-            [] => Ok(()),
-            [r] => {
-                moved[*i] = Some(Some(decode::webhook(r)?));
-                Ok(())
-            }
-            _ => Err(StoreError::Corrupt(format!(
-                "webhook id {} matched {} rows",
-                t.id,
-                found.len()
-            ))),
-        };
+/// What a transition's `UPDATE` returns: all of the row, or, when its
+/// caller wants none, its id alone (one column, where a row has all of
+/// the table's).
+fn returning(t: &OwnedTransition) -> ReturningClause {
+    if t.wants_row {
+        Query::returning().all()
+    } else {
+        Query::returning().column(webhooks::Column::Id)
     }
-    multirow::place_sqlite(found, ts, moved)
+}
+
+/// The rows the compare-and-sets returned, whole or their ids alone (see
+/// [`returning`]), put in `moved` at their writes' indexes.
+fn place(
+    found: Vec<SqliteRow>,
+    ts: &[(usize, &OwnedTransition)],
+    moved: &mut [Option<Done>],
+) -> Result<()> {
+    let mut whole = Vec::with_capacity(found.len());
+    let mut ids = Vec::new();
+    for r in found {
+        if r.columns().len() == 1 {
+            let id: String = r.try_get(0).map_err(|e| {
+                StoreError::Corrupt(format!("the id a compare-and-set returned: {e}"))
+            })?;
+            ids.push(id);
+        } else {
+            whole.push(QueryResult::from(r));
+        }
+    }
+    multirow::place_sqlite(&whole, &ids, ts, moved)
 }
 
 /// Runs `command` on `open`'s connection.
