@@ -1467,7 +1467,7 @@ mod tests {
             .collect();
         for whole in [false, true] {
             let mut out = vec![None; ts.len()];
-            let (sql, params) = multirow::update(&ts, whole, whole, &mut out).unwrap();
+            let (sql, params) = multirow::update(&ts, whole, &mut out).unwrap();
             // Custom plans (the parameters' values known) and the generic
             // plan a prepared statement settles on after five runs.
             for mode in ["force_custom_plan", "force_generic_plan"] {
@@ -2194,9 +2194,9 @@ mod tests {
     /// [`WriteBatcher::transition`]'s does, and is answered without its
     /// row, alone (its `UPDATE` returns the id alone, or on PostgreSQL the
     /// two columns its inserts take) and in a group (SQLite gives such
-    /// writes an `UPDATE` of their own returning their ids, PostgreSQL
-    /// returns NULL columns for them), beside writes answered with their
-    /// rows. Another tenant's webhook, or one no longer in a `from`
+    /// writes an `UPDATE` of their own returning their ids; PostgreSQL
+    /// sends no rows for a group that wants none, and decodes only the
+    /// wanted ones), beside writes answered with their rows. Another tenant's webhook, or one no longer in a `from`
     /// status, answers that nothing moved.
     async fn a_write_that_wants_no_row_stores_all_and_reads_none(db: &TestDb) {
         let store = db.store(bus()).await;

@@ -59,11 +59,11 @@
 //! know.
 
 use chrono::SecondsFormat;
-use sea_orm::{ConnectionTrait, IdenStatic, Iterable, QueryResult, Statement, Value};
+use sea_orm::{ConnectionTrait, IdenStatic, QueryResult, Statement, Value};
 use serde_json::Value as Json;
 
 use super::{Applied, Done, OwnedTransition};
-use crate::store::{Result, StoreError, decode, webhooks};
+use crate::store::{Result, StoreError, decode};
 
 /// The database a statement is written for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -194,12 +194,10 @@ struct Records {
 /// Each write of `ts` as one JSON record; `None` when some value cannot be
 /// encoded. `out` gets `Some(Done::Stayed)` at each write's index (given,
 /// not yet moved). With `whole`, each record also carries its events,
-/// attempt and dead letter; with `row_flags`, whether its caller wants its
-/// row (`r`).
+/// attempt and dead letter.
 fn records(
     ts: &[(usize, &OwnedTransition)],
     whole: bool,
-    row_flags: bool,
     d: Dialect,
     out: &mut [Option<Done>],
 ) -> Option<Records> {
@@ -315,10 +313,6 @@ fn records(
         if let (true, Some(reason)) = (dead_letters, &t.dead_letter) {
             r.text("dl_reason", reason);
         }
-        if row_flags {
-            r.key("r");
-            r.raw(if t.wants_row { "true" } else { "false" });
-        }
         r.out.push(b'}');
     }
     json.push(b']');
@@ -338,14 +332,12 @@ fn records(
 /// its two parameters: the records as JSON text, and their webhook ids
 /// separated by commas. With `whole`, each record
 /// also carries its events, attempt and dead letter, returned as `uh_…`
-/// columns for the inserts that follow in [`write_whole`]; with
-/// `row_flags`, whether its caller wants its row, returned as `uh_row`.
-/// `None` when some value cannot be encoded. `out` gets
-/// `Some(Done::Stayed)` at each write's index.
+/// columns for the inserts that follow in [`write_whole`]. `None` when
+/// some value cannot be encoded. `out` gets `Some(Done::Stayed)` at each
+/// write's index.
 pub(super) fn update(
     ts: &[(usize, &OwnedTransition)],
     whole: bool,
-    row_flags: bool,
     out: &mut [Option<Done>],
 ) -> Option<(String, [Value; 2])> {
     let Records {
@@ -355,7 +347,7 @@ pub(super) fn update(
         unexpired_at,
         attempts,
         dead_letters,
-    } = records(ts, whole, row_flags, Dialect::Postgres, out)?;
+    } = records(ts, whole, Dialect::Postgres, out)?;
     let mut set = String::from("\"status\" = v.to_status, \"updated_at\" = v.now");
     let mut record = String::from(
         "idx int4, id text, tenant_id text, now timestamptz, to_status text, from_statuses text[]",
@@ -403,10 +395,6 @@ pub(super) fn update(
     if dead_letters {
         record.push_str(", dl_reason text");
         returning.push_str(", v.dl_reason AS uh_dl_reason");
-    }
-    if row_flags {
-        record.push_str(", r bool");
-        returning.push_str(", v.r AS uh_row");
     }
     let sql = format!(
         "UPDATE \"webhooks\" AS w SET {set} \
@@ -471,7 +459,7 @@ fn update_sqlite_one(
     returning: &str,
     out: &mut [Option<Done>],
 ) -> Option<(String, Value)> {
-    let r = records(ts, false, false, Dialect::Sqlite, out)?;
+    let r = records(ts, false, Dialect::Sqlite, out)?;
     let mut set = String::from("\"status\" = v.to_status, \"updated_at\" = v.now");
     let mut fields = String::from(
         "value ->> 'id' AS id, value ->> 'tenant_id' AS tenant_id, value ->> 'now' AS now, \
@@ -580,7 +568,7 @@ pub(super) async fn apply(
         place_sqlite(&found, &[], ts, &mut out)?;
         return Ok(Some(out));
     }
-    let Some((sql, params)) = update(ts, false, false, &mut out) else {
+    let Some((sql, params)) = update(ts, false, &mut out) else {
         return Ok(None);
     };
     let found = txn
@@ -614,11 +602,11 @@ pub(super) async fn apply(
 /// SELECT u.*, ids.uh_event_ids FROM u LEFT JOIN (ids of e by webhook) ids …
 /// ```
 ///
-/// The rows come back only to the writes whose callers want them: when
-/// none does (a group of delivery outcomes) the last `SELECT` takes
-/// `u.uh_write` alone instead of `u.*`, and when some do, each column as
-/// `CASE WHEN u.uh_row THEN u.col END` (`uh_row` from each record's `r`),
-/// NULL for the others.
+/// When no write of the group wants its row back (a group of delivery
+/// outcomes), the last `SELECT` takes `u.uh_write` instead of `u.*`: the
+/// rows are neither sent nor decoded. In a group where some do, every row
+/// is sent and only the wanted ones decoded (a column each as `CASE WHEN
+/// wanted …` would cost PostgreSQL a branch per column of every row).
 ///
 /// `None` when some value cannot be encoded: nothing was written then.
 pub(super) async fn write_whole(
@@ -626,11 +614,10 @@ pub(super) async fn write_whole(
     ts: &[(usize, &OwnedTransition)],
 ) -> Result<Option<Applied>> {
     let mut out: Vec<Option<Done>> = vec![None; ts.len()];
-    // Whole rows only for the writes whose callers want them: a delivery's
-    // outcome wants none, and its claim, in the same groups, does.
-    let rows = ts.iter().filter(|(_, t)| t.wants_row).count();
-    let mixed = rows > 0 && rows < ts.len();
-    let Some((update, params)) = update(ts, true, mixed, &mut out) else {
+    // A delivery's outcome wants no row; its claim, often in the same
+    // group, does.
+    let rows = ts.iter().any(|(_, t)| t.wants_row);
+    let Some((update, params)) = update(ts, true, &mut out) else {
         return Ok(None);
     };
     let mut sql = format!(
@@ -656,20 +643,11 @@ pub(super) async fn write_whole(
              FROM u WHERE u.uh_dl_reason IS NOT NULL)",
         );
     }
-    if rows == ts.len() {
-        sql.push_str(" SELECT u.*,");
+    sql.push_str(if rows {
+        " SELECT u.*,"
     } else {
-        sql.push_str(" SELECT u.uh_write,");
-        if mixed {
-            // NULL in every column of a row not wanted.
-            for c in webhooks::Column::iter() {
-                let c = c.as_str();
-                sql.push_str(&format!(
-                    " CASE WHEN u.uh_row THEN u.\"{c}\" END AS \"{c}\","
-                ));
-            }
-        }
-    }
+        " SELECT u.uh_write,"
+    });
     sql.push_str(
         " ids.uh_event_ids FROM u LEFT JOIN \
          (SELECT \"webhook_id\", array_to_string(array_agg(\"id\" ORDER BY \"id\"), ',') AS uh_event_ids \
@@ -811,7 +789,7 @@ mod tests {
         ] {
             let t = |s: u32| json!(time.replace("{}", &s.to_string()));
             let mut out = vec![None; 3];
-            let r = records(&ts, true, false, d, &mut out).unwrap();
+            let r = records(&ts, true, d, &mut out).unwrap();
             assert_eq!(out, vec![Some(Done::Stayed); 3]);
             assert_eq!(
                 r.columns,
