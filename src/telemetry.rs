@@ -10,7 +10,7 @@
 //! data loss and a restart. The POST to the receiver carries
 //! `traceparent`, so a user's trace continues into their handler.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, io::IsTerminal, time::Duration};
 
 use anyhow::Context as _;
 use opentelemetry::{
@@ -57,6 +57,14 @@ pub fn init(cfg: &TelemetryConfig, format: LogFormat) -> anyhow::Result<Telemetr
     let filter = EnvFilter::try_from_env("UPLOADHOOK_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal (and not with NO_COLOR, which
+    // the layer reads itself): in a file, a pipe or a container's log
+    // their escape codes are noise that every reader has to strip.
+    let fmt = if std::io::stderr().is_terminal() {
+        fmt
+    } else {
+        fmt.with_ansi(false)
+    };
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         // Span fields (webhook_id, tenant_id) ride on every line.

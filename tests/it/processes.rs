@@ -952,6 +952,41 @@ async fn a_worker_process_refuses_the_memory_queue() {
     assert!(log.contains("queue.backend"), "{log}");
 }
 
+/// A process whose log goes to a file (not a terminal) writes plain lines,
+/// without colour codes, even with NO_COLOR unset: containers' and
+/// journald's logs are files and pipes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nhttp_addr = \"127.0.0.1:0\"\ngrpc_addr = \"127.0.0.1:0\"\n\
+             [database]\nurl = \"sqlite://{}/db.sqlite?mode=rwc\"\n\
+             [embedded_s3]\naddr = \"127.0.0.1:0\"\nroot = \"{}/s3\"\n\
+             [bootstrap]\ndev_tenant = \"\"\n",
+            dir.path().display(),
+            dir.path().display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = uploadhook_command(&config, "serve");
+    cmd.env_remove("NO_COLOR");
+    let mut proc = ChildProcess::spawn("serve", &mut cmd, dir.path().join("serve.log")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = loop {
+        proc.assert_running();
+        let log = proc.log_text();
+        if log.contains("uploadhook running") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "not running within 30 s\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!log.contains('\x1b'), "{log:?}");
+}
+
 /// OpenTelemetry on a real `serve` process: the trace a caller starts on
 /// Confirm continues through the queue into the job spans, reaches the
 /// receiver as `traceparent`, and is exported over OTLP/HTTP to a
