@@ -12,7 +12,8 @@
 //! a single statement too (`multirow::write_whole`), and one with touches
 //! makes one `UPDATE` for its compare-and-sets (see `multirow`). On SQLite
 //! a group of distinct webhooks makes one `UPDATE` for its compare-and-sets
-//! too, and, without touches or a move out of DEAD_LETTER, goes to
+//! too (and a second for those whose callers want no row back), and,
+//! without touches or a move out of DEAD_LETTER, goes to
 //! SQLite's connection thread as at most two commands, its transaction's
 //! `BEGIN` and `COMMIT` in them (see `sqlite`).
 //!
@@ -83,9 +84,9 @@ pub(crate) struct OwnedTransition {
     unexpired_at: Option<DateTime<Utc>>,
     through: Option<(Status, &'static str)>,
     /// Whether its caller wants the moved row back ([`WriteBatcher::moved`]
-    /// does not). A lone write that wants none returns none from the
-    /// database ([`Done::Moved`]); in a group, its row comes back with the
-    /// others' anyway.
+    /// does not). A write that wants none is answered [`Done::Moved`] and
+    /// reads none of the row back, alone or in a group (but on the general
+    /// path, whose `UPDATE`s return whole rows).
     wants_row: bool,
 }
 
@@ -253,7 +254,8 @@ pub(crate) enum Done {
     /// It moved the webhook; its row as stored.
     Row(Webhook),
     /// It moved the webhook; the row was not read back, as the write asked
-    /// (a lone write's `UPDATE` returns none of its 41 columns then).
+    /// (its `UPDATE` returns none of its 41 columns, or they are not
+    /// decoded).
     Moved,
 }
 
@@ -438,7 +440,8 @@ impl Store {
     /// such groups never wait for each other in a cycle. A group of
     /// distinct webhooks makes one `UPDATE` for its compare-and-sets
     /// (`multirow`, PostgreSQL and SQLite; on PostgreSQL, without touches,
-    /// the whole group is one statement). On PostgreSQL that locks its
+    /// the whole group is one statement; on SQLite the writes that want no
+    /// row back have a second one, returning their ids). On PostgreSQL that locks its
     /// rows in one order of its own (see there): a deadlock is unlikely
     /// but possible. PostgreSQL detects it
     /// and fails one group, and the batcher writes that group's writes one
@@ -990,8 +993,8 @@ impl WriteBatcher {
     }
 
     /// [`WriteBatcher::transition`] for a caller that needs only to know
-    /// whether the webhook moved: `true` if it did. Written alone, the
-    /// write reads none of the row back (a delivery's outcome, the last
+    /// whether the webhook moved: `true` if it did. The write reads none of
+    /// the row back, alone or in a group (a delivery's outcome, the last
     /// write of each webhook, needs nothing of it).
     pub async fn moved(&self, t: Transition<'_>) -> Result<bool> {
         let mut t = Box::new(OwnedTransition::from(t));
@@ -1716,6 +1719,40 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// On SQLite a group's writes that want no row back have an `UPDATE`
+    /// of their own, returning their ids; those that want theirs, one
+    /// returning whole rows.
+    #[tokio::test]
+    async fn a_group_on_sqlite_reads_back_only_the_rows_wanted() {
+        let (db, store, t) = one_sqlite_connection().await;
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(webhook(&store, &t, Status::Delivering).await);
+        }
+        let writes = [
+            bare(&t, &ids[0]),
+            delivered(&t, &ids[1]),
+            bare(&t, &ids[2]),
+            delivered(&t, &ids[3]),
+        ];
+        let applied = store.write_group(&writes).await.unwrap();
+        assert_eq!(applied.rows[0], Done::Moved);
+        assert!(applied.rows[1].row().is_some());
+        let stmts = statements(&store).await;
+        let updates: Vec<&str> = stmts
+            .iter()
+            .map(|s| s.sql.as_str())
+            .filter(|sql| sql.starts_with("UPDATE"))
+            .collect();
+        let returning = |end: &str| updates.iter().filter(|u| u.ends_with(end)).count();
+        assert_eq!(
+            (returning("RETURNING *"), returning("RETURNING \"id\"")),
+            (1, 1),
+            "{updates:?}"
+        );
+        db.cleanup().await;
+    }
+
     fn delivered(tenant: &TenantId, id: &WebhookId) -> Write {
         let now = Utc::now();
         Write::Transition(
@@ -2185,6 +2222,7 @@ mod tests {
         events_are_published_after_commit,
         rows_are_read_together_each_of_its_own_tenant,
         inserts_in_a_group_store_rows_and_events,
+        inserts_beside_writes_that_want_no_row,
         creates_are_grouped_on_sqlite_only_without_a_key,
         rows_decode_as_sea_orm_decodes_them,
         a_write_that_wants_no_row_stores_all_and_reads_none,
@@ -3354,6 +3392,62 @@ mod tests {
             stored.iter().map(key).collect::<Vec<_>>()
         );
         assert_eq!(applied.events.len(), 4);
+    }
+
+    /// New webhooks beside transitions that want no row back (a Create
+    /// grouped with a delivery's outcome, on SQLite): every write stored
+    /// and recorded, each answered as it asked (on PostgreSQL a group with
+    /// inserts takes the general path, whose rows come back whole).
+    async fn inserts_beside_writes_that_want_no_row(db: &TestDb) {
+        let store = db.store(bus()).await;
+        let sqlite = store.db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite;
+        let t = tenant(&store, "a").await;
+        // One transition beside the inserts (its own `UPDATE`), then two,
+        // one of which wants its row (the group's `UPDATE`s).
+        for wanted in [0, 1] {
+            let new = new_row(&t, Status::Pending);
+            let bare_id = webhook(&store, &t, Status::Delivering).await;
+            let mut writes = vec![
+                Write::Insert {
+                    row: Box::new(new.clone()),
+                    event: event_type::CREATED,
+                },
+                bare(&t, &bare_id),
+            ];
+            let mut ids = vec![WebhookId::from_trusted(new.id.clone()), bare_id.clone()];
+            if wanted == 1 {
+                let id = webhook(&store, &t, Status::Delivering).await;
+                writes.push(delivered(&t, &id));
+                ids.push(id);
+            }
+            let applied = store.write_group(&writes).await.unwrap();
+            assert_eq!(
+                applied.rows[0].row().map(|w| w.id.as_str()),
+                Some(new.id.as_str())
+            );
+            if sqlite {
+                assert_eq!(applied.rows[1], Done::Moved);
+            } else {
+                assert!(applied.rows[1].moved());
+            }
+            if wanted == 1 {
+                let row = applied.rows[2].row().expect("moved, with its row");
+                assert_eq!(row.status, Status::Completed.as_str());
+            }
+            assert_eq!(store.attempts(&t, &bare_id).await.unwrap().len(), 1);
+            let mut stored = Vec::new();
+            for id in &ids {
+                let evs = store.events_after(&t, Some(id), 0, 10).await.unwrap();
+                stored.push(evs.last().cloned().unwrap());
+            }
+            stored.sort_by_key(|e| e.id);
+            let key = |e: &Event| (e.id, e.kind.clone(), e.status, e.webhook_id.clone());
+            assert_eq!(
+                applied.events.iter().map(key).collect::<Vec<_>>(),
+                stored.iter().map(key).collect::<Vec<_>>()
+            );
+            assert_eq!(applied.events.len(), 2 + wanted);
+        }
     }
 
     /// Creates go through the batcher on SQLite (one connection), straight

@@ -142,7 +142,8 @@ fn uploadhook_command(config: &Path, command: &str) -> Command {
             cmd.env_remove(name);
         }
     }
-    // Plain log lines, so that the listening address can be read back.
+    // Plain log lines, so that the listening address can be read back
+    // (a log in a file has no colours anyway; this keeps it so).
     cmd.env("NO_COLOR", "1");
     cmd
 }

@@ -420,7 +420,7 @@ pub(super) fn update(
 ///
 /// With `split`, the writes whose callers want no row (a delivery's
 /// outcome) get an `UPDATE` of their own that returns only their ids, one
-/// column where a whole row has all of the table's ([`place_sqlite`] tells
+/// column where a whole row has all of the table's (`sqlite::place` tells
 /// them apart by that): SQLite building, sqlx copying and the store
 /// decoding the outcomes' whole rows were 8 % of the embedded process's
 /// instructions at saturation (BENCHMARKS.md, "What limits", item 21).
@@ -541,11 +541,11 @@ pub(super) fn place_sqlite(
 
 /// Applies the compare-and-sets of `ts` (write index below `writes`,
 /// transition; webhook ids all different, in id order as `write_group`
-/// lists them) in one statement. Returns, by write index, `Some(done)`
-/// for each write given (`Done::Stayed`: its compare-and-set did not
-/// match; a write whose caller wants no row is answered `Done::Moved`)
-/// and `None` for the others. `None` when some value cannot be encoded:
-/// nothing was written then.
+/// lists them) in one statement, for the general path. Returns, by write
+/// index, `Some(done)` for each write given (`Done::Row`, whether its
+/// caller wants the row or not, or `Done::Stayed`: its compare-and-set
+/// did not match) and `None` for the others. `None` when some value
+/// cannot be encoded: nothing was written then.
 pub(super) async fn apply(
     txn: &impl ConnectionTrait,
     ts: &[(usize, &OwnedTransition)],
@@ -553,8 +553,8 @@ pub(super) async fn apply(
 ) -> Result<Option<Vec<Option<Done>>>> {
     let mut out: Vec<Option<Done>> = vec![None; writes];
     if txn.get_database_backend() == sea_orm::DatabaseBackend::Sqlite {
-        // Whole rows for every write: this is the general path's, which
-        // sea-orm runs statement by statement.
+        // Whole rows for every write: only `sqlite::place`, which sees
+        // sqlx's rows, tells an id alone from a row.
         let Some((sql, params)) = update_sqlite(ts, false, &mut out) else {
             return Ok(None);
         };

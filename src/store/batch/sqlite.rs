@@ -14,7 +14,10 @@
 //! 1. `BEGIN; [INSERT INTO webhooks …;] UPDATE webhooks … RETURNING *`:
 //!    the new webhooks, then the compare-and-sets (one `UPDATE` for the
 //!    group, see [`super::multirow`], or the plain one for a transition
-//!    beside new webhooks), whose rows say which writes moved;
+//!    beside new webhooks), whose rows say which writes moved; the writes
+//!    whose callers want no row (a delivery's outcome) have an `UPDATE` of
+//!    their own that returns their ids alone (`[UPDATE … RETURNING *;]
+//!    [UPDATE … RETURNING "id"]`);
 //! 2. `[INSERT INTO attempts …;] [INSERT INTO dead_letters …;] INSERT INTO
 //!    events … RETURNING id, webhook_id; COMMIT`: the rows that record the
 //!    writes that moved.
