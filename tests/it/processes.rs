@@ -953,25 +953,33 @@ async fn a_worker_process_refuses_the_memory_queue() {
     assert!(log.contains("queue.backend"), "{log}");
 }
 
-/// A process whose log goes to a file (not a terminal) writes plain lines,
-/// without colour codes, even with NO_COLOR unset: containers' and
-/// journald's logs are files and pipes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logs_to_a_file_carry_no_colour_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("serve.toml");
+/// The config of an embedded `serve` process in `dir` (SQLite, the
+/// embedded S3 server, no dev tenant), listening on free ports, with
+/// `extra` sections after it; its path.
+fn serve_config(dir: &Path, extra: &str) -> PathBuf {
+    let config = dir.join("serve.toml");
     std::fs::write(
         &config,
         format!(
             "[server]\nhttp_addr = \"127.0.0.1:0\"\ngrpc_addr = \"127.0.0.1:0\"\n\
              [database]\nurl = \"sqlite://{}/db.sqlite?mode=rwc\"\n\
              [embedded_s3]\naddr = \"127.0.0.1:0\"\nroot = \"{}/s3\"\n\
-             [bootstrap]\ndev_tenant = \"\"\n",
-            dir.path().display(),
-            dir.path().display(),
+             [bootstrap]\ndev_tenant = \"\"\n{extra}",
+            dir.display(),
+            dir.display(),
         ),
     )
     .unwrap();
+    config
+}
+
+/// A process whose log goes to a file (not a terminal) writes plain lines,
+/// without colour codes, even with NO_COLOR unset: containers' and
+/// journald's logs are files and pipes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serve_config(dir.path(), "");
     let mut cmd = uploadhook_command(&config, "serve");
     cmd.env_remove("NO_COLOR");
     let mut proc = ChildProcess::spawn("serve", &mut cmd, dir.path().join("serve.log")).unwrap();
@@ -1012,20 +1020,13 @@ async fn a_trace_continues_from_confirm_to_the_receiver_and_the_collector() {
     tokio::spawn(async move { axum::serve(collector, app).await.unwrap() });
 
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("serve.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nhttp_addr = \"127.0.0.1:0\"\ngrpc_addr = \"127.0.0.1:0\"\n\
-             [database]\nurl = \"sqlite://{}/db.sqlite?mode=rwc\"\n\
-             [embedded_s3]\naddr = \"127.0.0.1:0\"\nroot = \"{}/s3\"\n\
-             [delivery]\nallow_cidrs = [\"127.0.0.1/32\"]\n[bootstrap]\ndev_tenant = \"\"\n\
-             [telemetry]\notlp_endpoint = \"http://{collector_addr}\"\notlp_protocol = \"http\"\n",
-            dir.path().display(),
-            dir.path().display(),
+    let config = serve_config(
+        dir.path(),
+        &format!(
+            "[delivery]\nallow_cidrs = [\"127.0.0.1/32\"]\n\
+             [telemetry]\notlp_endpoint = \"http://{collector_addr}\"\notlp_protocol = \"http\"\n"
         ),
-    )
-    .unwrap();
+    );
     let keys = uploadhook_command(&config, "keys")
         .args(["create", "--tenant", "traced"])
         .output()
