@@ -97,14 +97,14 @@ type NewEvent = (usize, &'static str, Status, DateTime<Utc>);
 impl OwnedTransition {
     /// One of the events this transition stored, `id` its row's.
     fn event(&self, id: i64, kind: &str, status: Status) -> Event {
-        Event {
+        event_on(
+            self.tenant.as_str(),
+            self.id.as_str(),
             id,
-            tenant_id: self.tenant.clone(),
-            webhook_id: self.id.clone(),
-            kind: kind.to_string(),
+            kind,
             status,
-            occurred_at: self.now,
-        }
+            self.now,
+        )
     }
 
     /// The rows that record this transition (write `i` of its group), once
@@ -441,11 +441,10 @@ impl Store {
     /// distinct webhooks makes one `UPDATE` for its compare-and-sets
     /// (`multirow`, PostgreSQL and SQLite; on PostgreSQL, without touches,
     /// the whole group is one statement; on SQLite the writes that want no
-    /// row back have a second one, returning their ids). On PostgreSQL that locks its
-    /// rows in one order of its own (see there): a deadlock is unlikely
-    /// but possible. PostgreSQL detects it
-    /// and fails one group, and the batcher writes that group's writes one
-    /// by one.
+    /// row back have a second one, returning their ids). On PostgreSQL that
+    /// locks its rows in one order of its own (see there): a deadlock is
+    /// unlikely but possible. PostgreSQL detects it and fails one group,
+    /// and the batcher writes that group's writes one by one.
     pub(crate) async fn write_group(&self, writes: &[Write]) -> Result<Applied> {
         self.write_group_on(writes, None).await
     }

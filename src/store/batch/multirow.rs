@@ -516,27 +516,31 @@ pub(super) fn place_sqlite(
     ts: &[(usize, &OwnedTransition)],
     out: &mut [Option<Done>],
 ) -> Result<()> {
-    let mut put = |id: &str, done: Done| {
-        let at = ts.binary_search_by(|(_, t)| t.id.as_str().cmp(id)).ok();
-        match at.and_then(|at| out.get_mut(ts[at].0)) {
-            Some(slot @ Some(Done::Stayed)) => {
-                *slot = Some(done);
-                Ok(())
-            }
-            _ => Err(StoreError::Corrupt(
-                "a multi-row update returned a webhook it was not given, or twice".into(),
-            )),
-        }
-    };
     for r in found {
         let row = decode::webhook(r)?;
-        let id = row.id.clone();
-        put(&id, Done::Row(row))?;
+        let slot = given(ts, out, &row.id)?;
+        *slot = Some(Done::Row(row));
     }
     for id in moved {
-        put(id, Done::Moved)?;
+        *given(ts, out, id)? = Some(Done::Moved);
     }
     Ok(())
+}
+
+/// The slot in `out` of the write of `ts` to webhook `id`, if it was given
+/// and not yet answered.
+fn given<'a>(
+    ts: &[(usize, &OwnedTransition)],
+    out: &'a mut [Option<Done>],
+    id: &str,
+) -> Result<&'a mut Option<Done>> {
+    let at = ts.binary_search_by(|(_, t)| t.id.as_str().cmp(id)).ok();
+    match at.and_then(|at| out.get_mut(ts[at].0)) {
+        Some(slot @ Some(Done::Stayed)) => Ok(slot),
+        _ => Err(StoreError::Corrupt(
+            "a multi-row update returned a webhook it was not given, or twice".into(),
+        )),
+    }
 }
 
 /// Applies the compare-and-sets of `ts` (write index below `writes`,
