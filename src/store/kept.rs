@@ -21,6 +21,21 @@
 //! done, even after a cancelled statement (sqlx runs the rollback after
 //! it), unless one of its statements failed for other than a refusal.
 //!
+//! Reads go beside that connection: a statement outside a transaction
+//! whose text begins with `SELECT` runs on a second connection, opened
+//! read-only and kept the same way, when the database is in write-ahead
+//! logging mode (the embedded default's; the reader, opened at the first
+//! read, says which). In that mode a reader sees every
+//! transaction committed before its statement began and neither waits for
+//! the writer nor holds it up, so the worker's row reads and the API's
+//! lookups no longer take turns with the write groups on one connection:
+//! under load they were seven in eight of its uses (BENCHMARKS.md, "What
+//! limits", item 22). Everything else (writes, statements that return
+//! rows from a write, anything in a transaction, `PRAGMA`s, and every
+//! statement of a database not in that mode, e.g. in memory) stays on the
+//! kept connection; a write sent to the reader by mistake is refused
+//! ("attempt to write a readonly database"), never run beside the writer.
+//!
 //! Every other deployment (PostgreSQL, or SQLite configured with more
 //! than one connection) uses the pool as sea-orm does.
 
@@ -39,7 +54,7 @@ use sea_orm::{
 use sea_query_sqlx::SqlxValues;
 use sqlx_core::transaction::TransactionManager;
 use tokio::sync::{Mutex, OwnedMutexGuard};
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// The store's database: see the module's documentation.
 #[derive(Clone)]
@@ -51,9 +66,19 @@ pub enum Db {
     Kept(Kept),
 }
 
-/// SQLite's one connection, in its slot; the pool it came from.
+/// SQLite's one writing connection, and the reader beside it (see the
+/// module's documentation).
 #[derive(Clone)]
 pub struct Kept {
+    writer: One,
+    /// Set at the first read: `Some` when the database is in write-ahead
+    /// logging mode.
+    reader: Arc<tokio::sync::OnceCell<Option<One>>>,
+}
+
+/// One connection kept in its slot; the pool it came from.
+#[derive(Clone)]
+struct One {
     pool: DatabaseConnection,
     slot: Arc<Mutex<Slot>>,
 }
@@ -94,8 +119,11 @@ impl Db {
                 == 1;
         if one {
             Self::Kept(Kept {
-                pool: db,
-                slot: Arc::default(),
+                writer: One {
+                    pool: db,
+                    slot: Arc::default(),
+                },
+                reader: Arc::default(),
             })
         } else {
             Self::Pool(db)
@@ -111,7 +139,7 @@ impl Db {
     pub fn pool(&self) -> &DatabaseConnection {
         match self {
             Self::Pool(db) => db,
-            Self::Kept(k) => &k.pool,
+            Self::Kept(k) => &k.writer.pool,
         }
     }
 
@@ -120,7 +148,7 @@ impl Db {
         match self {
             Self::Pool(db) => db.ping().await,
             Self::Kept(k) => {
-                let mut lease = k.lease().await?;
+                let mut lease = k.writer.lease().await?;
                 let r = sqlx::Connection::ping(lease.conn()).await;
                 lease.settle(&r);
                 r.map_err(|e| DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))))
@@ -134,7 +162,7 @@ impl Db {
         match self {
             Self::Pool(db) => Ok(Txn(Tx::Pool(db.begin().await?))),
             Self::Kept(k) => {
-                let mut lease = k.lease().await?;
+                let mut lease = k.writer.lease().await?;
                 let r = SqliteTransactionManager::begin(lease.conn(), None).await;
                 lease.settle(&r);
                 r.map_err(query_error)?;
@@ -150,7 +178,7 @@ impl Db {
     /// one, or one of the pool's. `None` on PostgreSQL.
     pub(crate) async fn sqlite(&self) -> Option<Result<Lease, DbErr>> {
         match self {
-            Self::Kept(k) => Some(k.lease().await),
+            Self::Kept(k) => Some(k.writer.lease().await),
             Self::Pool(db) if db.get_database_backend() == DbBackend::Sqlite => Some(
                 db.get_sqlite_connection_pool()
                     .acquire()
@@ -172,18 +200,110 @@ impl Db {
             &'c mut SqliteConnection,
         ) -> std::pin::Pin<Box<dyn Future<Output = R> + Send + 'c>>,
     ) -> Option<Result<R, DbErr>> {
-        Some(match self.sqlite().await? {
-            Ok(mut lease) => {
-                let r = f(lease.conn()).await;
-                lease.settle(&Ok(()));
-                Ok(r)
-            }
-            Err(e) => Err(e),
-        })
+        Some(on_lease(self.sqlite().await?, f).await)
+    }
+
+    /// As [`Db::on_sqlite`], on the embedded default's reader (see the
+    /// module's documentation). `None` where there is none, or none yet.
+    #[doc(hidden)]
+    pub async fn on_sqlite_reader<R>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c mut SqliteConnection,
+        ) -> std::pin::Pin<Box<dyn Future<Output = R> + Send + 'c>>,
+    ) -> Option<Result<R, DbErr>> {
+        match self {
+            Self::Kept(k) => Some(on_lease(k.reader_lease().await?, f).await),
+            Self::Pool(_) => None,
+        }
     }
 }
 
+async fn on_lease<R>(
+    lease: Result<Lease, DbErr>,
+    f: impl for<'c> FnOnce(
+        &'c mut SqliteConnection,
+    ) -> std::pin::Pin<Box<dyn Future<Output = R> + Send + 'c>>,
+) -> Result<R, DbErr> {
+    let mut lease = lease?;
+    let r = f(lease.conn()).await;
+    lease.settle(&Ok(()));
+    Ok(r)
+}
+
 impl Kept {
+    /// The reader, once a read has opened it.
+    async fn reader_lease(&self) -> Option<Result<Lease, DbErr>> {
+        match self.reader.get() {
+            Some(Some(reader)) => Some(reader.lease().await),
+            _ => None,
+        }
+    }
+
+    /// The connection for `sql`, a statement outside a transaction: the
+    /// reader for a `SELECT` when there is one, else the writer.
+    async fn lease_for(&self, sql: &str) -> Result<Lease, DbErr> {
+        if !is_select(sql) {
+            return self.writer.lease().await;
+        }
+        match self.reader.get_or_init(|| self.open_reader()).await {
+            Some(reader) => reader.lease().await,
+            None => self.writer.lease().await,
+        }
+    }
+
+    /// The reader, if the database is in write-ahead logging mode (in any
+    /// other a reader would wait for the writer): a read-only connection
+    /// opened with the writer's options, which says the database's mode.
+    /// A database in memory says "memory"; a connection that cannot be
+    /// opened means no reader either: reads stay on the writer, as they
+    /// always may.
+    async fn open_reader(&self) -> Option<One> {
+        let writer = self.writer.pool.get_sqlite_connection_pool();
+        let options = (*writer.connect_options()).clone().read_only(true);
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(writer.options().get_acquire_timeout())
+            .connect_lazy_with(options);
+        let reader = One {
+            pool: sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool),
+            slot: Arc::default(),
+        };
+        let mode = async {
+            let mut lease = reader.lease().await?;
+            let row = query_one(
+                &mut lease,
+                Statement::from_string(DbBackend::Sqlite, "PRAGMA journal_mode"),
+            )
+            .await?;
+            row.map(|r| r.try_get_by_index::<String>(0)).transpose()
+        };
+        match mode.await {
+            Ok(Some(mode)) if mode.eq_ignore_ascii_case("wal") => Some(reader),
+            Ok(mode) => {
+                debug!(
+                    ?mode,
+                    "SQLite reads stay on the one connection: the database is not in WAL mode"
+                );
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "SQLite reads stay on the one connection: a read-only connection did not open");
+                None
+            }
+        }
+    }
+}
+
+/// Whether `sql` is a read the reader can run: a `SELECT` (a statement
+/// that begins otherwise, `WITH` included, goes to the writer).
+fn is_select(sql: &str) -> bool {
+    sql.trim_start()
+        .get(..6)
+        .is_some_and(|w| w.eq_ignore_ascii_case("select"))
+}
+
+impl One {
     /// The connection, once the uses before this one are done (waiting at
     /// most the pool's acquire timeout, as a pool of one would).
     async fn lease(&self) -> Result<Lease, DbErr> {
@@ -358,28 +478,28 @@ impl ConnectionTrait for Db {
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
         match self {
             Self::Pool(db) => db.execute_raw(stmt).await,
-            Self::Kept(k) => execute(&mut k.lease().await?, stmt).await,
+            Self::Kept(k) => execute(&mut k.writer.lease().await?, stmt).await,
         }
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
         match self {
             Self::Pool(db) => db.execute_unprepared(sql).await,
-            Self::Kept(k) => execute_unprepared(&mut k.lease().await?, sql).await,
+            Self::Kept(k) => execute_unprepared(&mut k.writer.lease().await?, sql).await,
         }
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
         match self {
             Self::Pool(db) => db.query_one_raw(stmt).await,
-            Self::Kept(k) => query_one(&mut k.lease().await?, stmt).await,
+            Self::Kept(k) => query_one(&mut k.lease_for(&stmt.sql).await?, stmt).await,
         }
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
         match self {
             Self::Pool(db) => db.query_all_raw(stmt).await,
-            Self::Kept(k) => query_all(&mut k.lease().await?, stmt).await,
+            Self::Kept(k) => query_all(&mut k.lease_for(&stmt.sql).await?, stmt).await,
         }
     }
 
@@ -747,6 +867,85 @@ mod tests {
         txn.commit().await.unwrap();
         assert_eq!(rows(&db).await, [1, 4]);
         assert_eq!(in_pool(&db).await, (1, 0));
+    }
+
+    /// A `SELECT` outside a transaction runs on the reader: it neither
+    /// waits for a transaction open on the writer nor sees its rows, and
+    /// sees them once committed; inside the transaction, a read is the
+    /// transaction's.
+    #[tokio::test]
+    async fn reads_run_beside_the_writer() {
+        let (_dir, db) = kept().await;
+        db.execute_raw(insert(1)).await.unwrap();
+        let txn = db.begin().await.unwrap();
+        txn.execute_raw(insert(2)).await.unwrap();
+        let beside = tokio::time::timeout(Duration::from_secs(20), rows(&db))
+            .await
+            .expect("the read waited for the writer's transaction");
+        assert_eq!(beside, [1]);
+        let inside = txn
+            .query_all_raw(Statement::from_string(DbBackend::Sqlite, "SELECT n FROM t"))
+            .await
+            .unwrap();
+        assert_eq!(inside.len(), 2);
+        txn.commit().await.unwrap();
+        assert_eq!(rows(&db).await, [1, 2]);
+        // A statement that returns rows but writes goes to the writer.
+        let returned = db
+            .query_all_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "INSERT INTO t (n) VALUES (3) RETURNING n",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(returned.len(), 1);
+        assert_eq!(rows(&db).await, [1, 2, 3]);
+    }
+
+    /// The reader is read-only: a write on it is refused, not run beside
+    /// the writer.
+    #[tokio::test]
+    async fn the_reader_refuses_writes() {
+        let (_dir, db) = kept().await;
+        let Db::Kept(k) = &db else { unreachable!() };
+        let mut lease = k.lease_for("SELECT n FROM t").await.unwrap();
+        let refused = execute(&mut lease, insert(1)).await.unwrap_err();
+        assert!(refused.to_string().contains("readonly"), "{refused}");
+        drop(lease);
+        assert!(rows(&db).await.is_empty());
+    }
+
+    /// A database not in write-ahead logging mode (here in memory, where a
+    /// second connection would open a database of its own) has no reader:
+    /// reads run on its one connection.
+    #[tokio::test]
+    async fn a_database_in_memory_reads_on_its_one_connection() {
+        let db = Db::new(crate::store::connect("sqlite::memory:", 1).await.unwrap());
+        let Db::Kept(k) = &db else { panic!("not kept") };
+        db.execute_unprepared("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+            .await
+            .unwrap();
+        db.execute_raw(insert(1)).await.unwrap();
+        assert_eq!(rows(&db).await, [1]);
+        assert!(k.reader.get().is_some_and(Option::is_none));
+    }
+
+    #[test]
+    fn only_a_select_is_a_read() {
+        for sql in ["SELECT 1", "  select n FROM t", "Select\n1"] {
+            assert!(is_select(sql), "{sql}");
+        }
+        for sql in [
+            "",
+            "SEL",
+            "WITH c AS (SELECT 1) SELECT * FROM c",
+            "INSERT INTO t (n) VALUES (1) RETURNING n",
+            "UPDATE t SET n = 1 RETURNING *",
+            "PRAGMA journal_mode",
+            "BEGIN; SELECT 1",
+        ] {
+            assert!(!is_select(sql), "{sql}");
+        }
     }
 
     /// A transaction dropped during one of its statements (its task

@@ -15,8 +15,9 @@ pub struct Prepared {
     pub recompiled: i32,
 }
 
-/// Each prepared statement on `conn` (a store's one connection, to see
-/// them all: see `Db::on_sqlite`).
+/// Each prepared statement on `conn` (one of a store's kept connections:
+/// see `Db::on_sqlite` for the writer's, `Db::on_sqlite_reader` for the
+/// reader's).
 pub async fn statements(conn: &mut SqliteConnection) -> Vec<Prepared> {
     let mut handle = conn.lock_handle().await.unwrap();
     let db = handle.as_raw_handle().as_ptr();

@@ -22,13 +22,19 @@ async fn hot_statements_are_not_compiled_again() {
         let id = create_confirmed(&app, &rx.url, &format!("f{i}.txt")).await;
         wait_for(&app, &app.key_a, &id, Status::Completed).await;
     }
-    let stmts = app
-        .store()
-        .db()
+    // The writer's statements, then the reader's (reads beside the writer).
+    let db = app.store().db();
+    let mut stmts = db
         .on_sqlite(|conn| Box::pin(statements(conn)))
         .await
         .unwrap()
         .unwrap();
+    stmts.extend(
+        db.on_sqlite_reader(|conn| Box::pin(statements(conn)))
+            .await
+            .expect("the reads ran on the reader")
+            .unwrap(),
+    );
     app.stop().await;
     let by_id = stmts
         .iter()
