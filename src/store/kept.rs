@@ -21,16 +21,21 @@
 //! done, even after a cancelled statement (sqlx runs the rollback after
 //! it), unless one of its statements failed for other than a refusal.
 //!
-//! Reads go beside that connection: a statement outside a transaction
-//! whose text begins with `SELECT` runs on a second connection, opened
-//! read-only and kept the same way, when the database is in write-ahead
-//! logging mode (the embedded default's; the reader, opened at the first
-//! read, says which). In that mode a reader sees every
-//! transaction committed before its statement began and neither waits for
-//! the writer nor holds it up, so the worker's row reads and the API's
-//! lookups no longer take turns with the write groups on one connection:
-//! under load they were seven in eight of its uses (BENCHMARKS.md, "What
-//! limits", item 22). Everything else (writes, statements that return
+//! Reads go beside that connection: a query outside a transaction
+//! (`query_one_raw`, `query_all_raw`) whose text begins with `SELECT`
+//! runs on a second connection, opened read-only and kept the same way,
+//! when the database is in write-ahead logging mode (the embedded
+//! default's; the reader, opened at the first read, says which). In that
+//! mode a reader sees every transaction committed before its statement
+//! began, and neither it nor the writer waits for the other (a reader
+//! only keeps a checkpoint from going past what it reads, for the
+//! milliseconds a statement takes), so the worker's row reads and the
+//! API's lookups no longer take turns with the write groups on one
+//! connection: under load they were seven in eight of its uses
+//! (BENCHMARKS.md, "What limits", item 22). A read does not see what a
+//! transaction still open on the writer wrote: code that holds a
+//! transaction reads through it (as it always had to, the writer being
+//! its own). Everything else (writes, statements that return
 //! rows from a write, anything in a transaction, `PRAGMA`s, and every
 //! statement of a database not in that mode, e.g. in memory) stays on the
 //! kept connection; a write sent to the reader by mistake is refused
@@ -242,23 +247,38 @@ impl Kept {
 
     /// The connection for `sql`, a statement outside a transaction: the
     /// reader for a `SELECT` when there is one, else the writer.
+    ///
+    /// The reader is decided once the database has answered: a database
+    /// not in WAL mode never gets one. A reader that cannot be opened, or
+    /// no longer can, costs nothing but a warning: the read takes the
+    /// writer, which is always right, and a later read tries the reader
+    /// again.
     async fn lease_for(&self, sql: &str) -> Result<Lease, DbErr> {
         if !is_select(sql) {
             return self.writer.lease().await;
         }
-        match self.reader.get_or_init(|| self.open_reader()).await {
-            Some(reader) => reader.lease().await,
-            None => self.writer.lease().await,
+        let reader = match self.reader.get_or_try_init(|| self.open_reader()).await {
+            Ok(Some(reader)) => reader,
+            Ok(None) => return self.writer.lease().await,
+            Err(e) => {
+                warn!(error = %e, "SQLite's read-only connection did not open; this read runs on the writer");
+                return self.writer.lease().await;
+            }
+        };
+        match reader.lease().await {
+            Ok(lease) => Ok(lease),
+            Err(e) => {
+                warn!(error = %e, "SQLite's read-only connection is unavailable; this read runs on the writer");
+                self.writer.lease().await
+            }
         }
     }
 
     /// The reader, if the database is in write-ahead logging mode (in any
     /// other a reader would wait for the writer): a read-only connection
-    /// opened with the writer's options, which says the database's mode.
-    /// A database in memory says "memory"; a connection that cannot be
-    /// opened means no reader either: reads stay on the writer, as they
-    /// always may.
-    async fn open_reader(&self) -> Option<One> {
+    /// opened with the writer's options, which says the database's mode
+    /// (a database in memory says "memory"). An error: it did not open.
+    async fn open_reader(&self) -> Result<Option<One>, DbErr> {
         let writer = self.writer.pool.get_sqlite_connection_pool();
         let options = (*writer.connect_options()).clone().read_only(true);
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
@@ -269,29 +289,24 @@ impl Kept {
             pool: sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool),
             slot: Arc::default(),
         };
-        let mode = async {
-            let mut lease = reader.lease().await?;
-            let row = query_one(
-                &mut lease,
-                Statement::from_string(DbBackend::Sqlite, "PRAGMA journal_mode"),
-            )
-            .await?;
-            row.map(|r| r.try_get_by_index::<String>(0)).transpose()
-        };
-        match mode.await {
-            Ok(Some(mode)) if mode.eq_ignore_ascii_case("wal") => Some(reader),
-            Ok(mode) => {
-                debug!(
-                    ?mode,
-                    "SQLite reads stay on the one connection: the database is not in WAL mode"
-                );
-                None
-            }
-            Err(e) => {
-                warn!(error = %e, "SQLite reads stay on the one connection: a read-only connection did not open");
-                None
-            }
+        let mode = query_one(
+            &mut reader.lease().await?,
+            Statement::from_string(DbBackend::Sqlite, "PRAGMA journal_mode"),
+        )
+        .await?
+        .map(|r| r.try_get_by_index::<String>(0))
+        .transpose()?;
+        if mode
+            .as_deref()
+            .is_some_and(|m| m.eq_ignore_ascii_case("wal"))
+        {
+            return Ok(Some(reader));
         }
+        debug!(
+            ?mode,
+            "SQLite reads stay on the one connection: the database is not in WAL mode"
+        );
+        Ok(None)
     }
 }
 
@@ -779,6 +794,25 @@ mod tests {
         .collect()
     }
 
+    /// The rows as the writer sees them, in a transaction of its own (so
+    /// once the writer's earlier uses, a rollback included, are done):
+    /// `rows` reads on the reader, which never sees uncommitted rows.
+    async fn written(db: &Db) -> Vec<i64> {
+        let txn = db.begin().await.unwrap();
+        let rows = txn
+            .query_all_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "SELECT n FROM t ORDER BY n",
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get("", "n").unwrap())
+            .collect();
+        txn.commit().await.unwrap();
+        rows
+    }
+
     /// A second or so of counting.
     fn slow() -> Statement {
         Statement::from_string(
@@ -860,7 +894,7 @@ mod tests {
         );
         drop(txn);
         assert_eq!(in_pool(&db).await, (1, 0));
-        assert_eq!(rows(&db).await, [1]);
+        assert_eq!(written(&db).await, [1]);
         // None is left open: another begins, and the connection stays.
         let txn = db.begin().await.unwrap();
         txn.execute_raw(insert(4)).await.unwrap();
@@ -902,6 +936,43 @@ mod tests {
         assert_eq!(rows(&db).await, [1, 2, 3]);
     }
 
+    /// A read on the reader dropped unfinished (its task cancelled) gives
+    /// the reader's connection back to its pool, as the writer's would;
+    /// the next read takes it from there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_dropped_unfinished_gives_the_reader_back() {
+        let (_dir, db) = kept().await;
+        db.execute_raw(insert(1)).await.unwrap();
+        assert_eq!(rows(&db).await, [1]);
+        let Db::Kept(k) = &db else { unreachable!() };
+        let reader = k
+            .reader
+            .get()
+            .unwrap()
+            .as_ref()
+            .expect("a reader")
+            .pool
+            .clone();
+        let slow = Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL \
+             SELECT x + 1 FROM c WHERE x < 10000000) SELECT x FROM c)",
+        );
+        let cut = tokio::time::timeout(Duration::from_millis(50), db.query_all_raw(slow)).await;
+        assert!(cut.is_err(), "the statement ended within 50 ms");
+        let pool = reader.get_sqlite_connection_pool();
+        let mut waited = 0;
+        while (pool.size(), pool.num_idle()) != (1, 1) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += 1;
+            assert!(waited < 600, "the reader did not go back to its pool");
+        }
+        // The writer was not involved, and the reader reads again.
+        assert_eq!(in_pool(&db).await, (1, 0));
+        assert_eq!(rows(&db).await, [1]);
+        assert_eq!((pool.size(), pool.num_idle()), (1, 0));
+    }
+
     /// The reader is read-only: a write on it is refused, not run beside
     /// the writer.
     #[tokio::test]
@@ -915,9 +986,8 @@ mod tests {
         assert!(rows(&db).await.is_empty());
     }
 
-    /// A database not in write-ahead logging mode (here in memory, where a
-    /// second connection would open a database of its own) has no reader:
-    /// reads run on its one connection.
+    /// A database not in write-ahead logging mode (here in memory) has no
+    /// reader: reads run on its one connection.
     #[tokio::test]
     async fn a_database_in_memory_reads_on_its_one_connection() {
         let db = Db::new(crate::store::connect("sqlite::memory:", 1).await.unwrap());
@@ -959,7 +1029,7 @@ mod tests {
         let cut = tokio::time::timeout(Duration::from_millis(50), txn.query_all_raw(slow())).await;
         assert!(cut.is_err(), "the statement ended within 50 ms");
         drop(txn);
-        assert!(rows(&db).await.is_empty());
+        assert!(written(&db).await.is_empty());
         db.execute_raw(insert(2)).await.unwrap();
         assert_eq!(rows(&db).await, [2]);
     }

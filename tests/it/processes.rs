@@ -724,7 +724,12 @@ async fn kill_9_worker_mid_batch_loses_nothing() {
     // can start after the other has delivered a quarter of the backlog.
     let deadline = Instant::now() + Duration::from_secs(30);
     while rx.received().len() < N / 4 || workers[0].attempted().is_empty() {
-        assert!(Instant::now() < deadline, "no progress before the kill");
+        assert!(
+            Instant::now() < deadline,
+            "before the kill: {} of {N} requests received, the worker to kill attempted {}",
+            rx.received().len(),
+            workers[0].attempted().len()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     workers[0].proc.kill();
