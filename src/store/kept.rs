@@ -973,6 +973,24 @@ mod tests {
         assert_eq!((pool.size(), pool.num_idle()), (1, 0));
     }
 
+    /// A reader that can no longer be had (its connection gone and its
+    /// pool closed) sends reads to the writer instead of failing them.
+    #[tokio::test]
+    async fn a_read_without_its_reader_runs_on_the_writer() {
+        let (_dir, db) = kept().await;
+        db.execute_raw(insert(1)).await.unwrap();
+        assert_eq!(rows(&db).await, [1]);
+        let Db::Kept(k) = &db else { unreachable!() };
+        let reader = k.reader.get().unwrap().as_ref().expect("a reader");
+        if let Some(conn) = reader.slot.lock().await.0.take() {
+            conn.close().await.unwrap();
+        }
+        reader.pool.get_sqlite_connection_pool().close().await;
+        db.execute_raw(insert(2)).await.unwrap();
+        assert_eq!(rows(&db).await, [1, 2]);
+        assert!(reader.lease().await.is_err(), "the reader is still there");
+    }
+
     /// The reader is read-only: a write on it is refused, not run beside
     /// the writer.
     #[tokio::test]
