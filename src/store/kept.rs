@@ -201,9 +201,7 @@ impl Db {
     #[doc(hidden)]
     pub async fn on_sqlite<R>(
         &self,
-        f: impl for<'c> FnOnce(
-            &'c mut SqliteConnection,
-        ) -> std::pin::Pin<Box<dyn Future<Output = R> + Send + 'c>>,
+        f: impl for<'c> FnOnce(&'c mut SqliteConnection) -> OnConn<'c, R>,
     ) -> Option<Result<R, DbErr>> {
         Some(on_lease(self.sqlite().await?, f).await)
     }
@@ -213,9 +211,7 @@ impl Db {
     #[doc(hidden)]
     pub async fn on_sqlite_reader<R>(
         &self,
-        f: impl for<'c> FnOnce(
-            &'c mut SqliteConnection,
-        ) -> std::pin::Pin<Box<dyn Future<Output = R> + Send + 'c>>,
+        f: impl for<'c> FnOnce(&'c mut SqliteConnection) -> OnConn<'c, R>,
     ) -> Option<Result<R, DbErr>> {
         match self {
             Self::Kept(k) => Some(on_lease(k.reader_lease().await?, f).await),
@@ -224,11 +220,15 @@ impl Db {
     }
 }
 
+/// What a function given a store's SQLite connection by
+/// [`Db::on_sqlite`] or [`Db::on_sqlite_reader`] returns: its work on the
+/// connection.
+type OnConn<'c, R> = std::pin::Pin<Box<dyn Future<Output = R> + Send + 'c>>;
+
+/// Runs `f` as one use of `lease`'s connection.
 async fn on_lease<R>(
     lease: Result<Lease, DbErr>,
-    f: impl for<'c> FnOnce(
-        &'c mut SqliteConnection,
-    ) -> std::pin::Pin<Box<dyn Future<Output = R> + Send + 'c>>,
+    f: impl for<'c> FnOnce(&'c mut SqliteConnection) -> OnConn<'c, R>,
 ) -> Result<R, DbErr> {
     let mut lease = lease?;
     let r = f(lease.conn()).await;
