@@ -1847,6 +1847,89 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// On SQLite a group's multi-row `INSERT`s are padded (see
+    /// `sqlite::padded`): groups of 5, 6 and 7 writes share one prepared
+    /// text for each insert, never compiled again, and store exactly their
+    /// own rows.
+    #[tokio::test]
+    async fn groups_of_sizes_in_one_bucket_share_their_prepared_inserts() {
+        let (db, store, t) = one_sqlite_connection().await;
+        let mut created = 0;
+        for n in [3, 4] {
+            let creates: Vec<Write> = (0..n)
+                .map(|_| Write::Insert {
+                    row: Box::new(new_row(&t, Status::Delivering)),
+                    event: event_type::CREATED,
+                })
+                .collect();
+            let applied = store.write_group(&creates).await.unwrap();
+            assert_eq!(applied.events.len(), n);
+            created += n;
+        }
+        let mut ids = Vec::new();
+        for n in [5, 6, 7] {
+            let mut group = Vec::new();
+            for _ in 0..n {
+                group.push(webhook(&store, &t, Status::Delivering).await);
+            }
+            let writes: Vec<Write> = group.iter().map(|id| delivered(&t, id)).collect();
+            let applied = store.write_group(&writes).await.unwrap();
+            assert!(applied.rows.iter().all(Done::moved));
+            assert_eq!(applied.events.len(), n);
+            ids.extend(group);
+        }
+        let stmts = statements(&store).await;
+        let inserts = |table: &str| -> Vec<(i32, i32)> {
+            stmts
+                .iter()
+                .filter(|s| s.sql.starts_with(&format!("INSERT INTO \"{table}\" (")))
+                // Of several rows: not a lone write's, nor `create_webhook`'s.
+                .filter(|s| s.sql.contains("), ("))
+                .map(|s| (s.runs, s.recompiled))
+                .collect()
+        };
+        // One text each, run by every group that has those rows, and never
+        // compiled again.
+        assert_eq!(inserts("webhooks"), [(2, 0)], "{stmts:#?}");
+        assert_eq!(inserts("attempts"), [(3, 0)], "{stmts:#?}");
+        let events = inserts("events");
+        assert_eq!(events.len(), 2, "creates, then transitions: {stmts:#?}");
+        assert!(events.iter().all(|&(_, again)| again == 0), "{stmts:#?}");
+        // Exactly the rows given, no padding among them.
+        let count = |sql: &'static str| {
+            store.db.on_sqlite(move |conn| {
+                Box::pin(async move {
+                    sea_orm::sqlx::query_scalar::<_, i64>(sql)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .unwrap()
+                })
+            })
+        };
+        assert_eq!(
+            count("SELECT count(*) FROM webhooks")
+                .await
+                .unwrap()
+                .unwrap(),
+            (created + ids.len()) as i64
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM attempts")
+                .await
+                .unwrap()
+                .unwrap(),
+            ids.len() as i64
+        );
+        for id in &ids {
+            assert_eq!(store.attempts(&t, id).await.unwrap().len(), 1);
+            assert_eq!(
+                stored_events(&store, &t, id).await.last().unwrap().1,
+                Status::Completed
+            );
+        }
+        db.cleanup().await;
+    }
+
     /// On SQLite a lone transition is one command, its inserts made only
     /// when its compare-and-set moved the row (see `sqlite::lone`): what it
     /// stores and answers is what the general path would.

@@ -26,7 +26,8 @@
 //! beforehand), and so is a lone transition, the usual group below
 //! saturation ([`lone`]: its inserts are conditional on its `UPDATE`
 //! having moved the row). The two commands' statements are the general
-//! path's, built by the same code. A group with a touch, two writes to
+//! path's, built by the same code, their multi-row `INSERT`s padded so
+//! that one text serves groups of several sizes ([`padded`]). A group with a touch, two writes to
 //! one webhook, or a transition out of DEAD_LETTER (which closes dead
 //! letters between its writes) takes the general path.
 //!
@@ -81,9 +82,60 @@ impl Command {
         );
     }
 
-    fn push(&mut self, s: Statement) {
-        self.push_sql(&s.sql, s.values.into_iter().flat_map(|v| v.0));
+    /// Pushes `s`, an `INSERT` of `rows` rows as sea-query builds it,
+    /// in the form [`padded`] gives it.
+    fn push_rows(&mut self, s: Statement, rows: usize) {
+        let (sql, values) = padded(s.sql, s.values.map(|v| v.0).unwrap_or_default(), rows);
+        self.push_sql(&sql, values);
     }
+}
+
+/// SQLite's limit on a statement's parameters (`SQLITE_MAX_VARIABLE_NUMBER`).
+const MAX_PARAMETERS: usize = 32_766;
+
+/// `sql`, an `INSERT INTO t (…) VALUES (…), … [RETURNING …]` of `rows`
+/// rows with parameters `values`, as `INSERT INTO t (…) SELECT * FROM
+/// (VALUES (…), …) WHERE column1 IS NOT NULL [RETURNING …]`, its `VALUES`
+/// padded with rows of NULL to the next power of two, which the filter
+/// leaves out.
+///
+/// sqlx keeps a command prepared under its whole text, and the text of a
+/// multi-row `INSERT` varies with its number of rows: unpadded, nearly
+/// every group's commands were compiled anew (sqlite3Prepare was 3.5 % of
+/// the service's instructions at saturation). Padded, a few texts serve
+/// every group size (BENCHMARKS.md, "What limits", item 23). The rows go
+/// in in the order given (the `VALUES` are read in order), as
+/// `number_events` checks. The filter is not `LIMIT ?`: SQLite compiles a
+/// statement again whenever a parameter its plan read changes, and a bound
+/// `LIMIT` is read (beyond the 31st parameter, any rebinding counts).
+///
+/// Left as it is when it cannot be padded: no `VALUES`, a row whose first
+/// value is NULL (the filter would drop it), or more parameters padded
+/// than SQLite takes.
+fn padded(sql: String, mut values: Vec<Value>, rows: usize) -> (String, Vec<Value>) {
+    let Some(at) = sql.find(" VALUES (") else {
+        return (sql, values);
+    };
+    let bucket = rows.next_power_of_two();
+    let per = values.len() / rows.max(1);
+    if rows == 0
+        || per == 0
+        || per * rows != values.len()
+        || bucket * per > MAX_PARAMETERS
+        || !values.iter().step_by(per).all(Value::is_some)
+    {
+        return (sql, values);
+    }
+    let end = sql.find(" RETURNING ").unwrap_or(sql.len());
+    let row = format!("({})", vec!["?"; per].join(", "));
+    let mut out = String::with_capacity(sql.len() + bucket * (row.len() + 2) + 48);
+    out.push_str(&sql[..at]);
+    out.push_str(" SELECT * FROM (VALUES ");
+    out.push_str(&vec![row.as_str(); bucket].join(", "));
+    out.push_str(") WHERE column1 IS NOT NULL");
+    out.push_str(&sql[end..]);
+    values.extend(std::iter::repeat_n(Value::Int(None), (bucket - rows) * per));
+    (out, values)
 }
 
 /// Writes the group `writes` (`order`: their indexes in webhook id order,
@@ -112,7 +164,11 @@ pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<
     let mut first = Command::default();
     first.push_sql("BEGIN", []);
     if !inserts.is_empty() {
-        first.push(webhooks::Entity::insert_many(inserts).build(DbBackend::Sqlite));
+        let n = inserts.len();
+        first.push_rows(
+            webhooks::Entity::insert_many(inserts).build(DbBackend::Sqlite),
+            n,
+        );
     }
     // By write index: `Some(done)` for each transition once its `UPDATE`
     // ran (`Done::Stayed`: its compare-and-set did not match). A write
@@ -153,10 +209,18 @@ pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<
             }
         }
         if !new_attempts.is_empty() {
-            last.push(attempts::Entity::insert_many(new_attempts).build(DbBackend::Sqlite));
+            let n = new_attempts.len();
+            last.push_rows(
+                attempts::Entity::insert_many(new_attempts).build(DbBackend::Sqlite),
+                n,
+            );
         }
         if !new_dead_letters.is_empty() {
-            last.push(dead_letters::Entity::insert_many(new_dead_letters).build(DbBackend::Sqlite));
+            let n = new_dead_letters.len();
+            last.push_rows(
+                dead_letters::Entity::insert_many(new_dead_letters).build(DbBackend::Sqlite),
+                n,
+            );
         }
     } else {
         // Creates only: everything goes in one command.
@@ -169,7 +233,7 @@ pub(super) async fn write(db: &Db, writes: &[Write], order: &[usize]) -> Result<
             Ok(built) => built,
             Err(e) => return Err(open.rollback(e).await),
         };
-        last.push(DbBackend::Sqlite.build(&insert));
+        last.push_rows(DbBackend::Sqlite.build(&insert), out.len());
         events = out;
     }
     last.push_sql("COMMIT", []);
@@ -368,10 +432,79 @@ fn place(
 
 /// Runs `command` on `open`'s connection.
 pub(super) async fn run(open: &mut Open, command: Command) -> Result<Vec<SqliteRow>> {
-    // A command's text varies with the number of rows of each of its
-    // `INSERT`s, as those statements' texts did alone, and with their
-    // combination: more texts share sqlx's statement cache of 100 (a cache
-    // of 1,000 measured no different, BENCHMARKS.md, "What limits", item
-    // 1).
+    // Prepared and kept in sqlx's statement cache (100 commands) under
+    // the command's whole text: its `INSERT`s are padded (see `padded`)
+    // so that groups of other sizes find it there.
     Ok(open.run(command.sql, command.values).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Value {
+        Value::from(s)
+    }
+
+    #[test]
+    fn an_insert_is_padded_to_the_next_power_of_two() {
+        let sql = "INSERT INTO \"e\" (\"a\", \"b\") VALUES (?, ?), (?, ?), (?, ?) \
+                   RETURNING \"id\""
+            .to_string();
+        let values = vec![
+            text("1"),
+            Value::Int(None),
+            text("2"),
+            text("x"),
+            text("3"),
+            text("y"),
+        ];
+        let (sql, out) = padded(sql, values.clone(), 3);
+        assert_eq!(
+            sql,
+            "INSERT INTO \"e\" (\"a\", \"b\") SELECT * FROM (VALUES (?, ?), (?, ?), (?, ?), \
+             (?, ?)) WHERE column1 IS NOT NULL RETURNING \"id\""
+        );
+        assert_eq!(out[..6], values[..]);
+        assert_eq!(out[6..], [Value::Int(None), Value::Int(None)]);
+        // Without RETURNING; four rows need no padding, and share the
+        // text of three.
+        let four = "INSERT INTO \"e\" (\"a\") VALUES (?), (?), (?), (?)".to_string();
+        let (sql, out) = padded(four, (0..4).map(|i| text(&i.to_string())).collect(), 4);
+        assert_eq!(
+            sql,
+            "INSERT INTO \"e\" (\"a\") SELECT * FROM (VALUES (?), (?), (?), (?)) \
+             WHERE column1 IS NOT NULL"
+        );
+        assert_eq!(out.len(), 4);
+    }
+
+    #[test]
+    fn an_insert_that_cannot_be_padded_is_left_as_it_is() {
+        let sql = "INSERT INTO \"e\" (\"a\", \"b\") VALUES (?, ?), (?, ?)".to_string();
+        let unchanged = |values: Vec<Value>, rows| {
+            let (out, got) = padded(sql.clone(), values.clone(), rows);
+            assert_eq!((out, got), (sql.clone(), values));
+        };
+        // A first value NULL: the filter would drop its row.
+        unchanged(
+            vec![text("1"), text("x"), Value::String(None), text("y")],
+            2,
+        );
+        // Values that are not rows of one width.
+        unchanged(vec![text("1"), text("x"), text("2")], 2);
+        unchanged(Vec::new(), 0);
+        // No VALUES.
+        let select = "INSERT INTO \"e\" (\"a\") SELECT ?".to_string();
+        assert_eq!(padded(select.clone(), vec![text("1")], 1).0, select);
+        // More parameters, padded, than SQLite takes (18,000 rows of 2,
+        // padded to 16,384 rows).
+        let rows = 9_000;
+        let wide = format!(
+            "INSERT INTO \"e\" (\"a\", \"b\") VALUES {}",
+            vec!["(?, ?)"; rows].join(", ")
+        );
+        let values: Vec<Value> = (0..rows * 2).map(|_| text("v")).collect();
+        assert_eq!(padded(wide.clone(), values, rows).0, wide);
+    }
 }
