@@ -1720,6 +1720,34 @@ mod tests {
             .unwrap()
     }
 
+    /// The number `sql` counts, on the store's SQLite writer.
+    async fn count(store: &Store, sql: &'static str) -> i64 {
+        store
+            .db
+            .on_sqlite(move |conn| {
+                Box::pin(async move {
+                    sea_orm::sqlx::query_scalar(sql)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .unwrap()
+                })
+            })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Each of `ids` has one attempt and ended COMPLETED.
+    async fn delivered_once(store: &Store, t: &TenantId, ids: &[WebhookId]) {
+        for id in ids {
+            assert_eq!(store.attempts(t, id).await.unwrap().len(), 1);
+            assert_eq!(
+                stored_events(store, t, id).await.last().unwrap().1,
+                Status::Completed
+            );
+        }
+    }
+
     /// [`delivered`], for a caller that wants no row back.
     fn bare(tenant: &TenantId, id: &WebhookId) -> Write {
         let mut w = delivered(tenant, id);
@@ -1837,13 +1865,7 @@ mod tests {
             |sql: &str| -> i32 { stmts.iter().filter(|s| s.sql == sql).map(|s| s.runs).sum() };
         assert_eq!((runs("BEGIN"), runs("COMMIT")), (3, 3), "{stmts:#?}");
         assert!(!in_transaction(&store).await);
-        for id in &ids {
-            assert_eq!(store.attempts(&t, id).await.unwrap().len(), 1);
-            assert_eq!(
-                stored_events(&store, &t, id).await.last().unwrap().1,
-                Status::Completed
-            );
-        }
+        delivered_once(&store, &t, &ids).await;
         db.cleanup().await;
     }
 
@@ -1896,37 +1918,43 @@ mod tests {
         assert_eq!(events.len(), 2, "creates, then transitions: {stmts:#?}");
         assert!(events.iter().all(|&(_, again)| again == 0), "{stmts:#?}");
         // Exactly the rows given, no padding among them.
-        let count = |sql: &'static str| {
-            store.db.on_sqlite(move |conn| {
-                Box::pin(async move {
-                    sea_orm::sqlx::query_scalar::<_, i64>(sql)
-                        .fetch_one(&mut *conn)
-                        .await
-                        .unwrap()
-                })
-            })
-        };
         assert_eq!(
-            count("SELECT count(*) FROM webhooks")
-                .await
-                .unwrap()
-                .unwrap(),
+            count(&store, "SELECT count(*) FROM webhooks").await,
             (created + ids.len()) as i64
         );
         assert_eq!(
-            count("SELECT count(*) FROM attempts")
-                .await
-                .unwrap()
-                .unwrap(),
+            count(&store, "SELECT count(*) FROM attempts").await,
             ids.len() as i64
         );
-        for id in &ids {
-            assert_eq!(store.attempts(&t, id).await.unwrap().len(), 1);
-            assert_eq!(
-                stored_events(&store, &t, id).await.last().unwrap().1,
-                Status::Completed
-            );
-        }
+        delivered_once(&store, &t, &ids).await;
+        db.cleanup().await;
+    }
+
+    /// A large group on SQLite (300 Creates, padded to 512 rows of 41
+    /// parameters each, and their 300 events) stores exactly its rows and
+    /// one event for each, numbered in order.
+    #[tokio::test]
+    async fn a_large_group_on_sqlite_stores_exactly_its_rows() {
+        let (db, store, t) = one_sqlite_connection().await;
+        let creates: Vec<Write> = (0..300)
+            .map(|_| Write::Insert {
+                row: Box::new(new_row(&t, Status::Pending)),
+                event: event_type::CREATED,
+            })
+            .collect();
+        let applied = store.write_group(&creates).await.unwrap();
+        assert_eq!(applied.events.len(), 300);
+        assert!(applied.events.windows(2).all(|p| p[0].id < p[1].id));
+        let mut given: Vec<&str> = creates.iter().map(Write::webhook).collect();
+        let mut got: Vec<&str> = applied
+            .events
+            .iter()
+            .map(|e| e.webhook_id.as_str())
+            .collect();
+        given.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, given);
+        assert_eq!(count(&store, "SELECT count(*) FROM webhooks").await, 300);
         db.cleanup().await;
     }
 

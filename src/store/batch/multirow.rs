@@ -261,8 +261,10 @@ impl<'a> Record<'a> {
         self.string(&timestamp_text(t, d));
     }
 
-    /// An encoded value; `None` if serde_json refuses it (it does not:
-    /// [`encode`] makes only strings, numbers, booleans and null).
+    /// An encoded value; `None` if it cannot be written: serde_json
+    /// refusing it, or, as JSONB, a number that is not an `i64` or an
+    /// array or object (neither happens: [`encode`] makes only strings,
+    /// integers, booleans and null).
     fn value(&mut self, v: &Json) -> Option<()> {
         if self.jsonb.is_none() {
             return serde_json::to_writer(&mut *self.out, v).ok();
@@ -1012,6 +1014,114 @@ mod tests {
                     .await
                     .unwrap();
             assert_eq!((valid, back.len(), int), (1, n, -12), "{n}");
+        }
+    }
+
+    /// What SQLite's `UPDATE` reads of each record, by the positions
+    /// `update_sqlite_one` gives its fields, is each write's own values,
+    /// for each combination of the two conditions, with an integer, a
+    /// time, a text and a boolean changed.
+    #[tokio::test]
+    async fn sqlite_update_reads_each_field_where_the_records_put_it() {
+        use sea_orm::sqlx::{Connection, Row, sqlite::SqliteConnection};
+
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        let tenant = TenantId::from_trusted("t_1".into());
+        let (a, b) = (
+            WebhookId::from_trusted("wh_a".into()),
+            WebhookId::from_trusted("wh_b".into()),
+        );
+        let at = |s: i64| Utc.timestamp_opt(1_700_000_000 + s, 123_456_000).unwrap();
+        let text = |s: i64| Some(timestamp_text(at(s), Dialect::Sqlite));
+        for (since, unexpired) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut first = Transition::new(
+                &tenant,
+                &a,
+                &[Status::Delivering],
+                Status::Retrying,
+                event_type::RETRYING,
+                at(0),
+            )
+            .changes(
+                Changes::new()
+                    .set(C::AttemptCount, 3)
+                    .set(C::SecretGenerated, true),
+            );
+            if since {
+                first = first.unchanged_since(Some(at(1)));
+            }
+            let mut second = Transition::new(
+                &tenant,
+                &b,
+                &[Status::Pending, Status::Verifying],
+                Status::Verified,
+                event_type::VERIFIED,
+                at(2),
+            )
+            .changes(
+                Changes::new()
+                    .set(C::LastError, Some("e".to_string()))
+                    .set(C::CompletedAt, Some(at(3))),
+            );
+            if unexpired {
+                second = second.unexpired_at(at(4));
+            }
+            let (first, second): (OwnedTransition, OwnedTransition) = (first.into(), second.into());
+            let ts = [(0, &first), (1, &second)];
+            let mut out = vec![None; 2];
+            let (sql, params) = update_sqlite_one(&ts, "*", &mut out).unwrap();
+            let Value::Bytes(Some(records)) = &params else {
+                panic!("{params:?}");
+            };
+            // The statement's own fields, read over its own records.
+            let from = sql.find("FROM (SELECT ").unwrap() + "FROM (SELECT ".len();
+            let fields = &sql[from..sql.find(" FROM jsonb_each(?)").unwrap()];
+            let select = format!("SELECT {fields} FROM jsonb_each(?)");
+            let rows = sea_orm::sqlx::query(sea_orm::sqlx::AssertSqlSafe(select))
+                .bind(records)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+            let texts = |name: &str| -> Vec<Option<String>> {
+                rows.iter().map(|r| r.try_get(name).unwrap()).collect()
+            };
+            let ints = |name: &str| -> Vec<Option<i64>> {
+                rows.iter().map(|r| r.try_get(name).unwrap()).collect()
+            };
+            let given = (since, unexpired);
+            assert_eq!(
+                texts("id"),
+                [Some("wh_a".into()), Some("wh_b".into())],
+                "{given:?}"
+            );
+            assert_eq!(texts("tenant_id"), [Some("t_1".into()), Some("t_1".into())]);
+            assert_eq!(texts("now"), [text(0), text(2)]);
+            assert_eq!(
+                texts("to_status"),
+                [Some("retrying".into()), Some("verified".into())]
+            );
+            assert_eq!(
+                texts("from_statuses"),
+                [
+                    Some(",delivering,".into()),
+                    Some(",pending,verifying,".into())
+                ]
+            );
+            // Columns in sorted order: attempt_count, completed_at,
+            // last_error, secret_generated.
+            assert_eq!(ints("m"), [Some(0b1001), Some(0b0110)], "{given:?}");
+            assert_eq!(ints("c0"), [Some(3), None]);
+            assert_eq!(texts("c1"), [None, text(3)]);
+            assert_eq!(texts("c2"), [None, Some("e".into())]);
+            assert_eq!(ints("c3"), [Some(1), None]);
+            assert_eq!(sql.contains("unchanged_since"), since);
+            assert_eq!(sql.contains("unexpired_at"), unexpired);
+            if since {
+                assert_eq!(texts("unchanged_since"), [text(1), None], "{given:?}");
+            }
+            if unexpired {
+                assert_eq!(texts("unexpired_at"), [None, text(4)], "{given:?}");
+            }
         }
     }
 

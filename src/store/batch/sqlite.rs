@@ -109,9 +109,11 @@ const MAX_PARAMETERS: usize = 32_766;
 /// statement again whenever a parameter its plan read changes, and a bound
 /// `LIMIT` is read (beyond the 31st parameter, any rebinding counts).
 ///
-/// Left as it is when it cannot be padded: no `VALUES`, a row whose first
-/// value is NULL (the filter would drop it), or more parameters padded
-/// than SQLite takes.
+/// Left as it is when it cannot be padded: no `VALUES`, values that do not
+/// make whole rows, a row whose first value is NULL (the filter would drop
+/// it), or more parameters padded than SQLite takes. A single row is
+/// padded too (a bucket of one), so that it shares its text with other
+/// single rows of other statements' commands.
 fn padded(sql: String, mut values: Vec<Value>, rows: usize) -> (String, Vec<Value>) {
     let Some(at) = sql.find(" VALUES (") else {
         return (sql, values);
@@ -469,14 +471,25 @@ mod tests {
         assert_eq!(out[6..], [Value::Int(None), Value::Int(None)]);
         // Without RETURNING; four rows need no padding, and share the
         // text of three.
-        let four = "INSERT INTO \"e\" (\"a\") VALUES (?), (?), (?), (?)".to_string();
-        let (sql, out) = padded(four, (0..4).map(|i| text(&i.to_string())).collect(), 4);
+        let insert = |rows: usize| {
+            let sql = format!(
+                "INSERT INTO \"e\" (\"a\") VALUES {}",
+                vec!["(?)"; rows].join(", ")
+            );
+            padded(sql, (0..rows).map(|i| text(&i.to_string())).collect(), rows)
+        };
+        let (sql, out) = insert(4);
         assert_eq!(
             sql,
             "INSERT INTO \"e\" (\"a\") SELECT * FROM (VALUES (?), (?), (?), (?)) \
              WHERE column1 IS NOT NULL"
         );
         assert_eq!(out.len(), 4);
+        assert_eq!(insert(3).0, sql);
+        assert_eq!(insert(3).1.len(), 4);
+        // Five to eight rows share the next text.
+        assert_ne!(insert(5).0, sql);
+        assert_eq!(insert(5).0, insert(8).0);
     }
 
     #[test]
@@ -497,8 +510,8 @@ mod tests {
         // No VALUES.
         let select = "INSERT INTO \"e\" (\"a\") SELECT ?".to_string();
         assert_eq!(padded(select.clone(), vec![text("1")], 1).0, select);
-        // More parameters, padded, than SQLite takes (18,000 rows of 2,
-        // padded to 16,384 rows).
+        // More parameters, padded, than SQLite takes (9,000 rows of 2 are
+        // 18,000 parameters; padded to 16,384 rows, 32,768).
         let rows = 9_000;
         let wide = format!(
             "INSERT INTO \"e\" (\"a\", \"b\") VALUES {}",
