@@ -783,7 +783,12 @@ mod tests {
     }
 
     async fn rows(db: &Db) -> Vec<i64> {
-        db.query_all_raw(Statement::from_string(
+        rows_on(db).await
+    }
+
+    /// The rows, read through `c`.
+    async fn rows_on(c: &impl ConnectionTrait) -> Vec<i64> {
+        c.query_all_raw(Statement::from_string(
             DbBackend::Sqlite,
             "SELECT n FROM t ORDER BY n",
         ))
@@ -799,16 +804,7 @@ mod tests {
     /// `rows` reads on the reader, which never sees uncommitted rows.
     async fn written(db: &Db) -> Vec<i64> {
         let txn = db.begin().await.unwrap();
-        let rows = txn
-            .query_all_raw(Statement::from_string(
-                DbBackend::Sqlite,
-                "SELECT n FROM t ORDER BY n",
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.try_get("", "n").unwrap())
-            .collect();
+        let rows = rows_on(&txn).await;
         txn.commit().await.unwrap();
         rows
     }

@@ -118,7 +118,13 @@ mod jsonb {
 
     /// An element whose payload is `payload`, with the smallest header.
     pub fn element(out: &mut Vec<u8>, ty: u8, payload: &[u8]) {
-        let n = payload.len();
+        header(out, ty, payload.len());
+        out.extend_from_slice(payload);
+    }
+
+    /// The smallest header of an element of type `ty` whose payload, `n`
+    /// bytes, the caller writes next.
+    pub fn header(out: &mut Vec<u8>, ty: u8, n: usize) {
         if n <= 11 {
             out.push((n as u8) << 4 | ty);
         } else if let Ok(n) = u8::try_from(n) {
@@ -131,7 +137,6 @@ mod jsonb {
             // Payloads here are far below 4 GiB (SQLite's own limit is 2).
             out.extend_from_slice(&(n as u32).to_be_bytes());
         }
-        out.extend_from_slice(payload);
     }
 
     /// Opens a container: a header with a four-byte size (a header may be
@@ -376,14 +381,16 @@ fn records(
             // One text, `,verified,verifying,`, that SQLite searches for
             // `,status,` (a `json_each` per record cost more than
             // everything else it reads of the record).
+            // Always JSONB (see `binary`): a text whose header holds its
+            // length, counted first.
             Dialect::Sqlite => {
-                let mut from = String::with_capacity(2 + 12 * t.from.len());
-                from.push(',');
+                let n = 1 + t.from.iter().map(|s| s.as_str().len() + 1).sum::<usize>();
+                jsonb::header(r.out, jsonb::TEXT_RAW, n);
+                r.out.push(b',');
                 for s in &t.from {
-                    from.push_str(s.as_str());
-                    from.push(',');
+                    r.out.extend_from_slice(s.as_str().as_bytes());
+                    r.out.push(b',');
                 }
-                r.string(&from);
             }
         }
         let mask = columns
